@@ -1,0 +1,1 @@
+"""How a spec becomes fast code: lowering, the op vocabulary, fusion passes, Inductor."""

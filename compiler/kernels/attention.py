@@ -1,0 +1,269 @@
+"""Python side of the Triton attention kernels: launch wrappers, tile configurations, the op hook.
+
+    out, lse = attention_fwd(q, k, v, theta, slopes, window, scale)
+    dq, dk, dv, dtheta, dslopes = attention_bwd(grad_out, q, k, v, out, lse, theta, slopes, window, scale)
+
+Semantics are those of ``grapefx::attention`` (``compiler/ops/attention.py``, MATH.md §1–§3):
+q (B, Hq, T, D), k and v (B, Hkv, T, D); query head h reads KV head h // G; causal always;
+``window`` W > 0 lets query i see keys i-W+1..i (W >= T or 0: full causal); ``theta`` (D/2,) fp32
+rotates q and k at positions 0..T-1 (GRAPE-M, half-split pairs); ``slopes`` (Hq,) fp32 adds
+-slopes[h] * (i - j) after the scaling. lse is the natural-log logsumexp (B, Hq, T) fp32.
+dtheta (D/2,) and dslopes (Hq,) are fp32, or None when theta / slopes is None (or not asked for).
+
+Supported here: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), dtype bf16, fp16 or
+fp32 (fp32 dots in IEEE precision, not tf32), D in {32, 64, 128} (D = 16 also under the
+interpreter), theta and slopes fp32. ``supports(...)`` says whether a call qualifies;
+``cuda_forward``/``cuda_backward`` (what ``compiler.ops.attention`` dispatches CUDA tensors to)
+send everything else to the op's reference.
+
+Importing this module needs no triton: the kernels are imported on the first launch.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+KERNEL_HEAD_DIMS = (32, 64, 128)        # D/2 must be a power of two and >= 16 (tensor-core dot depth)
+INTERPRETER_HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch shape: rows of its q tile, rows of its k/v tile, warps, pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Launch shapes of the four attention kernels.
+
+    fwd and dq own a q tile and step through key tiles: block_m must be a multiple of block_n (the
+    diagonal tiles then line up). dkdv owns a k/v tile and steps through q tiles: its block_n must
+    be a multiple of its block_m. ``atomic_dq``: dkdv also adds dS @ K into an fp32 dq buffer
+    (5 matmuls per tile pair instead of 7, but the fp32 summation order varies run to run);
+    otherwise a separate dq kernel recomputes P and dP (deterministic). ``one_loop``: each kernel
+    walks its visible tiles in one masked loop instead of three phases (edge / full / diagonal) of
+    which only the edges are masked: fewer, longer loops pipeline better when there are few tiles.
+    """
+    fwd: Tiles
+    dkdv: Tiles
+    dq: Tiles
+    atomic_dq: bool = False
+    one_loop: bool = False
+
+    def check(self) -> None:
+        for name, t in (("fwd", self.fwd), ("dq", self.dq)):
+            if t.block_m % t.block_n:
+                raise ValueError(f"AttnConfig.{name}: block_m ({t.block_m}) must be a multiple of block_n ({t.block_n})")
+        if self.dkdv.block_n % self.dkdv.block_m:
+            raise ValueError(f"AttnConfig.dkdv: block_n ({self.dkdv.block_n}) must be a multiple of "
+                             f"block_m ({self.dkdv.block_m})")
+        for t in (self.fwd, self.dkdv, self.dq):
+            for size in (t.block_m, t.block_n):
+                if size < 16 or size & (size - 1):
+                    raise ValueError(f"AttnConfig: tile sizes must be powers of two >= 16, got {t}")
+
+
+# Untuned starting points for H100 (Hopper, Triton 3.6); bench/attention_check_and_bench.py tries
+# alternatives and prints the best per case. Keyed by (D <= 64, windowed). Local (W = 128) tiles
+# are small: a 64-row q tile with 64-key tiles visits 3 key tiles for 128 useful keys, where a
+# 128-row tile would visit 4 key tiles of 64. Global tiles are large for tensor-core efficiency;
+# D = 128 doubles the accumulators, so dkdv gets 8 warps.
+DEFAULT_CONFIGS = {
+    (True, True): AttnConfig(fwd=Tiles(64, 64, 4, 2), dkdv=Tiles(64, 64, 4, 2), dq=Tiles(64, 64, 4, 2),
+                             one_loop=True),
+    (True, False): AttnConfig(fwd=Tiles(128, 64, 4, 3), dkdv=Tiles(64, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
+    (False, True): AttnConfig(fwd=Tiles(64, 64, 4, 2), dkdv=Tiles(64, 64, 8, 2), dq=Tiles(64, 64, 4, 2),
+                              one_loop=True),
+    (False, False): AttnConfig(fwd=Tiles(128, 64, 8, 3), dkdv=Tiles(64, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
+}
+
+
+def _windowed(window: int, T: int) -> bool:
+    """A window only masks something when 0 < W < T; W >= T is full causal attention."""
+    return 0 < window < T
+
+
+def default_config(head_dim: int, window: int, seq_len: int) -> AttnConfig:
+    return DEFAULT_CONFIGS[(head_dim <= 64, _windowed(window, seq_len))]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slopes: Optional[Tensor]) -> bool:
+    """Whether the kernels take this call (shapes already checked by the op)."""
+    interp = _interpreting()
+    dims = INTERPRETER_HEAD_DIMS if interp else KERNEL_HEAD_DIMS
+    return ((q.is_cuda or interp)
+            and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] in dims
+            and (theta is None or theta.dtype == torch.float32)
+            and (slopes is None or slopes.dtype == torch.float32))
+
+
+def _kernels():
+    from compiler.kernels import _attention_triton
+    return _attention_triton
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands: IEEE dots (Triton's default, tf32, has a 1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slopes: Optional[Tensor],
+                  window: int, scale: float, config: Optional[AttnConfig] = None) -> tuple[Tensor, Tensor]:
+    """(out (B, Hq, T, D) in q's dtype, lse (B, Hq, T) fp32, natural log)."""
+    tk = _kernels()
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)                                                   # (B, Hq, T, D)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)           # (B, Hq, T)
+    if out.numel() == 0:
+        return out, lse
+    cfg = config or default_config(D, window, T)
+    cfg.check()
+    t = cfg.fwd
+    windowed = _windowed(window, T)
+    nb_win = _cdiv(window - 1, t.block_n) if windowed else 0             # key tiles before the diagonal in the window
+    nb_full = max(0, (window - t.block_m) // t.block_n) if windowed else 0   # ... of which every pair is visible
+    with _device(q):
+        tk._fwd[(_cdiv(T, t.block_m), B * Hq)](
+            q, k, v, _or(theta, lse), _or(slopes, lse), out, lse,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
+            scale * LOG2E, nb_win, nb_full,
+            HALF=D // 2, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            ROTATE=theta is not None, ALIBI=slopes is not None, WINDOW=windowed, ONE_LOOP=cfg.one_loop,
+            DOT_PREC=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+    return out, lse
+
+
+def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  theta: Optional[Tensor], slopes: Optional[Tensor], window: int, scale: float,
+                  config: Optional[AttnConfig] = None, need_dtheta: bool = True, need_dslopes: bool = True
+                  ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(dq, dk, dv, dtheta, dslopes); dtheta / dslopes are None when theta / slopes is None or
+    ``need_dtheta`` / ``need_dslopes`` is False."""
+    tk = _kernels()
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    q, k, v, out, grad_out = (x.contiguous() for x in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rotate, alibi = theta is not None, slopes is not None
+    need_dtheta, need_dslopes = need_dtheta and rotate, need_dslopes and alibi
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return (dq, dk.zero_(), dv.zero_(), torch.zeros(D // 2, **f32) if need_dtheta else None,
+                torch.zeros(Hq, **f32) if need_dslopes else None)
+    cfg = config or default_config(D, window, T)
+    cfg.check()
+    windowed = _windowed(window, T)
+    half = D // 2
+    scale2 = scale * LOG2E
+    prec = _dot_precision(q.dtype)
+    common = dict(ROTATE=rotate, ALIBI=alibi, WINDOW=windowed, ONE_LOOP=cfg.one_loop, DOT_PREC=prec)
+
+    delta = torch.empty(B, Hq, T, **f32)                                        # rowsum(dO * O)
+    tkv, tq = cfg.dkdv, cfg.dq
+    n_kv = _cdiv(T, tkv.block_n)
+    n_q = _cdiv(T, tq.block_m)
+    dtheta_k = torch.empty(B * Hkv, n_kv, half, **f32) if need_dtheta else delta   # per-tile partial sums
+    dtheta_q = torch.empty(B * Hq, n_q, half, **f32) if need_dtheta else delta
+    dslopes_part = torch.empty(B * Hq, n_kv, **f32) if need_dslopes else delta
+    dq_acc = torch.zeros(B, Hq, T, D, **f32) if cfg.atomic_dq else delta         # fp32 dL/d(rotated q) / scale
+    theta_arg, slopes_arg = _or(theta, delta), _or(slopes, delta)
+    # q tiles of the dkdv sweep after the diagonal whose every (query, key) pair is in the window
+    n_full_q = max(0, (window - tkv.block_n - tkv.block_m) // tkv.block_m + 1) if windowed else 0
+    with _device(q):
+        tk._bwd_delta[(_cdiv(T, 64), B * Hq)](out, grad_out, delta, q.stride(0), q.stride(1), q.stride(2), T, Hq,
+                                              D=D, BLOCK_M=64, num_warps=4)
+        tk._bwd_dkdv[(n_kv, B * Hkv)](
+            q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dk, dv, dq_acc, dtheta_k, dslopes_part,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hkv, Hq // Hkv, window,
+            scale, scale2, n_full_q,
+            HALF=half, BLOCK_M=tkv.block_m, BLOCK_N=tkv.block_n, ATOMIC_DQ=cfg.atomic_dq,
+            NEED_DTHETA=need_dtheta, NEED_DSLOPES=need_dslopes, **common,
+            num_warps=tkv.num_warps, num_stages=tkv.num_stages)
+        if cfg.atomic_dq:
+            tk._bwd_dq_finish[(n_q, B * Hq)](
+                q, dq_acc, theta_arg, dq, dtheta_q, q.stride(0), q.stride(1), q.stride(2), T, Hq, scale,
+                HALF=half, BLOCK_M=tq.block_m, ROTATE=rotate, NEED_DTHETA=need_dtheta, num_warps=tq.num_warps)
+        else:
+            nb_win = _cdiv(window - 1, tq.block_n) if windowed else 0
+            nb_full = max(0, (window - tq.block_m) // tq.block_n) if windowed else 0
+            tk._bwd_dq[(n_q, B * Hq)](
+                q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dq, dtheta_q,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
+                scale, scale2, nb_win, nb_full,
+                HALF=half, BLOCK_M=tq.block_m, BLOCK_N=tq.block_n, NEED_DTHETA=need_dtheta, **common,
+                num_warps=tq.num_warps, num_stages=tq.num_stages)
+    dtheta = dtheta_k.sum((0, 1)) + dtheta_q.sum((0, 1)) if need_dtheta else None             # (D/2,)
+    dslopes = dslopes_part.view(B, Hq, n_kv).sum((0, 2)) if need_dslopes else None             # (Hq,)
+    return dq, dk, dv, dtheta, dslopes
+
+
+def _or(x: Optional[Tensor], placeholder: Tensor) -> Tensor:
+    """A pointer argument the kernel will not read when x is None (its constexpr flag is off)."""
+    return placeholder if x is None else x.contiguous()
+
+
+class _device:
+    """Launch on the tensor's GPU (Triton uses the current device); nothing to do on CPU."""
+
+    def __init__(self, x: Tensor):
+        self.ctx = torch.cuda.device(x.device) if x.is_cuda else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# the hook into grapefx::attention_fwd / attention_bwd (compiler.ops.attention.register_cuda_impl)
+
+def cuda_forward(q, k, v, theta, slopes, window, scale):
+    """``register_cuda_impl`` forward: the kernels where ``supports``, else the op's reference."""
+    if supports(q, k, v, theta, slopes):
+        return attention_fwd(q, k, v, theta, slopes, window, scale)
+    from compiler.ops.attention import _forward_ref
+    return _forward_ref(q, k, v, theta, slopes, window, scale)
+
+
+def cuda_backward(grad_out, q, k, v, out, lse, theta, slopes, window, scale):
+    """``register_cuda_impl`` backward; takes the same branch as ``cuda_forward`` for the same inputs."""
+    if supports(q, k, v, theta, slopes):
+        return attention_bwd(grad_out, q, k, v, out, lse, theta, slopes, window, scale)
+    from compiler.ops.attention import _backward_ref
+    return _backward_ref(grad_out, q, k, v, out, lse, theta, slopes, window, scale)
+
+
+def flops(B: int, Hq: int, T: int, D: int, window: int) -> float:
+    """Matmul FLOPs of the forward over the visible (query, key) pairs (4 D per pair: q.k and p.v).
+    The backward does 2.5x this (5 matmuls); the recomputing dq kernel adds 1x more."""
+    W = window if _windowed(window, T) else T
+    pairs = W * (W + 1) / 2 + (T - W) * W                       # sum_i min(i + 1, W)
+    return 4.0 * B * Hq * D * pairs
+
+
+__all__ = ["AttnConfig", "Tiles", "DEFAULT_CONFIGS", "default_config", "supports", "attention_fwd",
+           "attention_bwd", "cuda_forward", "cuda_backward", "flops"]

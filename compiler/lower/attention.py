@@ -1,0 +1,155 @@
+"""Attention sub-graphs as explicit reference math (MATH.md §1–§3).
+
+The chain every attention layer lowers to (the fusion passes match this structure):
+
+    q, k, v   = x W_q, x W_k, x W_v                          (B, H, T, D) per head
+    [qk-norm]   RMSNorm over D, before any rotation           (MATH.md §2)
+    [GRAPE-M]   q, k = grape_m_rotate(q, theta), grape_m_rotate(k, theta); theta = exp(p / c)
+    scores    = (q_g @ k^T).float() * 1/sqrt(D)               (B, Hkv, G*T, T) fp32, GQA by grouping
+    [GRAPE-A]   scores = scores + alibi_bias(slopes)          -m_h (i - j), fp32, after the scaling
+    scores    = scores.masked_fill(blocked, -inf)              blocked: j > i, or i - j >= W (local)
+    probs     = softmax(scores).to(compute dtype)
+    out       = probs @ v                                     (B, Hkv, G*T, D) -> (B, T, Hq*D)
+    y         = out W_o
+
+GQA: the G = Hq / Hkv query heads that read one KV head are stacked along the row axis of q
+((B, Hkv, G*T, D)), so one matmul per KV head computes their scores and K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
+from compiler.ops.alibi import alibi_slopes
+from compiler.ops.grape_m import grape_m_init_log_freq
+from compiler.lower.builder import GraphBuilder
+from compiler.lower.init import Initializer
+from spec.errors import GrapefxError
+from spec.schema import Attention, GrapeA, GrapeM, RoPE
+
+ops = torch.ops.grapefx
+
+
+def rmsnorm(b: GraphBuilder, name: str, x: fx.Node, weight: fx.Node, dim: int, eps: float,
+            cd: torch.dtype) -> fx.Node:
+    """y = x / sqrt(mean(x^2) + eps) * w, reduced in fp32 (MATH.md §6), returned in cd."""
+    x32 = x if cd == torch.float32 else b.method(f"{name}_x32", "float", x)
+    y = b(name, F.rms_norm, x32, (dim,), weight, eps)
+    return y if cd == torch.float32 else b.method(f"{name}_out", "to", y, cd)
+
+
+def weight(b: GraphBuilder, qualname: str, value: torch.Tensor, cd: torch.dtype) -> fx.Node:
+    """A fp32 master parameter, cast to the compute dtype where it is used."""
+    w = b.param(qualname, value)
+    return w if cd == torch.float32 else b.method(qualname.replace(".", "_") + "_c", "to", w, cd)
+
+
+def grape_m_theta(b: GraphBuilder, log_freq: fx.Node, scale: float) -> fx.Node:
+    """theta_j = exp(p_j / c), fp32 (MATH.md §2)."""
+    p = b("attn_log_freq_scaled", torch.div, log_freq, scale)
+    return b("attn_theta", torch.exp, p)
+
+
+def rope_theta(b: GraphBuilder, D: int, base: float, device: fx.Node) -> fx.Node:
+    """Plain RoPE: theta_j = base^(-2j/D), j = 0..D/2-1, fp32 constants built in the graph."""
+    two_j = b("attn_rope_2j", torch.arange, 0, D, 2, dtype=torch.float32, device=device)
+    return b("attn_theta", torch.pow, base, b("attn_rope_exponent", torch.div, two_j, -float(D)))
+
+
+def alibi_slopes_node(b: GraphBuilder, pos: GrapeA, Hq: int) -> fx.Node:
+    """ALiBi slopes m_h over the query heads (MATH.md §3), fp32.
+
+    Fixed (default): a buffer. Learnable: m_h = softplus(r_h) * alibi_h with r_h initialised at
+    softplus^-1(1) = ln(e - 1), so training starts from the ALiBi slopes exactly.
+    """
+    base = b.param("attn.alibi.slopes", torch.tensor(alibi_slopes(Hq), dtype=torch.float32), trainable=False)
+    if not pos.learnable:
+        return base
+    r = b.param("attn.alibi.slope_logit", torch.full((Hq,), math.log(math.e - 1.0)))
+    return b("attn_alibi_slopes", torch.mul, b("attn_alibi_softplus", F.softplus, r), base)
+
+
+def lower_attention(b: GraphBuilder, x: fx.Node, attn: Attention, *, C: int, eps: float, qk_norm: bool,
+                    log_freq: fx.Node | None, name: str, init: Initializer, cd: torch.dtype) -> fx.Node:
+    """Append one attention sub-layer's math to ``b``; returns the projected output (B, T, C).
+
+    ``x`` is the normalised input (B, T, C). ``log_freq`` is the model-wide GRAPE-M vector when
+    the spec shares it (``share: model``); per-layer vectors are created here. ``name`` is the
+    block's state-dict prefix (``layers.3``) for per-name seeded initialisation.
+    """
+    if attn.mechanism != "gqa":
+        raise GrapefxError(f"attention mechanism {attn.mechanism!r} has no lowering yet; use `gqa`")
+    Hq, Hkv, D = attn.heads, attn.kv_heads, attn.head_dim
+    G = Hq // Hkv
+
+    bsz = b.method("attn_bsz", "size", x, 0)
+    seqlen = b.method("attn_seqlen", "size", x, 1)
+    rows = b("attn_group_rows", operator.mul, seqlen, G)                         # G*T
+    device = b("attn_device", getattr, x, "device")
+
+    wq = weight(b, "attn.wq", init.normal(f"{name}.attn.wq", (Hq * D, C)), cd)
+    wk = weight(b, "attn.wk", init.normal(f"{name}.attn.wk", (Hkv * D, C)), cd)
+    wv = weight(b, "attn.wv", init.normal(f"{name}.attn.wv", (Hkv * D, C)), cd)
+    wo = weight(b, "attn.wo", init.normal(f"{name}.attn.wo", (C, Hq * D), output=True), cd)
+
+    q = b("attn_q_proj", F.linear, x, wq)                                        # (B, T, Hq*D)
+    k = b("attn_k_proj", F.linear, x, wk)                                        # (B, T, Hkv*D)
+    v = b("attn_v_proj", F.linear, x, wv)                                        # (B, T, Hkv*D)
+    q = b.method("attn_q", "transpose", b.method("attn_q_heads", "view", q, bsz, seqlen, Hq, D), 1, 2)   # (B, Hq, T, D)
+    k = b.method("attn_k", "transpose", b.method("attn_k_heads", "view", k, bsz, seqlen, Hkv, D), 1, 2)  # (B, Hkv, T, D)
+    v = b.method("attn_v", "transpose", b.method("attn_v_heads", "view", v, bsz, seqlen, Hkv, D), 1, 2)  # (B, Hkv, T, D)
+
+    if qk_norm:
+        qn = b.param("attn.q_norm.weight", Initializer.ones((D,)))
+        kn = b.param("attn.k_norm.weight", Initializer.ones((D,)))
+        q = rmsnorm(b, "attn_q_norm", q, qn, D, eps, cd)
+        k = rmsnorm(b, "attn_k_norm", k, kn, D, eps, cd)
+
+    pos = attn.position
+    if isinstance(pos, GrapeM):
+        if pos.share == "layer":
+            p0 = grape_m_init_log_freq(D, pos.base, pos.log_freq_scale)
+            log_freq = b.param("attn.grape_m.log_freq", p0, trainable=pos.learnable_freq)
+        elif log_freq is None:
+            raise GrapefxError("internal: a model-wide GRAPE-M vector was not passed to the block")
+        theta = grape_m_theta(b, log_freq, pos.log_freq_scale)                  # (D/2,) fp32
+        q = b("attn_rotate_q", ops.grape_m_rotate, q, theta)                     # (B, Hq, T, D)
+        k = b("attn_rotate_k", ops.grape_m_rotate, k, theta)                     # (B, Hkv, T, D)
+    elif isinstance(pos, RoPE):
+        theta = rope_theta(b, D, pos.base, device)
+        q = b("attn_rotate_q", ops.grape_m_rotate, q, theta)
+        k = b("attn_rotate_k", ops.grape_m_rotate, k, theta)
+
+    # scores, GQA by grouping: the G query heads of one KV head stacked along rows
+    qg = b.method("attn_q_grouped", "reshape", q, bsz, Hkv, rows, D)            # (B, Hkv, G*T, D)
+    kt = b.method("attn_k_t", "transpose", k, -2, -1)                                                    # (B, Hkv, D, T)
+    s = b("attn_qk", torch.matmul, qg, kt)                                                                # (B, Hkv, G*T, T)
+    s = s if cd == torch.float32 else b.method("attn_qk_fp32", "float", s)
+    s = b("attn_scores", torch.mul, s, 1.0 / math.sqrt(D))                                               # fp32
+
+    if isinstance(pos, GrapeA):
+        slopes = alibi_slopes_node(b, pos, Hq)                                                           # (Hq,) fp32
+        bias = b("attn_alibi_bias", ops.alibi_bias, slopes, seqlen, seqlen)                              # (Hq, T, T) fp32
+        bias = b.method("attn_alibi_bias_grouped", "reshape", bias, Hkv, rows, seqlen)
+        s = b("attn_scores_biased", torch.add, s, bias)
+
+    # mask: query i may read key j iff 0 <= i - j <= W - 1 (local) / i - j >= 0 (global)
+    idx = b("attn_pos", torch.arange, seqlen, device=device)
+    rel = b("attn_rel", torch.sub, b.method("attn_pos_i", "unsqueeze", idx, 1), b.method("attn_pos_j", "unsqueeze", idx, 0))  # (T, T) i - j
+    blocked = b("attn_future", torch.lt, rel, 0)
+    if attn.window is not None:
+        blocked = b("attn_blocked", torch.logical_or, blocked, b("attn_outside_window", torch.ge, rel, attn.window))
+    blocked = b.method("attn_blocked_grouped", "repeat", blocked, G, 1)                                  # (G*T, T)
+    s = b.method("attn_scores_masked", "masked_fill", s, blocked, float("-inf"))
+    probs = b("attn_probs", torch.softmax, s, -1)                                                        # fp32
+    probs = probs if cd == torch.float32 else b.method("attn_probs_c", "to", probs, cd)
+    o = b("attn_weighted_values", torch.matmul, probs, v)                                                # (B, Hkv, G*T, D)
+    o = b.method("attn_out_heads", "reshape", o, bsz, Hq, seqlen, D)                                     # (B, Hq, T, D)
+    o = b.method("attn_out_tokens", "reshape", b.method("attn_out_t", "transpose", o, 1, 2), bsz, seqlen, Hq * D)  # (B, T, Hq*D)
+    return b("attn_out", F.linear, o, wo)                                                               # (B, T, C)

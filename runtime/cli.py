@@ -1,0 +1,49 @@
+"""The ``grapefx`` command: one entry point, one module per subcommand.
+
+Each module in ``COMMANDS`` exposes ``register(subparsers)``, which adds its subparser and sets
+``func(args) -> int``. User errors (``GrapefxError``) print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from spec.errors import GrapefxError
+
+# subcommand modules, in the order `grapefx --help` lists them
+COMMANDS = [
+    "runtime.commands.spec_cmds",      # validate, describe, from-megatron, to-megatron
+    "runtime.commands.data_cmds",      # data prepare
+    "runtime.commands.train_cmds",     # train
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grapefx",
+        description="YAML-specified hybrid-attention MoE models: lower to torch.fx, fuse, compile, train.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GrapefxError as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Where training metrics go: ``RUN/metrics.jsonl``, TensorBoard, the terminal, ``RUN/loss.png``.
+
+One JSON object per line in ``metrics.jsonl``, ``kind`` first:
+
+    {"kind": "train", "step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens",
+     "tokens_per_s", "mfu", "max_vio", "max_vio_worst", "max_vio_worst_layer", "expert_bias",
+     "zero_token_experts", "memory_gib", "elapsed_s"}
+    {"kind": "eval", "step", "val_loss", "max_vio", "max_vio_worst", "max_vio_worst_layer", "tokens"}
+
+``mfu`` is null where there is no datasheet peak (CPU; ``env.json`` says why), the MaxVio keys
+are null for dense models. Layers are counted from 1. The terminal gets one line per logged step,
+torchtitan style:
+
+    step 120/300  loss 2.314  lr 2.9e-4  grad 0.82  tok/s 12.3k  mfu —  maxvio 0.11  mem 1.2GiB
+
+with a ``rich`` progress bar under the lines on a terminal and plain lines otherwise. TensorBoard
+event files go to ``RUN/tb/`` when ``tensorboard`` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "format_train_line", "format_eval_line", "read_metrics", "plot_loss"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _si(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.0f}"
+
+
+def _lr(x: float) -> str:
+    mant, exp = f"{x:.1e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def _percent(x: float) -> str:
+    """38.2%, or two significant digits below 1% (a tiny model's 0.0032%)."""
+    return f"{100 * x:.1f}%" if x >= 0.01 else f"{100 * x:.2g}%"
+
+
+def _opt(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def format_train_line(r: dict, total: int) -> str:
+    mfu = "—" if r.get("mfu") is None else _percent(r["mfu"])
+    mem = "—" if r.get("memory_gib") is None else f"{r['memory_gib']:.1f}GiB"
+    return (f"step {r['step']}/{total}  loss {r['loss']:.3f}  lr {_lr(r['lr'])}  grad {r['grad_norm']:.2f}  "
+            f"tok/s {_si(r['tokens_per_s'])}  mfu {mfu}  maxvio {_opt(r.get('max_vio'), '.2f')}  mem {mem}")
+
+
+def format_eval_line(r: dict, total: int) -> str:
+    return f"eval {r['step']}/{total}  val_loss {r['val_loss']:.3f}  maxvio {_opt(r.get('max_vio'), '.2f')}"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: str | Path) -> Path:
+    """``RUN/loss.png``: training cross-entropy per logged step and validation loss per evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(run_dir)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # both curves are cross-entropy: the training objective adds the router's aux terms, evaluation does not
+    for kind, key, label in (("train", "ce_loss", "train loss"), ("eval", "val_loss", "validation loss")):
+        pts = [(r["step"], r[key]) for r in records if r.get("kind") == kind]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if kind == "eval" else None, markersize=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)" if records else "")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    return out
+
+
+class MetricsLogger:
+    """Writes metrics of one run (rank 0 only: other ranks pass ``enabled=False``)."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, *, start_step: int = 0, enabled: bool = True,
+                 tty: bool | None = None):
+        self.run_dir, self.total, self.enabled = Path(run_dir), total_steps, enabled
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self._progress = self._task = self._tb = None
+        if not enabled:
+            return
+        self._keep_until(start_step)
+        self._file = open(self.run_dir / METRICS_FILE, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional (pip install grapefx[tensorboard])
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step)
+            self._progress.start()
+
+    def _keep_until(self, step: int) -> None:
+        """A fresh run starts an empty file; a resumed one drops lines past the checkpoint (they are re-run)."""
+        path = self.run_dir / METRICS_FILE
+        kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step] if step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(message, flush=True)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def train(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "train", **record})
+        self.say(format_train_line(record, self.total))
+        if self._tb is not None:
+            step = record["step"]
+            for key in ("loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_vio", "memory_gib"):
+                if record.get(key) is not None:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+            for layer, stats in (record.get("expert_bias") or {}).items():
+                for k, v in stats.items():
+                    self._tb.add_scalar(f"expert_bias/layer{layer}/{k}", v, step)
+
+    def eval(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "eval", **record})
+        self.say(format_eval_line(record, self.total))
+        if self._tb is not None:
+            for key in ("val_loss", "max_vio"):
+                if record.get(key) is not None:
+                    self._tb.add_scalar(f"eval/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self._file.close()

@@ -1,0 +1,87 @@
+"""AdamW with weight-decay groups, and the warmup + cosine learning-rate schedule.
+
+Which parameters decay (decoupled weight decay ``train.optimizer.weight_decay``):
+
+    matrices (attention, experts, router, LM head)   decay
+    the token embedding ``embed.weight``             only with ``optimizer.decay_embeddings``
+    GRAPE-M frequencies ``...grape_m.log_freq``      only with that position's ``weight_decay: true``
+                                                     (decay would drag ln(theta) toward 0, MATH.md §2)
+    norms, biases, learnable ALiBi ``slope_logit``   never
+    any other vector or scalar                       never (the usual rule: decay is for matrices)
+
+Schedule (``train.schedule``), as a factor of the peak lr for optimizer step n = 1..S
+(S = ``train.steps``, W = ``warmup_steps``, m = ``min_lr_ratio``):
+
+    n <= W:   n / W                                          linear warmup, step 1 already moves
+    n >  W:   m + (1 - m) * (1 + cos(pi * (n - W) / (S - W))) / 2      cosine, reaches m at n = S
+              1                                                         constant
+
+``torch.optim.lr_scheduler.LambdaLR`` calls the factor with the count of steps already taken
+(n - 1), so ``lr_factor`` takes that count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from spec.schema import GrapeM, Spec, Schedule
+
+__all__ = ["decays", "param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
+
+
+def _grape_m_of(spec: Spec, name: str) -> GrapeM | None:
+    """The GRAPE-M settings that own parameter ``name`` (model-wide or one layer's)."""
+    if name == "grape_m.log_freq":
+        kinds = [spec.attention.of(k).position for k in ("local", "global")]
+        return next((p for p in kinds if isinstance(p, GrapeM) and p.share == "model"), None)
+    layer = int(name.split(".")[1])
+    pos = spec.attention.of(spec.layer_kinds()[layer]).position
+    return pos if isinstance(pos, GrapeM) else None
+
+
+def decays(name: str, param: torch.Tensor, spec: Spec) -> bool:
+    """Whether parameter ``name`` (a state-dict key) gets weight decay (rules in the module docstring)."""
+    if name == "embed.weight":
+        return spec.train.optimizer.decay_embeddings
+    if name.endswith("grape_m.log_freq"):
+        pos = _grape_m_of(spec, name)
+        return bool(pos and pos.weight_decay)
+    if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("alibi.slope_logit"):
+        return False
+    return param.ndim >= 2
+
+
+def param_groups(model: nn.Module, spec: Spec) -> list[dict]:
+    """Two AdamW groups, ``decay`` and ``no_decay``, over the trainable parameters (empty groups dropped)."""
+    wd = spec.train.optimizer.weight_decay
+    groups = {"decay": [], "no_decay": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups["decay" if decays(name, p, spec) else "no_decay"].append(p)
+    return [{"name": k, "params": ps, "weight_decay": wd if k == "decay" else 0.0}
+            for k, ps in groups.items() if ps]
+
+
+def build_optimizer(model: nn.Module, spec: Spec) -> torch.optim.AdamW:
+    o = spec.train.optimizer
+    return torch.optim.AdamW(param_groups(model, spec), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def lr_factor(taken: int, schedule: Schedule, total_steps: int) -> float:
+    """Factor of the peak lr for the optimizer step after ``taken`` steps (formula in the module docstring)."""
+    n, W = taken + 1, schedule.warmup_steps
+    if n <= W:
+        return n / W
+    if schedule.kind == "constant":
+        return 1.0
+    m = schedule.min_lr_ratio
+    progress = min(1.0, (n - W) / max(1, total_steps - W))
+    return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: Spec) -> torch.optim.lr_scheduler.LambdaLR:
+    schedule, total = spec.train.schedule, spec.train.steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda taken: lr_factor(taken, schedule, total))

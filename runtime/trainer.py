@@ -1,0 +1,308 @@
+"""The training loop: one spec, one run folder, steps until ``train.steps``.
+
+One optimizer step n (from 1):
+
+    batches  = the next global_batch / (micro_batch * ranks) micro-batches of the sampler
+    for each micro-batch m:   out = model(x_m, y_m);  (out.loss * n_m / N).backward()
+                              balancer.add(out.counts)                       (training counts only)
+        n_m = target tokens of micro-batch m, N = sum over the step's micro-batches: the step's
+        loss is the token-weighted mean, as if the global batch were one forward
+    stop if the loss or the gradient norm is not finite (exit code 3; no checkpoint of it)
+    grad_norm = global L2 norm (reported before clipping); clip to train.grad_clip
+    optimizer.step(); scheduler.step(); balancer.step(n)  -> b += rate * sign(mean(c) - c)
+    every log_every: a metrics line; every eval_every: validation loss and MaxVio on fixed
+    batches; every checkpoint_every and at the end: a checkpoint
+
+Exact resume: everything the next step reads is in the checkpoint (parameters, expert biases,
+AdamW moments and step, scheduler, sampler position, RNG states), so on CPU eager, N steps +
+resume + N steps give bitwise the losses of 2N steps (tests/runtime/test_resume.py).
+
+Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C exits at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from runtime.balance import ExpertBalancer
+from runtime.build import build_model
+from runtime.checkpoint import Checkpointer
+from runtime.data import Sampler, prepare
+from runtime.device import device_peak, memory_gib, pick_device
+from runtime.metrics import MetricsLogger, plot_loss
+from runtime.optim import build_optimizer, build_scheduler
+from runtime.rng import rng_state, seed_all, set_rng_state
+from runtime.run_folder import record_run
+from runtime.world import World
+from spec import dump_spec
+from spec.derive import flops_per_token
+from spec.errors import GrapefxError
+from spec.schema import Spec
+
+__all__ = ["Trainer", "NonFiniteLoss", "INTERRUPTED"]
+
+INTERRUPTED = 130  # exit status after Ctrl-C (checkpoint saved), the shell's 128 + SIGINT
+
+
+class NonFiniteLoss(GrapefxError):
+    """The loss or gradient norm became NaN/Inf; the run stopped (exit status 3)."""
+
+    exit_code = 3
+
+
+class Trainer:
+    """Trains ``spec`` into ``run_dir``; ``fit()`` runs it.
+
+    ``resume`` continues from the newest complete checkpoint in ``run_dir/checkpoints``;
+    ``world`` places this process among data-parallel ranks (``runtime.world``); ``command`` is
+    recorded in ``env.json``; ``tty`` forces the progress bar on or off (default: stdout is a terminal).
+    """
+
+    def __init__(self, spec: Spec, run_dir: str | Path, *, resume: bool = False, world: World = World(),
+                 device: torch.device | None = None, command: Sequence[str] = ("grapefx", "train"),
+                 tty: bool | None = None):
+        t = spec.train
+        if t.global_batch % (t.micro_batch * world.size):
+            raise GrapefxError(f"train.global_batch: {t.global_batch} sequences cannot be split into micro-batches of "
+                               f"{t.micro_batch} on {world.size} ranks; make it a multiple of "
+                               f"micro_batch x ranks = {t.micro_batch * world.size}")
+        self.spec, self.world, self.run_dir = spec, world, Path(run_dir)
+        self.accum = t.global_batch // (t.micro_batch * world.size)          # micro-batches per step and rank
+        self.device = device or pick_device()
+        self.metrics: MetricsLogger | None = None                            # messages go to print until it exists
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", t.keep_checkpoints, say=self._say,
+                                        coordinator=world.coordinator, barrier=world.barrier)
+        if not resume and self.checkpoints.complete():
+            raise GrapefxError(f"{self.run_dir} already holds checkpoints (newest "
+                               f"{self.checkpoints.complete()[-1][1].name}); pass --resume to continue that run "
+                               "or --out a new folder")
+        seed_all(t.seed)
+        self.data = prepare(spec, progress=world.coordinator)
+        self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
+        self.model = build_model(spec, self.device, compile=spec.compile.enabled)
+        self.optimizer = build_optimizer(self.model, spec)
+        self.scheduler = build_scheduler(self.optimizer, spec)
+        self.balancer = (ExpertBalancer(self.model, spec.moe.router, all_reduce=world.all_reduce)
+                         if self.model.moe_layers else None)
+        self.peak = device_peak(self.device)
+        self.flops_per_token = flops_per_token(spec).per_token
+        self.step, self.tokens = 0, 0
+        if resume:
+            self._resume()
+        if world.coordinator:
+            record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak)
+        self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty)
+        self._stop_requested = False
+
+    def _say(self, message: str) -> None:
+        if self.world.coordinator:
+            (self.metrics.say if self.metrics else print)(message)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, until: int | None = None) -> int:
+        """Train to ``train.steps`` (or stop after step ``until``); 0 when done, 130 after Ctrl-C."""
+        t = self.spec.train
+        last = min(t.steps, until) if until is not None else t.steps
+        if self.step >= last:
+            self._say(f"nothing to train: the run is at step {self.step} and train.steps is {t.steps}; "
+                     "raise --steps to train further")
+        start, window_tokens, window_time, status = time.perf_counter(), 0, 0.0, 0
+        with self._deterministic(), self._sigint():
+            while self.step < last:
+                t0 = time.perf_counter()
+                record = self._train_step()
+                window_time += time.perf_counter() - t0
+                window_tokens += record["tokens_step"]
+                n = self.step
+                if n % t.log_every == 0 or n == last:
+                    self._log(record, window_tokens, window_time, time.perf_counter() - start)
+                    window_tokens, window_time = 0, 0.0
+                self.metrics.advance(n)
+                if n % t.eval_every == 0 or n == t.steps:
+                    self.metrics.eval(self.evaluate())
+                if n % t.checkpoint_every == 0 or n == last or self._stop_requested:
+                    self.save()
+                if self._stop_requested and n < last:
+                    self._say(f"interrupted: stopped after step {n}; checkpoint "
+                             f"{self.checkpoints.folder / Checkpointer.name(n)} saved; continue with --resume")
+                    status = INTERRUPTED
+                    break
+        if self.world.coordinator:
+            self._say(f"loss plot: {plot_loss(self.run_dir)}")
+        return status
+
+    def _train_step(self) -> dict:
+        n = self.step + 1
+        try:
+            return self._accumulate_and_step(n)
+        except torch.cuda.OutOfMemoryError as e:
+            raise self._oom(n) from e
+
+    def _accumulate_and_step(self, n: int) -> dict:
+        batches = [self.sampler.next_batch() for _ in range(self.accum)]      # each (B, T) inputs, targets
+        sizes = [int((y != -100).sum()) for _, y in batches]                   # target tokens per micro-batch
+        total = sum(sizes)
+        sums = torch.zeros(3, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted)
+        for (x, y), size in zip(batches, sizes):
+            out = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            share = size / total
+            (out.loss * share).backward()
+            sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
+            if out.counts is not None:
+                self.balancer.add(out.counts)
+        loss, ce, aux = sums.tolist()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        norm = grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
+        if self.spec.train.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.spec.train.grad_clip, grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_tokens = int(self.world.all_reduce(torch.tensor([total], dtype=torch.int64, device=self.device)).item())
+        counts = self.balancer.step(n, self.tokens) if self.balancer else None
+        self.step, self.tokens = n, self.tokens + step_tokens
+        return {"step": n, "loss": loss, "ce_loss": ce, "aux_loss": aux, "lr": lr, "grad_norm": norm,
+                "tokens_step": step_tokens, "counts": counts}
+
+    def _log(self, record: dict, window_tokens: int, window_time: float, elapsed: float) -> None:
+        tps = window_tokens / max(window_time, 1e-9)
+        mfu = self.flops_per_token * tps / (self.peak.flops * self.world.size) if self.peak.flops else None
+        line = {k: record[k] for k in ("step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm")}
+        line.update(tokens=self.tokens, tokens_per_s=tps, mfu=mfu)
+        if self.balancer and record["counts"] is not None:
+            line.update(self.balancer.balance(record["counts"]))
+            line.update(expert_bias=self.balancer.bias_stats(), zero_token_experts=self.balancer.take_window())
+        else:
+            line.update(max_vio=None, max_vio_worst=None, max_vio_worst_layer=None)
+        line.update(memory_gib=memory_gib(self.device), elapsed_s=elapsed)
+        self.metrics.train(line)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation cross-entropy and MaxVio over ``train.eval_batches`` fixed micro-batches.
+
+        The batches are the first ``eval_batches`` of a fresh validation sampler seeded with
+        ``train.seed``: the same batches at every evaluation, and the training sampler is untouched.
+        Counts here feed the metric only, never the expert bias.
+        """
+        t = self.spec.train
+        sampler = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed, self.world.rank, self.world.size)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        counts = None
+        self.model.eval()
+        try:
+            for _ in range(t.eval_batches):
+                x, y = sampler.next_batch()
+                y = y.to(self.device)
+                out = self.model(x.to(self.device), y)
+                n = (y != -100).sum()
+                loss_sum += out.ce_loss.double() * n
+                tokens += n
+                if out.counts is not None:
+                    counts = out.counts.float() if counts is None else counts + out.counts.float()
+        except torch.cuda.OutOfMemoryError as e:
+            raise self._oom(self.step, evaluation=True) from e
+        finally:
+            self.model.train()
+        loss_sum, tokens = self.world.all_reduce(loss_sum), self.world.all_reduce(tokens)
+        record = {"step": self.step, "val_loss": float(loss_sum / tokens.clamp_min(1)), "tokens": int(tokens)}
+        if counts is not None:
+            record.update(self.balancer.balance(self.world.all_reduce(counts)))
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def _tensors(self) -> tuple[dict, dict]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rng_tensors, rng_scalars = rng_state(self.device)
+        tensors = {"model": model_sd, "optimizer": optim_sd["state"], "rng": rng_tensors}
+        state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
+                 "optimizer_param_groups": optim_sd["param_groups"], "sampler": self.sampler.state_dict(),
+                 "rng": rng_scalars, "spec": dump_spec(self.spec)}
+        return tensors, state
+
+    def save(self) -> Path:
+        """Checkpoint the state after step ``self.step`` (``RUN/checkpoints/step-NNNNNN``)."""
+        tensors, state = self._tensors()
+        return self.checkpoints.save(self.step, tensors, state)
+
+    def _resume(self) -> None:
+        path = self.checkpoints.latest()
+        if path is None:
+            self._say(f"no complete checkpoint in {self.checkpoints.folder}; starting at step 0")
+            return
+        tensors, _ = self._tensors()   # templates: DCP loads into them in place (optimizer state is created first)
+        state = self.checkpoints.load(path, tensors)
+        groups = [{**g, "betas": tuple(g["betas"])} for g in state["optimizer_param_groups"]]
+        set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
+                       optim_state_dict={"state": tensors["optimizer"], "param_groups": groups})
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(tensors["rng"], state["rng"], self.device)
+        self.step, self.tokens = state["step"], state["tokens"]
+        if state["spec"] != dump_spec(self.spec):
+            self._say(f"note: the spec differs from the one {path.name} was trained with (see its state.json); "
+                      "continuing with the new one")
+        self._say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+
+    # ------------------------------------------------------------------ failures
+    def _non_finite_message(self, step: int, loss: float, grad_norm: float) -> str:
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        done = self.checkpoints.complete()
+        kept = (f"the last good checkpoint is {done[-1][1]} (continue from it with --resume)" if done
+                else "no checkpoint was written before it")
+        return (f"step {step}: {what}; training stopped, nothing of this step was "
+                f"applied; {kept}. Lower train.optimizer.lr or set train.grad_clip, and check "
+                "precision.compute / precision.cpu_compute (bf16 overflows long before fp32)")
+
+    def _oom(self, step: int, evaluation: bool = False) -> GrapefxError:
+        t, where = self.spec.train, "evaluation" if evaluation else "training"
+        return GrapefxError(f"step {step}: out of GPU memory during {where}; lower train.micro_batch (now "
+                            f"{t.micro_batch}; global_batch stays, more micro-batches are accumulated), "
+                            f"data.seq_len (now {self.spec.data.seq_len}), or set compile.activation_checkpointing: true")
+
+    # ------------------------------------------------------------------ process state
+    @contextlib.contextmanager
+    def _deterministic(self) -> Iterator[None]:
+        """Deterministic kernels on CPU (free there); CUDA keeps the fast scatter/index_add (seeded, not bitwise)."""
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(before or self.device.type == "cpu")
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before)
+
+    @contextlib.contextmanager
+    def _sigint(self) -> Iterator[None]:
+        """First Ctrl-C: finish the step, checkpoint, exit 130. Second: KeyboardInterrupt now."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self._say(f"interrupt: finishing step {self.step + 1}, then saving a checkpoint "
+                     "(Ctrl-C again to quit without saving)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def close(self) -> None:
+        self.metrics.close()

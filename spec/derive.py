@@ -1,0 +1,224 @@
+"""Derived facts of a spec: per-layer table, parameter counts, training FLOPs per token, KV cache.
+
+Letters as in PLAN.md: C d_model, L layers, Hq query heads, Hkv kv heads, D head dim, W window,
+E routed experts, K top-k, S shared experts, F expert hidden, Fd dense FFN hidden, V padded
+vocab, T training context (data.seq_len).
+
+Parameter counting follows the state-dict layout the lowering builds (PLAN.md "compiler (model)"):
+
+- ``embed.weight`` V*C; ``lm_head.weight`` V*C unless tied; ``final_norm.weight`` C.
+- per layer: ``attn_norm`` C and ``ffn_norm`` C; attention GQA: wq C*Hq*D, wk and wv C*Hkv*D
+  each, wo Hq*D*C; with qk_norm a q-norm and a k-norm weight of D each.
+  TPA (MATH.md §4, factors linear in x): A_Q C*(R_Q*Hq), B_Q C*(R_Q*D), A_K/A_V C*(R*n),
+  B_K/B_V C*(R*D), wo Hq*D*C, with n = Hq (head_factors heads) or Hkv (kv_groups).
+- GRAPE-M ``log_freq``: D/2 once per model (share: model) or per layer (share: layer), only when
+  learnable (otherwise a buffer). Learnable GRAPE-A: ``slope_logit`` Hq per layer. RoPE: none.
+- MoE layer: router E*C; routed experts 3*E*C*F (w_gate, w_up, w_down); shared experts one
+  SwiGLU of hidden S*F: 3*C*S*F. ``expert_bias`` is a buffer, not a parameter. Dense layer: 3*C*Fd.
+- Active parameters: total minus the (E - K) unchosen routed experts of every MoE layer.
+
+Training FLOPs per token (``FLOPS_CONVENTION``), the figure MFU is computed from:
+
+    6 * N_matmul + sum over layers of 12 * Hq * D * ctx  [+ TPA contraction, below]
+
+N_matmul = the active parameters a token multiplies in a matmul: attention projections, router,
+the K chosen routed experts and the shared ones, dense FFNs, and the LM head. The embedding is a
+lookup, not a matmul, and is excluded (tied or not: when tied, the shared matrix counts once, as
+the LM head; torchtitan's rule). Norm weights, GRAPE-M frequencies and ALiBi slopes are excluded.
+6 = 2 FLOPs per multiply-add x 3 (forward, backward to inputs, backward to weights).
+Attention: QK^T and AV each cost 2*Hq*D FLOPs per (query, key) pair in the forward, x3 for
+training; ctx = W keys on local layers and T/2 (the causal half) on global layers. TPA adds its
+per-token contraction 6*D*(R_Q*Hq + (R_K + R_V)*n).
+For bench-small (issue 7) this gives 813,662,208 = 813.7 MFLOP/token (BENCHMARKS.md: 813 M).
+
+KV cache: per layer and cached token GQA stores K and V, 2*Hkv*D values; TPA stores
+(R_K + R_V)*(n + D) (MATH.md §4); bytes = values * 2 in bf16 (4 in fp32, precision.compute).
+At context N a local layer caches min(W, N) tokens, a global layer N. The per-token figure is
+the total over layers divided by N (amortised).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from spec.convert import to_dict
+from spec.schema import Attention, Spec
+
+__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "layers", "param_counts",
+           "flops_per_token", "kv_cache", "describe", "FLOPS_CONVENTION"]
+
+FLOPS_CONVENTION = ("6 x active matmul params (attention projections, router, top-k + shared experts, dense FFN, "
+                    "LM head; embedding excluded) + 12 x Hq x D x ctx per layer for attention scores and values "
+                    "(ctx = W on local layers, T/2 on global layers)")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int               # from 1
+    kind: str                # local | global
+    mechanism: str           # gqa | tpa
+    window: int | None       # keys including the current token; None = full causal
+    position: str            # grape-m | grape-a | nope | rope
+    rotary: bool             # q, k rotated (GRAPE-M or RoPE)
+    additive_bias: bool      # GRAPE-A / ALiBi bias on the scores
+    ffn: str                 # moe | dense
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    active: int
+    groups: dict[str, int]   # total parameters by group, for the describe table
+
+
+@dataclass(frozen=True)
+class Flops:
+    per_token: int
+    matmul_params: int       # N_matmul (active)
+    attention: int           # attention score/value FLOPs per token (training)
+    tpa_contraction: int
+    convention: str = FLOPS_CONVENTION
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    index: int
+    kind: str
+    tokens: int              # tokens cached at the context
+    bytes_per_cached_token: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class KVCache:
+    context: int
+    total_bytes: int
+    bytes_per_token: float   # total_bytes / context
+    layers: tuple[KVLayer, ...]
+
+
+def layers(spec: Spec) -> list[LayerInfo]:
+    out = []
+    for i, kind in enumerate(spec.layer_kinds()):
+        a = spec.attention.of(kind)
+        out.append(LayerInfo(
+            index=i + 1, kind=kind, mechanism=a.mechanism,
+            window=a.window if kind == "local" else None,
+            position=a.position.kind, rotary=a.rotates(), additive_bias=a.position.kind == "grape-a",
+            ffn=spec.ffn_kind(i),
+        ))
+    return out
+
+
+def _kv_heads_made(a: Attention) -> int:
+    """n: how many key/value heads a TPA layer produces (all Hq for head_factors heads, else Hkv)."""
+    return a.heads if a.tpa_ranks()[0] == "heads" else a.kv_heads
+
+
+def attention_matmul_params(c: int, a: Attention) -> int:
+    hq, hkv, d = a.heads, a.kv_heads, a.head_dim
+    out_proj = hq * d * c
+    if a.mechanism == "gqa":
+        return c * hq * d + 2 * c * hkv * d + out_proj
+    _, r_q, r_k, r_v = a.tpa_ranks()
+    n = _kv_heads_made(a)
+    return c * (r_q * (hq + d) + (r_k + r_v) * (n + d)) + out_proj
+
+
+def _tpa_contraction_flops(a: Attention) -> int:
+    if a.mechanism != "tpa":
+        return 0
+    _, r_q, r_k, r_v = a.tpa_ranks()
+    return 6 * a.head_dim * (r_q * a.heads + (r_k + r_v) * _kv_heads_made(a))
+
+
+def _ffn_params(spec: Spec, ffn: str) -> tuple[int, int]:
+    """(total, active) matmul parameters of one layer's FFN."""
+    c = spec.model.d_model
+    if ffn == "dense":
+        p = 3 * c * spec.ffn.hidden
+        return p, p
+    m = spec.moe
+    router, shared = m.experts * c, 3 * c * m.shared_experts * m.expert_hidden
+    expert = 3 * c * m.expert_hidden
+    return router + m.experts * expert + shared, router + m.top_k * expert + shared
+
+
+def param_counts(spec: Spec) -> ParamCount:
+    c, v = spec.model.d_model, spec.model.padded_vocab_size
+    g = {"embedding": v * c, "lm_head": 0 if spec.model.tied_embeddings else v * c, "attention": 0,
+         "norms": c, "positions": 0, "router": 0, "routed_experts": 0, "shared_experts": 0, "dense_ffn": 0}
+    inactive = 0
+    grape_model: set[int] = set()
+    for info in layers(spec):
+        a = spec.attention.of(info.kind)
+        g["attention"] += attention_matmul_params(c, a)
+        g["norms"] += 2 * c + (2 * a.head_dim if spec.model.qk_norm else 0)
+        pos = a.position
+        if pos.kind == "grape-m" and pos.learnable_freq:
+            if pos.share == "layer":
+                g["positions"] += a.head_dim // 2
+            else:
+                grape_model.add(a.head_dim // 2)
+        if pos.kind == "grape-a" and pos.learnable:
+            g["positions"] += a.heads
+        if info.ffn == "dense":
+            g["dense_ffn"] += 3 * c * spec.ffn.hidden
+        else:
+            m = spec.moe
+            g["router"] += m.experts * c
+            g["routed_experts"] += 3 * c * m.expert_hidden * m.experts
+            g["shared_experts"] += 3 * c * m.shared_experts * m.expert_hidden
+            inactive += 3 * c * m.expert_hidden * (m.experts - m.top_k)
+    g["positions"] += sum(grape_model)
+    total = sum(g.values())
+    return ParamCount(total=total, active=total - inactive, groups=g)
+
+
+def flops_per_token(spec: Spec) -> Flops:
+    c, t = spec.model.d_model, spec.data.seq_len
+    n_matmul = spec.model.padded_vocab_size * c  # LM head (tied or not)
+    attn = tpa = 0
+    for info in layers(spec):
+        a = spec.attention.of(info.kind)
+        n_matmul += attention_matmul_params(c, a) + _ffn_params(spec, info.ffn)[1]
+        tpa += _tpa_contraction_flops(a)
+        # 12 * Hq * D * ctx, ctx = W (local) or T/2 (global): written as 6 * ... * T to stay integral
+        attn += 12 * a.heads * a.head_dim * info.window if info.kind == "local" else 6 * a.heads * a.head_dim * t
+    return Flops(per_token=6 * n_matmul + attn + tpa, matmul_params=n_matmul, attention=attn, tpa_contraction=tpa)
+
+
+def _cache_values_per_token(a: Attention) -> int:
+    if a.mechanism == "gqa":
+        return 2 * a.kv_heads * a.head_dim
+    _, _, r_k, r_v = a.tpa_ranks()
+    return (r_k + r_v) * (_kv_heads_made(a) + a.head_dim)
+
+
+def kv_cache(spec: Spec, context: int | None = None) -> KVCache:
+    n = context if context is not None else spec.data.seq_len
+    elem = 2 if spec.precision.compute == "bf16" else 4
+    rows = []
+    for info in layers(spec):
+        a = spec.attention.of(info.kind)
+        tokens = min(info.window, n) if info.kind == "local" else n
+        per = _cache_values_per_token(a) * elem
+        rows.append(KVLayer(index=info.index, kind=info.kind, tokens=tokens, bytes_per_cached_token=per,
+                            bytes=tokens * per))
+    total = sum(r.bytes for r in rows)
+    return KVCache(context=n, total_bytes=total, bytes_per_token=total / n if n else 0.0, layers=tuple(rows))
+
+
+def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
+    """The ``grapefx describe --json`` document (keys: layers, params, flops_per_token,
+    kv_cache_bytes_per_token, router)."""
+    pc = param_counts(spec)
+    return {
+        "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
+                        rotary=r.rotary, additive_bias=r.additive_bias, ffn=r.ffn) for r in layers(spec)],
+        "params": {"total": pc.total, "active": pc.active},
+        "flops_per_token": flops_per_token(spec).per_token,
+        "kv_cache_bytes_per_token": kv_cache(spec, context).bytes_per_token,
+        "router": to_dict(spec.moe.router) if spec.moe is not None else None,
+    }

@@ -1,0 +1,81 @@
+"""Text rendering of ``grapefx describe`` and ``grapefx validate`` (tables via tabulate)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from tabulate import tabulate
+
+from spec.derive import flops_per_token, kv_cache, layers, param_counts
+from spec.load import dump_spec
+from spec.schema import Spec
+
+__all__ = ["describe_text", "summary_line", "human"]
+
+# fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
+TRAIN_STATE_BYTES_PER_PARAM = 16
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'; bytes with unit 'B' use binary prefixes (KiB, MiB, GiB)."""
+    if unit == "B":
+        for p in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1024 or p == "TiB":
+                return f"{n:.0f} {p}" if p == "B" else f"{n:.2f} {p}"
+            n /= 1024
+    for p, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= p:
+            return f"{n / p:.2f}{s}"
+    return f"{n:g}"
+
+
+def summary_line(spec: Spec) -> str:
+    kinds = spec.layer_kinds()
+    n_loc, n_glo = kinds.count("local"), kinds.count("global")
+    parts = [f"{len(kinds)} layers: {n_loc} local (W={spec.attention.local.window}), {n_glo} global"]
+    if spec.moe is not None:
+        m = spec.moe
+        shared = f" + {m.shared_experts} shared" if m.shared_experts else ""
+        parts.append(f"MoE {m.experts} experts top-{m.top_k}{shared}")
+    pc = param_counts(spec)
+    parts.append(f"{human(pc.total)} params, {human(pc.active)} active")
+    return "; ".join(parts)
+
+
+def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
+    kv = kv_cache(spec, context)
+    rows = []
+    for info, cache in zip(layers(spec), kv.layers, strict=False):
+        rows.append([info.index, info.kind, info.mechanism, info.window or "full", info.position,
+                     "yes" if info.rotary else "no", "alibi" if info.additive_bias else "-", info.ffn,
+                     cache.tokens, human(cache.bytes, "B")])
+    out = [f"{file}: {spec.name}", f"  {summary_line(spec)}", ""]
+    out.append(tabulate(rows, headers=["layer", "kind", "mech", "window", "position", "rotary", "bias", "ffn",
+                                       f"KV tokens@{kv.context}", "KV bytes"], tablefmt="simple"))
+    pc = param_counts(spec)
+    out += ["", f"parameters: total {pc.total:,} ({human(pc.total)}), active per token {pc.active:,} "
+                f"({human(pc.active)})"]
+    out.append(tabulate([[k.replace("_", " "), f"{v:,}"] for k, v in pc.groups.items() if v],
+                        tablefmt="plain", colalign=("left", "right")))
+    state = pc.total * TRAIN_STATE_BYTES_PER_PARAM
+    out.append(f"training state (fp32 weights + grads + AdamW m, v = {TRAIN_STATE_BYTES_PER_PARAM} B/param): "
+               f"{human(state, 'B')}, activations not included")
+    fl = flops_per_token(spec)
+    out += ["", f"training FLOPs per token: {fl.per_token:,} ({human(fl.per_token)}) at T = {spec.data.seq_len}",
+            f"  = 6 x {fl.matmul_params:,} active matmul params + {fl.attention:,} attention"
+            + (f" + {fl.tpa_contraction:,} TPA contraction" if fl.tpa_contraction else ""),
+            *textwrap.wrap("convention: " + fl.convention, 100, initial_indent="  ", subsequent_indent="    ")]
+    dtype = spec.precision.compute
+    out += ["", f"KV cache at context {kv.context} ({dtype}): {kv.bytes_per_token:,.1f} B/token amortised, "
+                f"{human(kv.total_bytes, 'B')} per sequence (local layers keep min(W, context) tokens)"]
+    if spec.moe is not None:
+        r = spec.moe.router
+        out += ["", f"router: {r.score_function} scores, top-{spec.moe.top_k}"
+                    + (f" in {r.group_topk} of {r.num_groups} groups" if r.num_groups > 1 else "")
+                    + f", load balancing {r.load_balancing}"
+                    + (f" (coeff {r.aux_coeff:g})" if r.load_balancing != "none" else "")
+                    + (f", expert bias on (rate {r.bias_update_rate:g}"
+                       + (", centred" if r.bias_centering else "") + ")" if r.expert_bias else ", no expert bias")
+                    + f", gate scaling {r.topk_scaling_factor:g}, {r.dtype}"]
+    out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
+    return "\n".join(out)

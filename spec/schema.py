@@ -1,0 +1,302 @@
+"""The typed spec: one frozen dataclass per YAML section.
+
+A YAML file is loaded (``spec.load``), merged (``extends:``), overridden (``--set a.b=c``),
+converted into these dataclasses (unknown keys are errors with a did-you-mean), then
+validated across fields (``spec.validate``). Every default of the model lives here and
+nowhere else; ``grapefx describe`` shows the resolved value of each.
+
+Field documentation is kept in ``metadata["doc"]`` (``f(default, doc)``) so error messages,
+``describe`` and the docs can show it. Formulas are in MATH.md; section numbers are cited.
+
+Conventions (MATH.md §1): layers are counted from 1 in everything a user reads; a window W
+counts keys *including* the current token (query i sees keys i-W+1..i).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal, Union
+
+__all__ = [
+    "Init", "Model", "GrapeM", "GrapeA", "NoPE", "RoPE", "Position", "Attention", "AttentionKinds",
+    "Router", "MoE", "FFN", "Precision", "Compile", "Source", "Tokenizer", "Data", "Optimizer",
+    "Schedule", "Train", "Parallel", "Spec", "f", "doc_of", "LAYER_KINDS", "PASS_NAMES",
+]
+
+LAYER_KINDS = ("local", "global")
+PASS_NAMES = ("attention_formation", "bias_softmax", "rotary_attention")
+
+
+def f(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING):
+    """A dataclass field with its documentation in metadata (shown by errors and describe)."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def doc_of(cls: type, name: str) -> str:
+    for fl in fields(cls):
+        if fl.name == name:
+            return fl.metadata.get("doc", "")
+    return ""
+
+
+_frozen = dict(frozen=True, kw_only=True)
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass(**_frozen)
+class Init:
+    std: float = f(0.02, "standard deviation of the normal initialisation of every weight matrix")
+    scaled_output: bool = f(True, "scale output projections (attention wo, FFN w2) by 1/sqrt(2 * n_layers) (GPT-2)")
+
+
+@dataclass(**_frozen)
+class Model:
+    vocab_size: int = f(257, "tokenizer vocabulary size (the byte tokenizer has 257 ids: 256 bytes + end-of-document); "
+                             "the embedding is padded up to a multiple of pad_vocab_to")
+    pad_vocab_to: int = f(64, "pad the embedding rows to a multiple of this (1 = no padding); 64 suits tensor cores")
+    d_model: int = f(256, "residual stream width C")
+    n_layers: int = f(4, "number of transformer blocks L")
+    global_every: int | None = f(4, "layer l (counted from 1) is global iff l % global_every == 0 (MATH.md §1); "
+                                    "null with layer_kinds set")
+    layer_kinds: tuple[str, ...] | None = f(None, "explicit per-layer kinds, e.g. [local, local, local, global]; "
+                                                 "mutually exclusive with global_every (a file that gives layer_kinds "
+                                                 "and no global_every gets global_every: null)")
+    norm_eps: float = f(1e-6, "RMSNorm epsilon")
+    tied_embeddings: bool = f(False, "share the token embedding with the LM head")
+    qk_norm: bool = f(False, "RMSNorm on q and k per head before the rotation (MATH.md §2)")
+    init: Init = f(factory=Init, doc="parameter initialisation")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_to)
+        return (self.vocab_size + m - 1) // m * m
+
+    def kinds(self) -> tuple[str, ...]:
+        """Resolved per-layer kinds, index 0 = layer 1."""
+        if self.layer_kinds is not None:
+            return tuple(self.layer_kinds)
+        p = self.global_every
+        return tuple("global" if p and (l % p == 0) else "local" for l in range(1, self.n_layers + 1))
+
+
+# ----------------------------------------------------------------------------- positions
+@dataclass(**_frozen)
+class GrapeM:
+    """GRAPE-M: learnable-frequency rotation, RoPE at init (MATH.md §2)."""
+    kind: Literal["grape-m"] = "grape-m"
+    base: float = f(10000.0, "RoPE base of the initial spectrum theta_j = base^(-2j/d)")
+    learnable_freq: bool = f(True, "train p (theta_j = exp(p_j / log_freq_scale)); false keeps p as a buffer")
+    log_freq_scale: float = f(16.0, "c in theta = exp(p / c); larger = smaller Adam steps on ln(theta)")
+    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the seed's fork) or one per layer (the paper's code)")
+    weight_decay: bool = f(False, "apply weight decay to p (off: decay would drag ln(theta) toward 0)")
+
+
+@dataclass(**_frozen)
+class GrapeA:
+    """GRAPE-A: ALiBi slopes, bias -m_h (i - j) after the 1/sqrt(d) scaling (MATH.md §3)."""
+    kind: Literal["grape-a"] = "grape-a"
+    learnable: bool = f(False, "learn m_h = softplus(r_h) * alibi_h (initialised at the ALiBi slopes); fixed by default")
+
+
+@dataclass(**_frozen)
+class NoPE:
+    """No position signal at all (the follow-up ablation on global layers)."""
+    kind: Literal["nope"] = "nope"
+
+
+@dataclass(**_frozen)
+class RoPE:
+    """Plain RoPE: GRAPE-M's rotation with fixed frequencies base^(-2j/d)."""
+    kind: Literal["rope"] = "rope"
+    base: float = f(10000.0, "RoPE base")
+
+
+Position = Union[GrapeM, GrapeA, NoPE, RoPE]
+
+
+# ----------------------------------------------------------------------------- attention
+@dataclass(**_frozen)
+class Attention:
+    mechanism: Literal["gqa", "tpa"] = f("gqa", "gqa (grouped-query) or tpa (Tensor Product Attention, MATH.md §4)")
+    heads: int = f(4, "query heads Hq")
+    kv_heads: int = f(2, "key/value heads Hkv (GQA groups); heads must be divisible by kv_heads")
+    head_dim: int = f(64, "per-head width D (even: rotation pairs i with i + D/2)")
+    window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)")
+    position: Position = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope")
+    r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)")
+    r_k: int | None = f(None, "TPA key rank R_K (default 2)")
+    r_v: int | None = f(None, "TPA value rank R_V (default 2)")
+    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV groups (seed's fork); default heads")
+
+    def tpa_ranks(self) -> tuple[str, int, int, int]:
+        """Resolved TPA settings ``(head_factors, R_Q, R_K, R_V)`` (MATH.md §4).
+
+        Defaults: head_factors ``heads`` (the paper); R_Q = 6 with ``heads`` (paper), 4 with
+        ``kv_groups`` (the seed's fork); R_K = R_V = 2 in both.
+        """
+        hf = self.head_factors or "heads"
+        r_q = self.r_q if self.r_q is not None else (6 if hf == "heads" else 4)
+        return hf, r_q, self.r_k if self.r_k is not None else 2, self.r_v if self.r_v is not None else 2
+
+    def rotates(self) -> bool:
+        """True when q and k are rotated (GRAPE-M or RoPE)."""
+        return self.position.kind in ("grape-m", "rope")
+
+
+def _default_local() -> Attention:
+    return Attention(window=128, position=GrapeM())
+
+
+def _default_global() -> Attention:
+    return Attention(position=GrapeA())
+
+
+@dataclass(**_frozen)
+class AttentionKinds:
+    local: Attention = f(factory=_default_local, doc="attention of local (sliding-window) layers")
+    global_: Attention = f(factory=_default_global, doc="attention of global (full causal) layers; YAML key `global`")
+    allow_position_mismatch: bool = f(False, "lift the seed's rule (global layers never rotate; GRAPE-A only on global layers)")
+
+    def of(self, kind: str) -> Attention:
+        return self.local if kind == "local" else self.global_
+
+
+# ----------------------------------------------------------------------------- FFN / MoE
+@dataclass(**_frozen)
+class Router:
+    """DeepSeek-V3 router (MATH.md §5)."""
+    score_function: Literal["sigmoid", "softmax"] = f("sigmoid", "s = sigmoid(logits) (DSv3) or softmax")
+    load_balancing: Literal["none", "seq_aux", "aux"] = f("none", "auxiliary loss: none (pure aux-free), seq_aux (DSv3), aux (Switch, for comparison)")
+    aux_coeff: float = f(1e-4, "coefficient alpha of the seq_aux / aux loss (DSv3: 1e-4)")
+    z_loss_coeff: float = f(0.0, "router z-loss coefficient (0 = off)")
+    expert_bias: bool = f(True, "aux-loss-free balancing: top-k over s + b, gates from s (requires sigmoid)")
+    bias_update_rate: float = f(1e-3, "gamma in b_i += gamma * sign(mean(c) - c_i), once per optimizer step")
+    bias_freeze_after_steps: int | None = f(None, "stop updating b after this many optimizer steps (DSv3 froze it late)")
+    bias_freeze_after_tokens: int | None = f(None, "stop updating b after this many training tokens")
+    bias_centering: bool = f(False, "subtract the mean of each update so b stays zero-mean (torchtitan)")
+    topk_scaling_factor: float = f(1.0, "gates are multiplied by this (DSv3: 2.5)")
+    num_groups: int = f(1, "group-limited routing: split experts into this many groups (1 = off)")
+    group_topk: int = f(1, "keep the best group_topk groups before the top-k")
+    pre_softmax: bool = f(False, "softmax only: top-k after the softmax over all experts")
+    dtype: Literal["fp32"] = f("fp32", "router logits, scores, bias and counts dtype (fp32 only: MATH.md §5)")
+
+
+@dataclass(**_frozen)
+class MoE:
+    experts: int = f(8, "routed experts E")
+    top_k: int = f(2, "experts per token K")
+    shared_experts: int = f(1, "always-on shared experts, weight 1")
+    expert_hidden: int = f(256, "hidden width of each expert's SwiGLU")
+    first_k_dense: int = f(0, "the first k layers use the dense FFN (ffn.hidden) instead of MoE")
+    router: Router = f(factory=Router, doc="router settings")
+
+
+@dataclass(**_frozen)
+class FFN:
+    hidden: int = f(1024, "hidden width of the dense SwiGLU FFN (dense layers, and every layer when moe is null)")
+
+
+# ----------------------------------------------------------------------------- compile / precision
+@dataclass(**_frozen)
+class Precision:
+    compute: Literal["bf16", "fp32"] = f("bf16", "matmul/activation dtype on CUDA (MATH.md §6)")
+    cpu_compute: Literal["fp32", "bf16"] = f("fp32", "compute dtype on CPU")
+    router: Literal["fp32"] = f("fp32", "router logits/scores/bias dtype")
+    master: Literal["fp32"] = f("fp32", "master weights and optimizer state")
+
+
+@dataclass(**_frozen)
+class Compile:
+    enabled: bool = f(True, "torch.compile (Inductor, fullgraph) each distinct block graph once")
+    passes: tuple[str, ...] = f(PASS_NAMES, "fusion passes, in order: " + ", ".join(PASS_NAMES))
+    inductor_options: dict[str, Any] = f(factory=dict, doc="extra torch._inductor.config options passed to torch.compile")
+    activation_checkpointing: bool = f(False, "recompute each block's activations in backward")
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(**_frozen)
+class Source:
+    path: str = f("builtin:shakespeare", "builtin:shakespeare, a text file, a folder of .txt, a .jsonl (text field) "
+                                         "or a Megatron indexed-dataset prefix (PREFIX.bin + PREFIX.idx)")
+    weight: float = f(1.0, "blend weight (as Megatron's --data-path w1 p1 w2 p2)")
+
+
+@dataclass(**_frozen)
+class Tokenizer:
+    kind: Literal["byte", "bpe"] = f("byte", "byte-level (256 ids + end-of-document) or a BPE trained locally")
+    vocab_size: int | None = f(None, "BPE vocabulary size to train (bpe only)")
+    path: str | None = f(None, "an existing tokenizer.json to use instead of training one (bpe only)")
+
+
+@dataclass(**_frozen)
+class Data:
+    sources: tuple[Source, ...] = f((Source(),), "corpus sources with blend weights")
+    tokenizer: Tokenizer = f(factory=Tokenizer, doc="tokenizer")
+    seq_len: int = f(512, "training context T (tokens per row)")
+    valid_fraction: float = f(0.01, "held-out fraction of documents for validation")
+    cache_dir: str | None = f(None, "where prepared data lives (default: the user cache folder, ~/.cache/grapefx)")
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass(**_frozen)
+class Optimizer:
+    lr: float = f(3e-4, "peak learning rate")
+    betas: tuple[float, float] = f((0.9, 0.95), "AdamW betas")
+    eps: float = f(1e-8, "AdamW epsilon")
+    weight_decay: float = f(0.1, "decoupled weight decay on matrices")
+    decay_embeddings: bool = f(False, "apply weight decay to the embedding (norms, biases and GRAPE-M p never decay unless told)")
+
+
+@dataclass(**_frozen)
+class Schedule:
+    warmup_steps: int = f(100, "linear warmup steps")
+    kind: Literal["cosine", "constant"] = f("cosine", "decay after warmup")
+    min_lr_ratio: float = f(0.1, "final lr as a fraction of the peak (cosine)")
+
+
+@dataclass(**_frozen)
+class Train:
+    steps: int = f(1000, "optimizer steps")
+    micro_batch: int = f(8, "sequences per forward/backward")
+    global_batch: int = f(8, "sequences per optimizer step (micro-batches are accumulated)")
+    seed: int = f(1234, "run seed: initialisation (per parameter name), data order, dropout-free sampling")
+    optimizer: Optimizer = f(factory=Optimizer, doc="AdamW settings")
+    schedule: Schedule = f(factory=Schedule, doc="learning-rate schedule")
+    grad_clip: float | None = f(1.0, "clip the global gradient norm to this (null = off)")
+    log_every: int = f(10, "metrics line every N steps")
+    eval_every: int = f(100, "validation loss every N steps")
+    eval_batches: int = f(8, "micro-batches per validation")
+    checkpoint_every: int = f(500, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = f(3, "keep the newest K checkpoints")
+
+
+@dataclass(**_frozen)
+class Parallel:
+    data: Literal["ddp", "fsdp"] = f("ddp", "data parallelism when launched with torchrun: DDP or FSDP2 per block")
+
+
+# ----------------------------------------------------------------------------- the whole spec
+@dataclass(**_frozen)
+class Spec:
+    name: str = f("grapefx", "run name (used for the default output folder)")
+    model: Model = f(factory=Model, doc="model shape")
+    attention: AttentionKinds = f(factory=AttentionKinds, doc="attention per layer kind")
+    ffn: FFN = f(factory=FFN, doc="dense FFN")
+    moe: MoE | None = f(factory=MoE, doc="mixture of experts (null = dense FFN everywhere)")
+    precision: Precision = f(factory=Precision, doc="dtypes")
+    compile: Compile = f(factory=Compile, doc="fusion passes and Inductor")
+    data: Data = f(factory=Data, doc="corpus, tokenizer, context")
+    train: Train = f(factory=Train, doc="optimisation and run cadence")
+    parallel: Parallel = f(factory=Parallel, doc="multi-GPU")
+    output: str | None = f(None, "run folder (default runs/<name>)")
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        return self.model.kinds()
+
+    def ffn_kind(self, index: int) -> str:
+        """'moe' or 'dense' for 0-based layer `index`."""
+        if self.moe is None or index < self.moe.first_k_dense:
+            return "dense"
+        return "moe"

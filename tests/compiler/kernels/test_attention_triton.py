@@ -1,0 +1,183 @@
+"""The Triton attention kernels (compiler/kernels) against a dense fp64 reference written here:
+causal + sliding window (MATH.md §1), GRAPE-M rotation in-kernel (§2), ALiBi (§3), GQA; the
+forward (out, lse) and every gradient (dq, dk, dv, dtheta, dslopes).
+
+Runs on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here before the kernels are
+imported) when triton is installed, on the GPU when there is one; skipped where triton is missing
+(CI). Small shapes: T = 37 and 70 (not multiples of any tile), D = 16 and 32, tiles of 16/32 rows
+so every phase of the tile loops runs (window-edge tiles, fully visible tiles, diagonal tiles).
+fp16 stands in for bf16: the interpreter's dot mishandles bf16 operands.
+"""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # Triton decides at decoration time whether a @jit function is interpreted, its own library
+    # included: the variable must be set before triton is first imported in this process.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own "
+                    "process (or export TRITON_INTERPRET=1)", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from compiler.kernels import _attention_triton as tk  # noqa: E402
+from compiler.kernels.attention import AttnConfig, Tiles, attention_bwd, attention_fwd  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+F64 = torch.float64
+
+CONFIGS = {
+    "small": AttnConfig(fwd=Tiles(16, 16, 4, 1), dkdv=Tiles(16, 16, 4, 1), dq=Tiles(16, 16, 4, 1)),
+    "mixed": AttnConfig(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1)),
+    "atomic": AttnConfig(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1), atomic_dq=True),
+    "default": None,
+}
+
+
+def dense_reference(q, k, v, theta, slopes, window, scale):
+    """(out, lse) of softmax(scale (R q)(R k)^T - m_h (i - j), masked) v in fp64, K/V repeated per
+    query head. The angle has the value fl32(n * theta_j) (the contract: fp32 angles) and the
+    derivative n, so autograd gives the exact dtheta of the function the kernels compute."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    if theta is not None:
+        n = torch.arange(T, device=q.device)
+        exact = n.double()[:, None] * theta.double()[None, :]                        # (T, D/2)
+        fp32 = (n.float()[:, None] * theta.detach().float()[None, :]).double()
+        angle = fp32 + (exact - exact.detach())
+        cos, sin = angle.cos(), angle.sin()
+
+        def rot(x):
+            x1, x2 = x.chunk(2, -1)
+            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+        q, k = rot(q), rot(k)
+    dist = (torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]).double()
+    s = scale * q @ k.transpose(-1, -2)                                               # (B, Hq, T, T)
+    if slopes is not None:
+        s = s - slopes.double()[:, None, None] * dist
+    visible = dist >= 0
+    if window:
+        visible &= dist <= window - 1
+    s = s.masked_fill(~visible, float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+def check(name, got, want, tol):
+    """||got - want|| / ||want|| <= tol. An all-zero reference (W = 1: dq, dk, dtheta vanish) needs
+    got ~ 0: dS = P (dP - delta) with P = 1 leaves only the rounding of two fp32 dot products."""
+    assert got is not None and got.shape == want.shape, f"{name}: {None if got is None else got.shape}"
+    got, want = got.double(), want.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    ref = want.norm().item()
+    if ref == 0.0:
+        assert got.abs().max().item() <= 1e-5, f"{name}: expected zeros, max |got| = {got.abs().max().item()}"
+        return
+    err = (got - want).norm().item() / ref
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+CASES = [
+    # T, D, Hq, Hkv, window, rotate, alibi, dtype, config
+    (37, 16, 4, 2, 8, True, True, torch.float32, "small"),
+    (37, 16, 4, 2, 8, True, True, torch.float32, "atomic"),
+    (70, 32, 4, 2, 8, True, False, torch.float32, "mixed"),
+    (70, 32, 2, 1, 1, True, True, torch.float32, "small"),
+    (70, 16, 2, 1, 40, True, False, torch.float32, "small"),       # fully visible tiles inside the window
+    (70, 16, 4, 2, 20, True, True, torch.float32, "mixed"),
+    (70, 16, 4, 2, 0, False, True, torch.float32, "small"),        # global: causal + ALiBi
+    (70, 16, 4, 2, 100, False, True, torch.float32, "atomic"),     # W >= T is full causal
+    (70, 16, 4, 2, 0, True, False, torch.float32, "mixed"),
+    (70, 16, 2, 1, 0, False, False, torch.float32, "small"),
+    (37, 32, 2, 1, 37, True, True, torch.float32, "default"),
+    (70, 32, 4, 2, 8, True, True, torch.float16, "small"),
+    (70, 32, 4, 2, 0, False, True, torch.float16, "atomic"),
+]
+
+
+@pytest.mark.parametrize("T, D, Hq, Hkv, window, rotate, alibi, dtype, config", CASES)
+def test_forward_and_gradients_match_dense_reference(T, D, Hq, Hkv, window, rotate, alibi, dtype, config):
+    g = torch.Generator().manual_seed(T * 1000 + D * 10 + window)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)
+    B = 2
+    q, k, v = rand(B, Hq, T, D), rand(B, Hkv, T, D), rand(B, Hkv, T, D)
+    theta = (torch.rand(D // 2, generator=g) * 0.9 + 0.1).to(DEVICE) if rotate else None   # fp32
+    slopes = (torch.rand(Hq, generator=g) * 0.5).to(DEVICE) if alibi else None             # fp32
+    scale = D ** -0.5
+    cfg = CONFIGS[config]
+
+    out, lse = attention_fwd(q, k, v, theta, slopes, window, scale, cfg)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    theta_r = theta.clone().requires_grad_() if rotate else None
+    slopes_r = slopes.double().requires_grad_() if alibi else None
+    ref_out, ref_lse = dense_reference(*leaves, theta_r, slopes_r, window, scale)
+    grad_out = rand(B, Hq, T, D)
+    ref_out.backward(grad_out.double())
+    dq, dk, dv, dtheta, dslopes = attention_bwd(grad_out, q, k, v, out, lse, theta, slopes, window, scale, cfg)
+
+    tol = 2e-5 if dtype == torch.float32 else 5e-3
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    check("out", out, ref_out, tol)
+    check("lse", lse, ref_lse, 2e-6 if dtype == torch.float32 else 1e-3)
+    for name, got, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        assert got.dtype == dtype
+        check(name, got, leaf.grad, tol)
+    if rotate:
+        check("dtheta", dtheta, theta_r.grad, 2 * tol if dtype == torch.float32 else 2e-2)
+    else:
+        assert dtheta is None
+    if alibi:
+        check("dslopes", dslopes, slopes_r.grad, tol)
+    else:
+        assert dslopes is None
+
+
+def test_gradients_not_asked_for_are_none():
+    q = torch.randn(1, 2, 20, 16).to(DEVICE)
+    k, v = torch.randn(1, 1, 20, 16).to(DEVICE), torch.randn(1, 1, 20, 16).to(DEVICE)
+    theta, slopes = torch.rand(8).to(DEVICE), torch.rand(2).to(DEVICE)
+    cfg = CONFIGS["small"]
+    out, lse = attention_fwd(q, k, v, theta, slopes, 8, 0.25, cfg)
+    full = attention_bwd(out, q, k, v, out, lse, theta, slopes, 8, 0.25, cfg)
+    some = attention_bwd(out, q, k, v, out, lse, theta, slopes, 8, 0.25, cfg, need_dtheta=False, need_dslopes=False)
+    assert some[3] is None and some[4] is None
+    for a, b in zip(full[:3], some[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@triton.jit
+def _sincos_kernel(X, C, S, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    c, s = tk._sincos(tl.load(X + offs))
+    tl.store(C + offs, c)
+    tl.store(S + offs, s)
+
+
+@pytest.mark.parametrize("limit, tol", [(10.0, 1.5e-7), (1.0e3, 1.5e-7), (1.3e4, 4e-7)])
+def test_sincos_matches_fp64_on_fp32_angles(limit, tol):
+    """The in-kernel cos/sin of an fp32 angle (range reduction + polynomials), |angle| <= limit."""
+    g = torch.Generator().manual_seed(1)
+    x = ((torch.rand(4096, generator=g, dtype=F64) * 2 - 1) * limit).float()
+    x[:4] = torch.tensor([0.0, 1.5707963705062866, -3.141592653589793, limit])   # quadrant edges
+    x = x.to(DEVICE)
+    c, s = torch.empty_like(x), torch.empty_like(x)
+    _sincos_kernel[(1,)](x, c, s, 4096)
+    assert (c.double() - x.double().cos()).abs().max().item() <= tol
+    assert (s.double() - x.double().sin()).abs().max().item() <= tol
+
+
+def test_bad_tiles_are_refused():
+    with pytest.raises(ValueError, match="block_m .* multiple of block_n"):
+        AttnConfig(fwd=Tiles(16, 32, 4, 1), dkdv=Tiles(16, 16, 4, 1), dq=Tiles(16, 16, 4, 1)).check()
+    with pytest.raises(ValueError, match="dkdv: block_n"):
+        AttnConfig(fwd=Tiles(16, 16, 4, 1), dkdv=Tiles(32, 16, 4, 1), dq=Tiles(16, 16, 4, 1)).check()

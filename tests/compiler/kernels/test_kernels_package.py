@@ -1,0 +1,58 @@
+"""compiler.kernels without a GPU (CI): it imports with or without triton, says it is not
+available, hooks into grapefx::attention only when it is, and its CUDA entry points hand every
+call they cannot take to the op's reference."""
+
+import importlib
+
+import pytest
+import torch
+
+import compiler.kernels as kernels
+from compiler.kernels import attention as kattn
+
+ops_attention = importlib.import_module("compiler.ops.attention")   # the package attribute is the op wrapper
+
+
+def test_imports_without_gpu_and_reports_availability():
+    assert kernels.available() == (kernels.triton_installed() and torch.cuda.is_available())
+
+
+def test_registers_with_the_op_only_when_available(monkeypatch):
+    monkeypatch.setattr(ops_attention, "_cuda_kernels", None)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    kernels._register()
+    assert ops_attention._cuda_kernels is None
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    kernels._register()
+    assert ops_attention._cuda_kernels == (kattn.cuda_forward, kattn.cuda_backward)
+
+
+def test_unsupported_calls_go_to_the_reference():
+    """fp64 is never a kernel dtype: cuda_forward / cuda_backward must return the reference's values."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 9, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    theta, slopes = torch.rand(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64)
+    assert not kattn.supports(q, k, v, theta, slopes)
+    out, lse = kattn.cuda_forward(q, k, v, theta, slopes, 4, 0.3)
+    ref_out, ref_lse = ops_attention._forward_ref(q, k, v, theta, slopes, 4, 0.3)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    go = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    got = kattn.cuda_backward(go, q, k, v, out, lse, theta, slopes, 4, 0.3)
+    want = ops_attention._backward_ref(go, q, k, v, out, lse, theta, slopes, 4, 0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_default_configs_are_valid_and_cover_every_case():
+    for d in (32, 64, 128):
+        for window, T in ((128, 4096), (0, 4096), (4096, 4096)):
+            kattn.default_config(d, window, T).check()
+    assert kattn.default_config(64, 4096, 4096) == kattn.default_config(64, 0, 4096)   # W >= T is global
+
+
+@pytest.mark.parametrize("window, pairs", [(0, 10 * 11 / 2), (3, 3 * 4 / 2 + 7 * 3), (10, 55), (40, 55)])
+def test_flops_count_visible_pairs(window, pairs):
+    """T = 10: full causal sees 1 + 2 + ... + 10 pairs; a window of 3 sees 1, 2, 3, 3, ..., 3."""
+    assert kattn.flops(1, 1, 10, 16, window) == 4 * 16 * pairs

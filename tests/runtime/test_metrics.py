@@ -1,0 +1,56 @@
+"""The per-step line, the MFU peak table, memory, the loss plot."""
+
+import json
+
+import pytest
+import torch
+
+from runtime import device as devmod
+from runtime.device import device_peak, memory_gib
+from runtime.metrics import format_eval_line, format_train_line, plot_loss
+
+
+def _record(**changes):
+    r = dict(step=120, loss=2.3141, lr=2.9e-4, grad_norm=0.8213, tokens_per_s=12345.0, mfu=None, max_vio=0.114,
+             memory_gib=1.23)
+    r.update(changes)
+    return r
+
+
+def test_train_line_reads_like_torchtitan():
+    assert format_train_line(_record(), 300) == \
+        "step 120/300  loss 2.314  lr 2.9e-4  grad 0.82  tok/s 12.3k  mfu —  maxvio 0.11  mem 1.2GiB"
+    line = format_train_line(_record(mfu=0.382, max_vio=None, tokens_per_s=2.5e6), 300)
+    assert "tok/s 2.5M  mfu 38.2%  maxvio —" in line
+    assert "mfu 0.0032%" in format_train_line(_record(mfu=3.2e-5), 300)   # a tiny model still shows a number
+    assert format_eval_line({"step": 100, "val_loss": 2.4104, "max_vio": 0.08}, 300) == \
+        "eval 100/300  val_loss 2.410  maxvio 0.08"
+
+
+@pytest.mark.parametrize("name, label, flops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989e12), ("NVIDIA H100 PCIe", "H100 PCIe", 756e12),
+    ("NVIDIA H200", "H200", 989e12), ("NVIDIA A100-SXM4-80GB", "A100", 312e12)])
+def test_peak_table_by_device_name(monkeypatch, name, label, flops):
+    monkeypatch.setattr(devmod.torch.cuda, "get_device_name", lambda device=None: name)
+    peak = device_peak(torch.device("cuda"))
+    assert (peak.label, peak.flops) == (label, flops) and name in peak.note
+
+
+def test_no_peak_on_cpu_or_unknown_gpus(monkeypatch):
+    cpu = device_peak(torch.device("cpu"))
+    assert cpu.flops is None and "CPU" in cpu.note
+    monkeypatch.setattr(devmod.torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    other = device_peak(torch.device("cuda"))
+    assert other.flops is None and "PEAK_BF16_DENSE" in other.note
+
+
+def test_cpu_memory_is_the_process_peak_rss():
+    assert 0.01 < memory_gib(torch.device("cpu")) < 1024
+
+
+def test_loss_plot_from_metrics_file(tmp_path):
+    lines = [{"kind": "train", "step": s, "loss": 3.0 / s, "ce_loss": 3.0 / s} for s in (1, 2, 3, 4)]
+    lines.append({"kind": "eval", "step": 4, "val_loss": 0.9})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = plot_loss(tmp_path)
+    assert out == tmp_path / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,127 @@
+"""The training loop on a tiny model (CPU, eager): exact resume, Ctrl-C, NaN stop, metrics, run folder."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from runtime.checkpoint import MARKER
+from runtime.metrics import read_metrics
+from runtime.trainer import INTERRUPTED, NonFiniteLoss, Trainer
+from spec import load_spec
+
+
+CPU = torch.device("cpu")   # the bitwise promises are for CPU eager, also on a machine with a GPU
+
+
+def _train(spec, run, *, until=None, resume=False):
+    trainer = Trainer(spec, run, resume=resume, device=CPU, tty=False)
+    try:
+        status = trainer.fit(until)
+    finally:
+        trainer.close()
+    return trainer, status
+
+
+def _losses(run):
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if r["kind"] == "train"]
+
+
+def test_n_steps_plus_resume_plus_n_steps_is_bitwise_2n_steps(tiny_spec, tmp_path, capsys):
+    # accumulation (2 micro-batches per step), expert-bias updates and evaluations in between
+    spec = tiny_spec(steps=6, eval_every=2, checkpoint_every=2)
+    straight, _ = _train(spec, tmp_path / "a")
+    _train(spec, tmp_path / "b", until=3)
+    assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+    (tmp_path / "b" / "checkpoints" / "step-000005").mkdir()       # cut short by a crash: must be skipped
+    resumed, _ = _train(spec, tmp_path / "b", resume=True)
+    out = capsys.readouterr().out
+    assert "step-000005" in out and "cut short" in out and "resumed from" in out and "(step 3," in out
+
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")      # floats from JSON: bitwise equal
+    assert len(_losses(tmp_path / "a")) == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)                 # parameters and expert biases
+    assert not torch.equal(a["layers.1.moe.expert_bias"], torch.zeros(4))
+    assert straight.tokens == resumed.tokens == 6 * 4 * 16
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny_spec, tmp_path, monkeypatch):
+    spec = tiny_spec(steps=4, eval_every=100)
+    _train(spec, tmp_path / "a")
+    trainer = Trainer(spec, tmp_path / "b", device=CPU, tty=False)
+    real = trainer.sampler.next_batch
+    calls = []
+
+    def interrupting():
+        calls.append(1)
+        if len(calls) == 3:                                        # the first micro-batch of step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real()
+
+    monkeypatch.setattr(trainer.sampler, "next_batch", interrupting)
+    assert trainer.fit() == INTERRUPTED
+    trainer.close()
+    assert trainer.step == 2
+    assert (tmp_path / "b" / "checkpoints" / "step-000002" / MARKER).is_file()
+    _train(spec, tmp_path / "b", resume=True)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_spec, tmp_path):
+    spec = tiny_spec(steps=5, checkpoint_every=1, keep_checkpoints=1)
+    trainer = Trainer(spec, tmp_path, device=CPU, tty=False)
+    assert trainer.fit(until=2) == 0
+    with torch.no_grad():
+        trainer.model.embed.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss) as e:
+        trainer.fit()
+    trainer.close()
+    assert e.value.exit_code == 3
+    assert str(e.value).startswith("step 3: loss is nan; training stopped")
+    assert "step-000002" in str(e.value) and "--resume" in str(e.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_metrics_lines_plot_and_run_record(tiny_spec, tmp_path):
+    spec = tiny_spec(steps=2, eval_every=2, log_every=1)
+    _train(spec, tmp_path)
+    records = read_metrics(tmp_path)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
+    assert set(train[0]) == {"kind", "step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s",
+                             "mfu", "max_vio", "max_vio_worst", "max_vio_worst_layer", "expert_bias",
+                             "zero_token_experts", "memory_gib", "elapsed_s"}
+    assert train[0]["mfu"] is None and train[0]["max_vio_worst_layer"] in (1, 2) and train[0]["memory_gib"] > 0
+    assert set(train[0]["expert_bias"]) == {"1", "2"} and set(train[0]["expert_bias"]["2"]) == {"min", "max", "mean", "std"}
+    assert train[0]["lr"] == pytest.approx(0.5 * 3e-4)              # warmup 2: step 1 at half the peak
+    assert set(evals[0]) == {"kind", "step", "val_loss", "tokens", "max_vio", "max_vio_worst", "max_vio_worst_layer"}
+    assert evals[0]["tokens"] == 2 * 2 * 16                        # eval_batches x micro_batch x seq_len
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "tb").iterdir())                       # TensorBoard events (tensorboard is installed)
+
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert {"command", "python", "torch", "git_commit", "device", "mfu", "inductor_cache_dir"} <= set(env)
+    assert env["mfu"]["peak_flops"] is None and "CPU" in env["mfu"]["note"]
+    assert load_spec(tmp_path / "spec.resolved.yaml") == spec
+    assert "train" in yaml.safe_load((tmp_path / "spec.resolved.yaml").read_text())
+
+
+def test_evaluation_never_moves_the_expert_bias(tiny_spec, tmp_path):
+    trainer = Trainer(tiny_spec(), tmp_path, device=CPU, tty=False)
+    bias = trainer.model.get_buffer("layers.1.moe.expert_bias").clone()
+    record = trainer.evaluate()
+    trainer.close()
+    assert torch.equal(trainer.model.get_buffer("layers.1.moe.expert_bias"), bias)
+    assert trainer.balancer.step(1, 0) is None                      # no counts were collected
+    assert record["val_loss"] > 0 and record["max_vio"] >= 0
+
+
+def test_fresh_start_refuses_a_folder_with_checkpoints(tiny_spec, tmp_path):
+    _train(tiny_spec(steps=2), tmp_path)
+    with pytest.raises(Exception, match="already holds checkpoints .*pass --resume"):
+        Trainer(tiny_spec(steps=2), tmp_path, device=CPU, tty=False)
