@@ -7,9 +7,14 @@ One JSON object per line in ``metrics.jsonl``, ``kind`` first:
      "zero_token_experts", "memory_gib", "elapsed_s"}
     {"kind": "eval", "step", "val_loss", "max_vio", "max_vio_worst", "max_vio_worst_layer", "tokens"}
 
-``mfu`` is null where there is no datasheet peak (CPU; ``env.json`` says why), the MaxVio keys
-are null for dense models. Layers are counted from 1. The terminal gets one line per logged step,
-torchtitan style:
+``mfu`` is null where there is no datasheet peak (CPU; ``env.json`` says why); the MaxVio,
+``expert_bias`` and ``zero_token_experts`` keys are null for dense models. Layers are counted from
+1: ``expert_bias`` maps a layer to the min/max/mean/std of its bias, ``zero_token_experts`` a layer
+to the experts that got no token since the previous line (layers where all got some are left out);
+MaxVio is of this step's global batch, ``max_vio`` the mean over MoE layers; ``memory_gib`` is
+CUDA's max allocated, or the process's peak resident set on CPU; ``tokens`` counts all ranks.
+
+The terminal gets one line per logged step, torchtitan style:
 
     step 120/300  loss 2.314  lr 2.9e-4  grad 0.82  tok/s 12.3k  mfu —  maxvio 0.11  mem 1.2GiB
 

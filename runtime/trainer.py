@@ -185,7 +185,8 @@ class Trainer:
             line.update(self.balancer.balance(record["counts"]))
             line.update(expert_bias=self.balancer.bias_stats(), zero_token_experts=self.balancer.take_window())
         else:
-            line.update(max_vio=None, max_vio_worst=None, max_vio_worst_layer=None)
+            line.update(max_vio=None, max_vio_worst=None, max_vio_worst_layer=None, expert_bias=None,
+                        zero_token_experts=None)
         line.update(memory_gib=memory_gib(self.device), elapsed_s=elapsed)
         self.metrics.train(line)
 
@@ -219,8 +220,8 @@ class Trainer:
             self.model.train()
         loss_sum, tokens = self.world.all_reduce(loss_sum), self.world.all_reduce(tokens)
         record = {"step": self.step, "val_loss": float(loss_sum / tokens.clamp_min(1)), "tokens": int(tokens)}
-        if counts is not None:
-            record.update(self.balancer.balance(self.world.all_reduce(counts)))
+        record.update(self.balancer.balance(self.world.all_reduce(counts)) if counts is not None
+                      else {"max_vio": None, "max_vio_worst": None, "max_vio_worst_layer": None})
         return record
 
     # ------------------------------------------------------------------ checkpoints

@@ -35,18 +35,22 @@ KV cache: per layer and cached token GQA stores K and V, 2*Hkv*D values; TPA sto
 (R_K + R_V)*(n + D) (MATH.md §4); bytes = values * 2 in bf16 (4 in fp32, precision.compute).
 At context N a local layer caches min(W, N) tokens, a global layer N. The per-token figure is
 the total over layers divided by N (amortised).
+
+``attention_costs``: per layer kind in use, the attention projection parameters of one layer and
+its bytes per cached token; for TPA also those of GQA with the same heads, kv_heads and head_dim,
+so ``describe`` shows the trade beside each other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from spec.convert import to_dict
 from spec.schema import Attention, Spec
 
-__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "layers", "param_counts",
-           "flops_per_token", "kv_cache", "describe", "FLOPS_CONVENTION"]
+__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "layers", "param_counts",
+           "flops_per_token", "kv_cache", "attention_costs", "describe", "FLOPS_CONVENTION"]
 
 FLOPS_CONVENTION = ("6 x active matmul params (attention projections, router, top-k + shared experts, dense FFN, "
                     "LM head; embedding excluded) + 12 x Hq x D x ctx per layer for attention scores and values "
@@ -96,6 +100,15 @@ class KVCache:
     total_bytes: int
     bytes_per_token: float   # total_bytes / context
     layers: tuple[KVLayer, ...]
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    kind: str                        # local | global
+    mechanism: str                   # gqa | tpa
+    params_per_layer: int            # attention projection parameters of one layer
+    kv_bytes_per_cached_token: int   # per layer, in the compute dtype
+    gqa: AttentionCost | None        # TPA only: GQA with the same heads, kv_heads and head_dim
 
 
 def layers(spec: Spec) -> list[LayerInfo]:
@@ -210,9 +223,22 @@ def kv_cache(spec: Spec, context: int | None = None) -> KVCache:
     return KVCache(context=n, total_bytes=total, bytes_per_token=total / n if n else 0.0, layers=tuple(rows))
 
 
+def attention_costs(spec: Spec) -> list[AttentionCost]:
+    """Per layer kind in use (local first): one layer's attention parameters and cache bytes per token."""
+    c, elem = spec.model.d_model, 2 if spec.precision.compute == "bf16" else 4
+    out = []
+    for kind in (k for k in ("local", "global") if k in spec.layer_kinds()):
+        a = spec.attention.of(kind)
+        gqa = replace(a, mechanism="gqa", r_q=None, r_k=None, r_v=None, head_factors=None)
+        as_gqa = AttentionCost(kind, "gqa", attention_matmul_params(c, gqa), _cache_values_per_token(gqa) * elem, None)
+        out.append(as_gqa if a.mechanism == "gqa" else AttentionCost(
+            kind, a.mechanism, attention_matmul_params(c, a), _cache_values_per_token(a) * elem, as_gqa))
+    return out
+
+
 def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
     """The ``grapefx describe --json`` document (keys: layers, params, flops_per_token,
-    kv_cache_bytes_per_token, router)."""
+    kv_cache_bytes_per_token, router, attention)."""
     pc = param_counts(spec)
     return {
         "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
@@ -221,4 +247,9 @@ def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
         "flops_per_token": flops_per_token(spec).per_token,
         "kv_cache_bytes_per_token": kv_cache(spec, context).bytes_per_token,
         "router": to_dict(spec.moe.router) if spec.moe is not None else None,
+        "attention": {a.kind: dict(mechanism=a.mechanism, params_per_layer=a.params_per_layer,
+                                   kv_bytes_per_cached_token=a.kv_bytes_per_cached_token,
+                                   gqa=None if a.gqa is None else dict(params_per_layer=a.gqa.params_per_layer,
+                                                                       kv_bytes_per_cached_token=a.gqa.kv_bytes_per_cached_token))
+                      for a in attention_costs(spec)},
     }

@@ -6,7 +6,7 @@ import textwrap
 
 from tabulate import tabulate
 
-from spec.derive import flops_per_token, kv_cache, layers, param_counts
+from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
 from spec.load import dump_spec
 from spec.schema import Spec
 
@@ -42,6 +42,13 @@ def summary_line(spec: Spec) -> str:
     return "; ".join(parts)
 
 
+def _mechanism(a) -> str:
+    if a.mechanism == "gqa":
+        return f"gqa Hq {a.heads}, Hkv {a.kv_heads}, D {a.head_dim}"
+    hf, r_q, r_k, r_v = a.tpa_ranks()
+    return f"tpa {hf}, R_Q {r_q}, R_K {r_k}, R_V {r_v}, Hq {a.heads}, D {a.head_dim}"
+
+
 def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
     kv = kv_cache(spec, context)
     rows = []
@@ -57,6 +64,16 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
                 f"({human(pc.active)})"]
     out.append(tabulate([[k.replace("_", " "), f"{v:,}"] for k, v in pc.groups.items() if v],
                         tablefmt="plain", colalign=("left", "right")))
+    rows = []
+    for a in attention_costs(spec):
+        att = spec.attention.of(a.kind)
+        rows.append([a.kind, _mechanism(att), f"{a.params_per_layer:,}", f"{a.kv_bytes_per_cached_token:,}"])
+        if a.gqa is not None:
+            rows.append(["", f"(gqa Hq {att.heads}, Hkv {att.kv_heads}, D {att.head_dim} instead)",
+                         f"{a.gqa.params_per_layer:,}", f"{a.gqa.kv_bytes_per_cached_token:,}"])
+    out += ["", tabulate(rows, headers=["attention", "mechanism", "params/layer",
+                                        f"KV B/cached token ({spec.precision.compute})"],
+                         tablefmt="simple", colalign=("left", "left", "right", "right")), ""]
     state = pc.total * TRAIN_STATE_BYTES_PER_PARAM
     out.append(f"training state (fp32 weights + grads + AdamW m, v = {TRAIN_STATE_BYTES_PER_PARAM} B/param): "
                f"{human(state, 'B')}, activations not included")

@@ -140,6 +140,10 @@ class _Checker:
                                          f"attention.{kind}.mechanism: tpa")
         for r in ("r_q", "r_k", "r_v"):
             self.at_least(a, r, p, 1, f"the TPA rank {r}", optional=True)
+        if a.mechanism == "tpa" and self.spec.model.qk_norm:
+            self.err(p + ("mechanism",), "tpa with model.qk_norm: TPA rotates the B factors before the contraction "
+                                         "(MATH.md §4), but QK-norm must normalise the contracted q and k before any "
+                                         "rotation (MATH.md §2); set model.qk_norm: false, or use mechanism: gqa")
         if kind == "local":
             if a.window is None:
                 self.err(p + ("window",), "local layers need a window: W keys including the current token (query i "

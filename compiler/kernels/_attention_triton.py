@@ -128,9 +128,9 @@ def _load_rotated(base, rows, row_ok, stride_t, theta, HALF: tl.constexpr, BOUND
 
 
 @triton.jit
-def _visible(rows, cols, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """(R, C) mask of the visible (query row, key col) pairs among the conditions asked for."""
-    dist = rows[:, None] - cols[None, :]                       # i - j
+def _visible(dist, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Mask of the visible (query i, key j) pairs, from dist = i - j (either orientation), among the
+    conditions asked for."""
     if CAUSAL:
         ok = dist >= 0
         if WINDOW:
@@ -159,7 +159,7 @@ def _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_t, theta, slope2, o
         if ALIBI:
             s = s - slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
         if CAUSAL or WINDOW:
-            s = tl.where(_visible(offs_m, offs_n, window, CAUSAL, WINDOW), s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None] - offs_n[None, :], window, CAUSAL, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))       # m_i starts finite: an all-masked row keeps alpha = 1
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -258,18 +258,17 @@ def _dkdv_tiles(dk1, dk2, dv, dsl, k1, k2, v, q_base, do_base, lse_base, delta_b
         st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
         st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PREC)                   # (BN, BM) k.q
         st = st * scale2
-        if ALIBI or NEED_DSLOPES:
-            dist_t = (offs_m[None, :] - offs_n[:, None]).to(tl.float32)                # (BN, BM) i - j
+        dist_t = offs_m[None, :] - offs_n[:, None]                                    # (BN, BM) i - j
         if ALIBI:
-            st = st - slope2 * dist_t
+            st = st - slope2 * dist_t.to(tl.float32)
         pt = tl.math.exp2(st - lse2[None, :])
         if CAUSAL or WINDOW:
-            pt = tl.where(tl.trans(_visible(offs_m, offs_n, window, CAUSAL, WINDOW)), pt, 0.0)
+            pt = tl.where(_visible(dist_t, window, CAUSAL, WINDOW), pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                        # (BN, BM) v.dO
         dst = pt * (dpt - delta[None, :])                                             # dL/dS^T
         if NEED_DSLOPES:
-            dsl -= tl.sum(dst * dist_t, 1)                                            # dS/dm_h = -(i - j)
+            dsl -= tl.sum(dst * dist_t.to(tl.float32), 1)                             # dS/dm_h = -(i - j)
         dst_c = dst.to(q1.dtype)
         dk1 = tl.dot(dst_c, q1, dk1, input_precision=DOT_PREC)
         dk2 = tl.dot(dst_c, q2, dk2, input_precision=DOT_PREC)
@@ -300,12 +299,9 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
     cols_h = tl.arange(0, HALF)
     theta = tl.load(Theta + cols_h) if ROTATE else None
     k_off = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
-    k1, k2 = _load_halves(K + k_off, offs_n, key_ok, stride_t, HALF, True)               # (BN, HALF) x2
-    if ROTATE:
-        ck, sk = _cos_sin_tile(offs_n, theta)
-        kr1, kr2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), ck, sk)                # fp32, for dtheta
-        k1 = kr1.to(K.dtype.element_ty)
-        k2 = kr2.to(K.dtype.element_ty)
+    # the rotated k tile as the dots read it; its fp32 rotation and cos/sin are rebuilt after the
+    # loop (keeping them live through it costs 64 registers a thread and spills)
+    k1, k2 = _load_rotated(K + k_off, offs_n, key_ok, stride_t, theta, HALF, True, ROTATE)   # (BN, HALF) x2
     v = _load_rows(V + k_off, offs_n, key_ok, stride_t, D, True)                         # (BN, D)
 
     diag_end = tl.minimum(n0 + BLOCK_N, T)
@@ -350,7 +346,10 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
     dk1 = dk1 * scale                                            # dL/d(rotated k), fp32
     dk2 = dk2 * scale
     if ROTATE:
+        ck, sk = _cos_sin_tile(offs_n, theta)
         if NEED_DTHETA:
+            x1, x2 = _load_halves(K + k_off, offs_n, key_ok, stride_t, HALF, True)
+            kr1, kr2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), ck, sk)
             n = offs_n.to(tl.float32)[:, None]                   # rows past T have k = 0: they add 0
             part = tl.sum(n * (dk2 * kr1 - dk1 * kr2), 0)        # (HALF,)
             tl.store(DThetaK + (bhk.to(tl.int64) * tl.cdiv(T, BLOCK_N) + pid_n) * HALF + cols_h, part)
@@ -381,7 +380,7 @@ def _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_t, theta
             s = s - slope2 * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
         p = tl.math.exp2(s - lse2[:, None])
         if CAUSAL or WINDOW:
-            p = tl.where(_visible(offs_m, offs_n, window, CAUSAL, WINDOW), p, 0.0)
+            p = tl.where(_visible(offs_m[:, None] - offs_n[None, :], window, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                         # (BM, BN)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
         dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)

@@ -34,11 +34,17 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class Tiles:
-    """One kernel's launch shape: rows of its q tile, rows of its k/v tile, warps, pipeline stages."""
+    """One kernel's launch shape: rows of its q tile, rows of its k/v tile, warps, pipeline stages.
+
+    ``one_loop``: walk the visible tiles in one masked loop instead of three phases (window edge /
+    fully visible / diagonal) of which only the edges are masked; fewer, longer loops pipeline
+    better when a row sees only a few tiles (sliding windows).
+    """
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    one_loop: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,15 +55,12 @@ class AttnConfig:
     diagonal tiles then line up). dkdv owns a k/v tile and steps through q tiles: its block_n must
     be a multiple of its block_m. ``atomic_dq``: dkdv also adds dS @ K into an fp32 dq buffer
     (5 matmuls per tile pair instead of 7, but the fp32 summation order varies run to run);
-    otherwise a separate dq kernel recomputes P and dP (deterministic). ``one_loop``: each kernel
-    walks its visible tiles in one masked loop instead of three phases (edge / full / diagonal) of
-    which only the edges are masked: fewer, longer loops pipeline better when there are few tiles.
+    otherwise a separate dq kernel recomputes P and dP (deterministic).
     """
     fwd: Tiles
     dkdv: Tiles
     dq: Tiles
     atomic_dq: bool = False
-    one_loop: bool = False
 
     def check(self) -> None:
         for name, t in (("fwd", self.fwd), ("dq", self.dq)):
@@ -72,18 +75,19 @@ class AttnConfig:
                     raise ValueError(f"AttnConfig: tile sizes must be powers of two >= 16, got {t}")
 
 
-# Untuned starting points for H100 (Hopper, Triton 3.6); bench/attention_check_and_bench.py tries
-# alternatives and prints the best per case. Keyed by (D <= 64, windowed). Local (W = 128) tiles
-# are small: a 64-row q tile with 64-key tiles visits 3 key tiles for 128 useful keys, where a
-# 128-row tile would visit 4 key tiles of 64. Global tiles are large for tensor-core efficiency;
-# D = 128 doubles the accumulators, so dkdv gets 8 warps.
+# Starting points for H100 (Hopper, Triton 3.6), chosen from sm_90 compiles made without a GPU
+# (registers, spills) and not yet timed; bench/attention_check_and_bench.py times alternatives and
+# prints the best per case. Keyed by (D <= 64, windowed). Local (W = 128): a 64-row q tile with
+# 64-key tiles visits 3 key tiles for 128 useful keys (a 128-row tile visits 4), in one loop.
+# dkdv keeps dk and dv accumulators for its k/v tile; a 32-row q tile keeps its (k/v x q) score
+# tiles small enough that nothing spills at D = 64 (64-row q tiles spill).
 DEFAULT_CONFIGS = {
-    (True, True): AttnConfig(fwd=Tiles(64, 64, 4, 2), dkdv=Tiles(64, 64, 4, 2), dq=Tiles(64, 64, 4, 2),
-                             one_loop=True),
-    (True, False): AttnConfig(fwd=Tiles(128, 64, 4, 3), dkdv=Tiles(64, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
-    (False, True): AttnConfig(fwd=Tiles(64, 64, 4, 2), dkdv=Tiles(64, 64, 8, 2), dq=Tiles(64, 64, 4, 2),
-                              one_loop=True),
-    (False, False): AttnConfig(fwd=Tiles(128, 64, 8, 3), dkdv=Tiles(64, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
+    (True, True): AttnConfig(fwd=Tiles(64, 64, 4, 2, True), dkdv=Tiles(32, 64, 4, 2, True),
+                             dq=Tiles(64, 64, 4, 2, True)),
+    (True, False): AttnConfig(fwd=Tiles(128, 64, 4, 3), dkdv=Tiles(32, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
+    (False, True): AttnConfig(fwd=Tiles(64, 64, 4, 2, True), dkdv=Tiles(32, 64, 8, 2, True),
+                              dq=Tiles(64, 64, 4, 2, True)),
+    (False, False): AttnConfig(fwd=Tiles(128, 64, 8, 3), dkdv=Tiles(32, 64, 8, 2), dq=Tiles(128, 64, 8, 2)),
 }
 
 
@@ -148,7 +152,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
             scale * LOG2E, nb_win, nb_full,
             HALF=D // 2, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-            ROTATE=theta is not None, ALIBI=slopes is not None, WINDOW=windowed, ONE_LOOP=cfg.one_loop,
+            ROTATE=theta is not None, ALIBI=slopes is not None, WINDOW=windowed, ONE_LOOP=t.one_loop,
             DOT_PREC=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
@@ -177,7 +181,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     half = D // 2
     scale2 = scale * LOG2E
     prec = _dot_precision(q.dtype)
-    common = dict(ROTATE=rotate, ALIBI=alibi, WINDOW=windowed, ONE_LOOP=cfg.one_loop, DOT_PREC=prec)
+    common = dict(ROTATE=rotate, ALIBI=alibi, WINDOW=windowed, DOT_PREC=prec)
 
     delta = torch.empty(B, Hq, T, **f32)                                        # rowsum(dO * O)
     tkv, tq = cfg.dkdv, cfg.dq
@@ -198,7 +202,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hkv, Hq // Hkv, window,
             scale, scale2, n_full_q,
             HALF=half, BLOCK_M=tkv.block_m, BLOCK_N=tkv.block_n, ATOMIC_DQ=cfg.atomic_dq,
-            NEED_DTHETA=need_dtheta, NEED_DSLOPES=need_dslopes, **common,
+            NEED_DTHETA=need_dtheta, NEED_DSLOPES=need_dslopes, ONE_LOOP=tkv.one_loop, **common,
             num_warps=tkv.num_warps, num_stages=tkv.num_stages)
         if cfg.atomic_dq:
             tk._bwd_dq_finish[(n_q, B * Hq)](
@@ -211,8 +215,8 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                 q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dq, dtheta_q,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
                 scale, scale2, nb_win, nb_full,
-                HALF=half, BLOCK_M=tq.block_m, BLOCK_N=tq.block_n, NEED_DTHETA=need_dtheta, **common,
-                num_warps=tq.num_warps, num_stages=tq.num_stages)
+                HALF=half, BLOCK_M=tq.block_m, BLOCK_N=tq.block_n, NEED_DTHETA=need_dtheta, ONE_LOOP=tq.one_loop,
+                **common, num_warps=tq.num_warps, num_stages=tq.num_stages)
     dtheta = dtheta_k.sum((0, 1)) + dtheta_q.sum((0, 1)) if need_dtheta else None             # (D/2,)
     dslopes = dslopes_part.view(B, Hq, n_kv).sum((0, 2)) if need_dslopes else None             # (Hq,)
     return dq, dk, dv, dtheta, dslopes

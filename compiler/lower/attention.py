@@ -12,6 +12,9 @@ The chain every attention layer lowers to (the fusion passes match this structur
     out       = probs @ v                                     (B, Hkv, G*T, D) -> (B, T, Hq*D)
     y         = out W_o
 
+TPA (``compiler/lower/tpa.py``) builds q, k, v from per-token factors instead of W_q, W_k, W_v
+and then runs the same chain from ``scores`` on (``attend``).
+
 GQA: the G = Hq / Hkv query heads that read one KV head are stacked along the row axis of q
 ((B, Hkv, G*T, D)), so one matmul per KV head computes their scores and K/V are never repeated.
 """
@@ -83,8 +86,11 @@ def lower_attention(b: GraphBuilder, x: fx.Node, attn: Attention, *, C: int, eps
     the spec shares it (``share: model``); per-layer vectors are created here. ``name`` is the
     block's state-dict prefix (``layers.3``) for per-name seeded initialisation.
     """
+    if attn.mechanism == "tpa":
+        from compiler.lower.tpa import lower_tpa  # tpa.py builds on this module's helpers
+        return lower_tpa(b, x, attn, C=C, eps=eps, qk_norm=qk_norm, log_freq=log_freq, name=name, init=init, cd=cd)
     if attn.mechanism != "gqa":
-        raise GrapefxError(f"attention mechanism {attn.mechanism!r} has no lowering yet; use `gqa`")
+        raise GrapefxError(f"attention mechanism {attn.mechanism!r} has no lowering yet; use `gqa` or `tpa`")
     Hq, Hkv, D = attn.heads, attn.kv_heads, attn.head_dim
     G = Hq // Hkv
 
@@ -111,21 +117,43 @@ def lower_attention(b: GraphBuilder, x: fx.Node, attn: Attention, *, C: int, eps
         q = rmsnorm(b, "attn_q_norm", q, qn, D, eps, cd)
         k = rmsnorm(b, "attn_k_norm", k, kn, D, eps, cd)
 
-    pos = attn.position
+    theta = position_theta(b, attn, log_freq, device)                            # (D/2,) fp32 or None
+    if theta is not None:
+        q = b("attn_rotate_q", ops.grape_m_rotate, q, theta)                     # (B, Hq, T, D)
+        k = b("attn_rotate_k", ops.grape_m_rotate, k, theta)                     # (B, Hkv, T, D)
+    return attend(b, q, k, v, attn, Hkv=Hkv, bsz=bsz, seqlen=seqlen, rows=rows, device=device, wo=wo, cd=cd)
+
+
+def position_theta(b: GraphBuilder, attn: Attention, log_freq: fx.Node | None, device: fx.Node) -> fx.Node | None:
+    """The rotation frequencies of a layer, (D/2,) fp32: GRAPE-M (MATH.md §2) or RoPE; None without rotation.
+
+    A per-layer GRAPE-M vector (``share: layer``) is created here; the model-wide one comes in
+    as ``log_freq``.
+    """
+    pos, D = attn.position, attn.head_dim
     if isinstance(pos, GrapeM):
         if pos.share == "layer":
             p0 = grape_m_init_log_freq(D, pos.base, pos.log_freq_scale)
             log_freq = b.param("attn.grape_m.log_freq", p0, trainable=pos.learnable_freq)
         elif log_freq is None:
             raise GrapefxError("internal: a model-wide GRAPE-M vector was not passed to the block")
-        theta = grape_m_theta(b, log_freq, pos.log_freq_scale)                  # (D/2,) fp32
-        q = b("attn_rotate_q", ops.grape_m_rotate, q, theta)                     # (B, Hq, T, D)
-        k = b("attn_rotate_k", ops.grape_m_rotate, k, theta)                     # (B, Hkv, T, D)
-    elif isinstance(pos, RoPE):
-        theta = rope_theta(b, D, pos.base, device)
-        q = b("attn_rotate_q", ops.grape_m_rotate, q, theta)
-        k = b("attn_rotate_k", ops.grape_m_rotate, k, theta)
+        return grape_m_theta(b, log_freq, pos.log_freq_scale)
+    if isinstance(pos, RoPE):
+        return rope_theta(b, D, pos.base, device)
+    return None
 
+
+def attend(b: GraphBuilder, q: fx.Node, k: fx.Node, v: fx.Node, attn: Attention, *, Hkv: int, bsz: fx.Node,
+           seqlen: fx.Node, rows: fx.Node, device: fx.Node, wo: fx.Node, cd: torch.dtype) -> fx.Node:
+    """The chain after q, k, v (shared by GQA and TPA): scores -> [ALiBi] -> mask -> softmax -> values -> W_o.
+
+    q (B, Hq, T, D) and k, v (B, Hkv, T, D), already normalised/rotated; ``rows`` is the node
+    G*T with G = Hq / Hkv. Returns the projected output (B, T, C). The fusion passes match this
+    chain node by node, so its structure is the same for every mechanism.
+    """
+    Hq, D = attn.heads, attn.head_dim
+    G = Hq // Hkv
+    pos = attn.position
     # scores, GQA by grouping: the G query heads of one KV head stacked along rows
     qg = b.method("attn_q_grouped", "reshape", q, bsz, Hkv, rows, D)            # (B, Hkv, G*T, D)
     kt = b.method("attn_k_t", "transpose", k, -2, -1)                                                    # (B, Hkv, D, T)

@@ -132,8 +132,10 @@ class GrapeModel(nn.Module):
         self.graph_kinds = [graph_kind(spec, i) for i in range(spec.model.n_layers)]
         self.moe_layers = [i for i in range(spec.model.n_layers) if spec.ffn_kind(i) == "moe"]
         self.takes_log_freq = ["grape_m_log_freq" in _inputs(layer) for layer in self.layers]
-        # how each layer runs: the graph itself (eager), or a compiled runner installed by the pipeline
+        # how each layer and the head run: the graphs themselves (eager), or compiled / checkpointed
+        # runners the pipeline installs (compiler.pipeline); state stays in the modules above
         self.runners: list[Callable] = list(self.layers)
+        self.head_runner: Callable | None = None          # None: the head graph itself
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         x = self.embed(tokens)                                                            # (B, T, C)
@@ -146,7 +148,8 @@ class GrapeModel(nn.Module):
                 aux.append(a)
             else:
                 x = run(*args)
-        ce = self.head(x, targets, self.embed.weight) if self.spec.model.tied_embeddings else self.head(x, targets)
+        head = self.head_runner or self.head
+        ce = head(x, targets, self.embed.weight) if self.spec.model.tied_embeddings else head(x, targets)
         aux_loss = torch.stack(aux).sum() if aux else ce.new_zeros(())
         return ModelOutput(ce + aux_loss, ce, aux_loss, torch.stack(counts) if counts else None)
 

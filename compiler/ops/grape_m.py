@@ -91,7 +91,7 @@ def grape_m_rotate(x: Tensor, theta: Tensor, pos_offset: int = 0) -> Tensor:
 @grape_m_rotate.register_fake
 def _(x, theta, pos_offset=0):
     _check(x, theta)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)          # contiguous, like the real kernel's output (not x's strides)
 
 
 def _setup_context(ctx, inputs, output):

@@ -24,7 +24,7 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_dict(corpus: Path, **train) -> dict:
+def _tiny_dict(corpus: Path, **train) -> dict:
     """2 layers (local GRAPE-M + global GRAPE-A), C=16, 4 experts top-2, byte tokenizer, T=16."""
     t = {"steps": 6, "micro_batch": 2, "global_batch": 4, "log_every": 1, "eval_every": 3, "eval_batches": 2,
          "checkpoint_every": 100, "keep_checkpoints": 3, "schedule": {"warmup_steps": 2}}
@@ -43,9 +43,15 @@ def tiny_dict(corpus: Path, **train) -> dict:
 
 
 @pytest.fixture
+def tiny_dict(corpus):
+    """``tiny_dict(**train_overrides) -> dict`` (the spec as plain data, to change other sections)."""
+    return lambda **train: _tiny_dict(corpus, **train)
+
+
+@pytest.fixture
 def tiny_spec(corpus):
     """``tiny_spec(**train_overrides) -> Spec``."""
-    return lambda **train: spec_from_dict(tiny_dict(corpus, **train))
+    return lambda **train: spec_from_dict(_tiny_dict(corpus, **train))
 
 
 @pytest.fixture
@@ -53,6 +59,6 @@ def tiny_yaml(corpus, tmp_path):
     """``tiny_yaml(**train_overrides) -> Path`` of a spec file."""
     def write(**train):
         path = tmp_path / "tiny.yaml"
-        path.write_text(yaml.safe_dump(tiny_dict(corpus, **train), sort_keys=False))
+        path.write_text(yaml.safe_dump(_tiny_dict(corpus, **train), sort_keys=False))
         return path
     return write

@@ -11,8 +11,7 @@ import yaml
 from runtime.checkpoint import MARKER
 from runtime.metrics import read_metrics
 from runtime.trainer import INTERRUPTED, NonFiniteLoss, Trainer
-from spec import load_spec
-
+from spec import GrapefxError, load_spec, spec_from_dict
 
 CPU = torch.device("cpu")   # the bitwise promises are for CPU eager, also on a machine with a GPU
 
@@ -123,5 +122,27 @@ def test_evaluation_never_moves_the_expert_bias(tiny_spec, tmp_path):
 
 def test_fresh_start_refuses_a_folder_with_checkpoints(tiny_spec, tmp_path):
     _train(tiny_spec(steps=2), tmp_path)
-    with pytest.raises(Exception, match="already holds checkpoints .*pass --resume"):
+    with pytest.raises(GrapefxError, match="already holds checkpoints .*pass --resume"):
         Trainer(tiny_spec(steps=2), tmp_path, device=CPU, tty=False)
+
+
+def test_a_dense_model_trains_with_null_balance_metrics(tiny_dict, tmp_path):
+    d = tiny_dict(steps=2, eval_every=2)
+    d["moe"] = None
+    _train(spec_from_dict(d), tmp_path)
+    records = read_metrics(tmp_path)
+    assert [r["kind"] for r in records] == ["train", "train", "eval"]
+    assert all(r["max_vio"] is None and r["max_vio_worst_layer"] is None for r in records)
+
+
+def test_out_of_memory_names_the_settings_to_lower(tiny_spec, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_spec(), tmp_path, device=CPU, tty=False)
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "model", oom)
+    with pytest.raises(GrapefxError, match=r"step 1: out of GPU memory during training; lower train.micro_batch "
+                                           r"\(now 2; .*data.seq_len \(now 16\), or set compile.activation_checkpointing: true"):
+        trainer.fit()
+    trainer.close()

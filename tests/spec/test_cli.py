@@ -72,11 +72,21 @@ def test_describe_text(capsys):
     assert "KV cache at context 2048 (bf16)" in out and "resolved spec:" in out
 
 
+def test_describe_text_shows_tpa_beside_gqa(capsys):
+    code, out, _ = run(capsys, "describe", str(EXAMPLES / "baseline-tpa.yaml"))
+    lines = [line.split() for line in out.splitlines()]
+    assert code == 0
+    assert ["local", "tpa", "heads,", "R_Q", "6,", "R_K", "2,", "R_V", "2,", "Hq", "16,", "D", "64", "1,867,776",
+            "640"] in lines
+    assert ["(gqa", "Hq", "16,", "Hkv", "4,", "D", "64", "instead)", "2,621,440", "1,024"] in lines
+
+
 def test_describe_json(capsys):
     code, out, _ = run(capsys, "describe", str(EXAMPLES / "bench-small.yaml"), "--json", "--context", "4096",
                        "--set", "train.steps=50")
     d = json.loads(out)
-    assert code == 0 and list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router"]
+    assert code == 0 and list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router",
+                                                   "attention"]
     assert len(d["layers"]) == 12 and d["layers"][3] == {
         "index": 4, "kind": "global", "mechanism": "gqa", "window": None, "position": "grape-a", "rotary": False,
         "additive_bias": True, "ffn": "moe"}

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from spec import load_spec, spec_from_dict
-from spec.derive import describe, flops_per_token, kv_cache, layers, param_counts
+from spec.derive import attention_costs, describe, flops_per_token, kv_cache, layers, param_counts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -92,7 +92,9 @@ def test_kv_cache_by_hand():
 
 
 def test_tpa_counts_by_hand():
-    s = small(attention={"local": {"mechanism": "tpa", "heads": 4, "kv_heads": 2, "head_dim": 4, "window": 8},
+    no_qk_norm = {**SMALL["model"], "qk_norm": False}       # TPA pre-rotates B, so QK-norm is refused with it
+    s = small(model=no_qk_norm,
+              attention={"local": {"mechanism": "tpa", "heads": 4, "kv_heads": 2, "head_dim": 4, "window": 8},
                          "global": {"heads": 4, "kv_heads": 2, "head_dim": 4}})
     # TPA head_factors heads (defaults R_Q 6, R_K = R_V = 2, n = Hq = 4):
     #   C*(R_Q*(Hq+D) + (R_K+R_V)*(n+D)) + Hq*D*C = 16*(6*8 + 4*8) + 256 = 1536 per local layer
@@ -101,12 +103,31 @@ def test_tpa_counts_by_hand():
     assert kv_cache(s, 32).layers[0].bytes_per_cached_token == 64
     # contraction 6*D*(R_Q*Hq + (R_K+R_V)*n) = 6*4*(24 + 16) = 960 per local layer
     assert flops_per_token(s).tpa_contraction == 3 * 960
-    g = small(attention={"local": {"mechanism": "tpa", "head_factors": "kv_groups", "heads": 4, "kv_heads": 2,
+    g = small(model=no_qk_norm,
+              attention={"local": {"mechanism": "tpa", "head_factors": "kv_groups", "heads": 4, "kv_heads": 2,
                                    "head_dim": 4, "window": 8},
                          "global": {"heads": 4, "kv_heads": 2, "head_dim": 4}})
     # kv_groups: R_Q 4, n = Hkv = 2: 16*(4*8 + 4*6) + 256 = 1152; cache 4*(2+4) = 24 values = 48 B
     assert param_counts(g).groups["attention"] == 3 * 1152 + 768
     assert kv_cache(g, 32).layers[0].bytes_per_cached_token == 48
+    # describe puts TPA beside GQA with the same heads: GQA 16*(16 + 2*8) + 256 = 768 params,
+    # 2*Hkv*D = 2*2*4 = 16 values = 32 B (bf16)
+    local, glob = attention_costs(g)
+    assert (local.kind, local.mechanism, local.params_per_layer, local.kv_bytes_per_cached_token) == \
+        ("local", "tpa", 1152, 48)
+    assert (local.gqa.params_per_layer, local.gqa.kv_bytes_per_cached_token) == (768, 32)
+    assert (glob.mechanism, glob.params_per_layer, glob.gqa) == ("gqa", 768, None)
+    assert describe(g)["attention"]["local"] == {"mechanism": "tpa", "params_per_layer": 1152,
+                                                 "kv_bytes_per_cached_token": 48,
+                                                 "gqa": {"params_per_layer": 768, "kv_bytes_per_cached_token": 32}}
+
+
+def test_baseline_tpa_attention_beside_gqa():
+    local = attention_costs(load_spec(EXAMPLES / "baseline-tpa.yaml"))[0]
+    # C = 1024, Hq 16, D 64, R 6/2/2, heads: 1024*(6*80 + 4*80) + 16*64*1024 = 1,867,776; cache 4*80*2 B = 640
+    # GQA Hkv 4: 1024*(1024 + 2*256) + 1024*1024 = 2,621,440; cache 2*4*64*2 B = 1024
+    assert (local.mechanism, local.params_per_layer, local.kv_bytes_per_cached_token) == ("tpa", 1_867_776, 640)
+    assert (local.gqa.params_per_layer, local.gqa.kv_bytes_per_cached_token) == (2_621_440, 1024)
 
 
 def test_bench_small_matches_benchmarks_md():
@@ -128,7 +149,8 @@ def test_bench_medium_is_about_two_billion():
 
 def test_describe_json_keys():
     d = describe(small(), context=32)
-    assert list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router"]
+    assert list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router",
+                       "attention"]
     assert set(d["layers"][0]) == {"index", "kind", "mechanism", "window", "position", "rotary", "additive_bias",
                                    "ffn"}
     assert d["params"] == {"total": 13878, "active": 11574}
@@ -136,7 +158,7 @@ def test_describe_json_keys():
     assert d["router"]["score_function"] == "sigmoid" and d["router"]["expert_bias"] is True
 
 
-@pytest.mark.parametrize("name", ["baseline.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["baseline.yaml", "tiny.yaml", "baseline-tpa.yaml"])
 def test_examples_have_a_global_layer(name):
     s = load_spec(EXAMPLES / name)
     assert "global" in s.layer_kinds() and "local" in s.layer_kinds()

@@ -34,6 +34,8 @@ RULES = [
      r"attention\.local\.r_q: r_q applies to mechanism tpa only \(MATH\.md §4\); delete it or set "
      r"attention\.local\.mechanism: tpa"),
     ({"attention": {"local": {"mechanism": "tpa", "r_k": 0}}}, r"attention\.local\.r_k: 0 is too small: the TPA rank"),
+    ({"model": {"qk_norm": True}, "attention": {"local": {"mechanism": "tpa"}}},
+     r"attention\.local\.mechanism: tpa with model\.qk_norm: TPA rotates the B factors before the contraction"),
     # --- windows
     ({"attention": {"local": {"window": None}}}, r"attention\.local\.window: local layers need a window"),
     ({"attention": {"local": {"window": 0}}}, r"attention\.local\.window: 0 keys is not a window: .* W >= 1"),

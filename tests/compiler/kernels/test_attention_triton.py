@@ -6,7 +6,10 @@ Runs on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set here befor
 imported) when triton is installed, on the GPU when there is one; skipped where triton is missing
 (CI). Small shapes: T = 37 and 70 (not multiples of any tile), D = 16 and 32, tiles of 16/32 rows
 so every phase of the tile loops runs (window-edge tiles, fully visible tiles, diagonal tiles).
-fp16 stands in for bf16: the interpreter's dot mishandles bf16 operands.
+Tile configurations: "small" (16-row tiles, three-phase loops), "mixed" (q and k/v tiles of
+different sizes), "atomic" (dq accumulated by atomics in the dkdv kernel), "one_loop" (one masked
+loop per kernel), "default" (the H100 defaults). fp16 stands in for bf16: the interpreter's dot
+mishandles bf16 operands.
 """
 
 import importlib.util
@@ -38,6 +41,7 @@ F64 = torch.float64
 
 CONFIGS = {
     "small": AttnConfig(fwd=Tiles(16, 16, 4, 1), dkdv=Tiles(16, 16, 4, 1), dq=Tiles(16, 16, 4, 1)),
+    "one_loop": AttnConfig(fwd=Tiles(32, 16, 4, 1, True), dkdv=Tiles(16, 32, 4, 1, True), dq=Tiles(32, 16, 4, 1, True)),
     "mixed": AttnConfig(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1)),
     "atomic": AttnConfig(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1), atomic_dq=True),
     "default": None,
@@ -100,7 +104,10 @@ CASES = [
     (70, 16, 4, 2, 0, True, False, torch.float32, "mixed"),
     (70, 16, 2, 1, 0, False, False, torch.float32, "small"),
     (37, 32, 2, 1, 37, True, True, torch.float32, "default"),
-    (70, 32, 4, 2, 8, True, True, torch.float16, "small"),
+    (70, 16, 4, 2, 20, True, True, torch.float32, "one_loop"),
+    (70, 16, 4, 2, 0, False, True, torch.float32, "one_loop"),
+    (37, 16, 2, 1, 1, True, True, torch.float32, "one_loop"),
+    (70, 32, 4, 2, 8, True, True, torch.float16, "one_loop"),
     (70, 32, 4, 2, 0, False, True, torch.float16, "atomic"),
 ]
 

@@ -1,0 +1,273 @@
+"""spec -> a model ready to train: lower, fuse, move, compile.
+
+    model, report = build_model(spec, device)               # compile: spec.compile.enabled
+    model, report = build_model(spec, device, compile=False, passes=[])   # the unfused eager graphs
+
+1. ``lower`` with the compute dtype of the device (``precision.compute`` on CUDA,
+   ``precision.cpu_compute`` on CPU); master weights fp32.
+2. The fusion passes (``compile.passes`` or ``passes=``) on every block graph, before Dynamo sees it.
+3. ``model.to(device)``.
+4. When compiling: ``torch.compile`` (Inductor, ``fullgraph=True``, ``dynamic=False``) ONCE per
+   distinct block graph, so compile time grows with the number of distinct graphs, not with depth.
+5. With ``compile.activation_checkpointing``: a non-reentrant ``torch.utils.checkpoint`` around
+   each block runner (activations are recomputed in backward; outputs of the recompute, such as
+   expert counts, are discarded by autograd).
+
+How identical blocks share one compiled artifact. The block graphs of one kind are structurally
+identical but are separate ``GraphModule``s: their node names differ (``layer1_...``,
+``layer5_...``) and each has its own generated ``forward`` code object, so Dynamo, which caches
+per code object, would trace and compile every layer. Instead, per distinct graph (``structure_key``)
+the pipeline lifts the representative block's parameters and buffers into inputs (``lift_state``):
+a stateless ``GraphModule`` ``f(state..., inputs...)``, compiled once. Each layer gets a runner
+(``model.runners[i]``) that calls it with THAT layer's own tensors, read from the layer module at
+every call. Parameters stay where they were: state-dict keys, the optimizer, the expert-bias
+updates and per-block FSDP wrapping see the same modules as in eager mode.
+
+Alternatives tried (torch 2.13, CPU): ``torch.func.functional_call(representative, layer_state,
+inputs)`` compiled once gave correct forward values but NO gradients to the parameters of any
+layer but the representative; compiling each layer module retraces per layer (one Dynamo frame and
+one AOT/Inductor compile per layer, the FX graph cache only saving the codegen). Lifting state into
+inputs needs nothing from Dynamo beyond plain tensor inputs, so it behaves the same on 2.11 and 2.13.
+
+The head graph (final norm -> LM head -> cross-entropy) is compiled the same way. The embedding is
+one gather and stays eager: nothing to fuse there.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils.checkpoint import checkpoint
+
+from compiler.lower import GrapeModel, lower
+from compiler.passes import PassReport, apply_passes
+from spec.schema import Spec
+
+__all__ = ["build_model", "BuildReport", "BlockGroup", "compute_dtype", "structure_key", "block_groups",
+           "lift_state", "StateRunner", "compile_model", "checkpoint_blocks", "warm_up"]
+
+
+def compute_dtype(spec: Spec, device: torch.device | str) -> str:
+    """``precision.compute`` on CUDA, ``precision.cpu_compute`` elsewhere (MATH.md §6)."""
+    return spec.precision.compute if torch.device(device).type == "cuda" else spec.precision.cpu_compute
+
+
+# ----------------------------------------------------------------------------- which blocks are alike
+def structure_key(gm: fx.GraphModule) -> tuple:
+    """The graph's structure without node names: ops, targets, constants, which node feeds which,
+    and the parameter / buffer qualnames. Two blocks with equal keys compute the same function of
+    (their own state, their inputs)."""
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+    def canon(a: Any) -> Any:
+        return fx.node.map_aggregate(a, lambda x: ("node", index[x]) if isinstance(x, fx.Node) else
+                                     (x if isinstance(x, (int, float, bool, str, type(None))) else repr(x)))
+
+    return tuple((n.op, n.target if isinstance(n.target, str) else fx.node._get_qualified_name(n.target),
+                  canon(n.args), canon(tuple(sorted(n.kwargs.items())))) for n in gm.graph.nodes)
+
+
+@dataclass
+class BlockGroup:
+    """Layers that run one block graph: ``label`` (the lowering's graph kind, e.g. ``local/moe``),
+    ``layers`` 0-based (``layers[0]`` is the representative)."""
+    label: str
+    layers: list[int]
+
+    @property
+    def layers_1based(self) -> list[int]:
+        return [i + 1 for i in self.layers]
+
+
+def block_groups(model: GrapeModel) -> list[BlockGroup]:
+    """The distinct block graphs of ``model`` in first-use order, with the layers running each."""
+    groups: dict[tuple, BlockGroup] = {}
+    for i, layer in enumerate(model.layers):
+        key = structure_key(layer)
+        if key not in groups:
+            label = model.graph_kinds[i]
+            taken = sum(g.label.split("#")[0] == label for g in groups.values())
+            groups[key] = BlockGroup(label if not taken else f"{label}#{taken + 1}", [])
+        groups[key].layers.append(i)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------- one compile per graph
+def lift_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+    """``gm`` as a stateless graph ``f(*state, *inputs)``: each ``get_attr`` becomes a leading input.
+
+    Returns the stateless module and the qualnames of the state in input order.
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if node.target not in names:
+                names.append(node.target)
+                env[node] = g.placeholder(node.target.replace(".", "_"))
+            else:
+                env[node] = env[next(n for n in env if n.op == "get_attr" and n.target == node.target)]
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = g.node_copy(node, lambda a: env[a])
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "placeholder"):
+            env[node] = g.node_copy(node, lambda a: env[a])
+    g.lint()
+    return fx.GraphModule(nn.Module(), g, class_name=f"{type(gm).__name__}Stateless"), names
+
+
+class StateRunner:
+    """Runs a shared (compiled) stateless graph with one module's own parameters and buffers.
+
+    The tensors are looked up on the module at every call (``owner._parameters`` /
+    ``owner._buffers``), so whatever replaced them since (``.to()``, ``load_state_dict(assign=True)``,
+    FSDP's unsharded parameters) is what runs.
+    """
+
+    def __init__(self, module: nn.Module, names: Sequence[str], fn: Callable):
+        self.module, self.names, self.fn = module, list(names), fn
+        self._slots = []
+        for name in self.names:
+            owner_path, _, leaf = name.rpartition(".")
+            self._slots.append((module.get_submodule(owner_path) if owner_path else module, leaf))
+
+    def state(self) -> list[torch.Tensor]:
+        return [owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+                for owner, leaf in self._slots]
+
+    def __call__(self, *inputs):
+        return self.fn(*self.state(), *inputs)
+
+
+@dataclass
+class CompiledGraph:
+    """One compiled stateless graph and the modules (layers or the head) that run it."""
+    label: str
+    stateless: fx.GraphModule
+    names: list[str]
+    fn: Callable
+    layers: list[int] = field(default_factory=list)     # 0-based; empty for the head
+
+
+def _compile(gm: fx.GraphModule, options: dict | None) -> Callable:
+    return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=False, options=options or None)
+
+
+def compile_model(model: GrapeModel, *, options: dict | None = None, head: bool = True) -> list[CompiledGraph]:
+    """Compile each distinct block graph of ``model`` once (and the head) and install the runners.
+
+    ``options``: ``torch._inductor.config`` patches (the spec's ``compile.inductor_options``).
+    Compilation itself happens on the first call (Dynamo is lazy).
+    """
+    compiled = []
+    for group in block_groups(model):
+        stateless, names = lift_state(model.layers[group.layers[0]])
+        fn = _compile(stateless, options)
+        for i in group.layers:
+            model.runners[i] = StateRunner(model.layers[i], names, fn)
+        compiled.append(CompiledGraph(group.label, stateless, names, fn, list(group.layers)))
+    if head:
+        stateless, names = lift_state(model.head)
+        fn = _compile(stateless, options)
+        model.head_runner = StateRunner(model.head, names, fn)
+        compiled.append(CompiledGraph("head", stateless, names, fn))
+    model.compiled_graphs = compiled
+    return compiled
+
+
+class _Checkpointed:
+    """A block runner whose activations are recomputed in backward (non-reentrant checkpoint)."""
+
+    def __init__(self, run: Callable):
+        self.run = run
+
+    def __call__(self, *inputs):
+        # the graphs draw no random numbers: no RNG state to stash and restore
+        return checkpoint(self.run, *inputs, use_reentrant=False, preserve_rng_state=False)
+
+
+def checkpoint_blocks(model: GrapeModel) -> None:
+    """Wrap every block runner (compiled or eager) in activation checkpointing."""
+    model.runners = [_Checkpointed(run) for run in model.runners]
+
+
+# ----------------------------------------------------------------------------- the whole build
+@dataclass
+class BuildReport:
+    """What ``build_model`` did: the pass report, the distinct block graphs, whether it compiled."""
+    passes: PassReport
+    groups: list[BlockGroup]
+    compiled: bool
+    device: str
+    compute_dtype: str
+    activation_checkpointing: bool
+    lowered: list[fx.GraphModule] | None = None      # the unfused block graphs (``keep_lowered=True``)
+    lowered_groups: list[BlockGroup] | None = None
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"{len(self.groups)} distinct block graph{'s' if len(self.groups) != 1 else ''}"
+                 f"{' (each compiled once, plus the head)' if self.compiled else ''}:"]
+        for g in self.groups:
+            lines.append(f"  {g.label:<14} layers {_ranges(g.layers_1based)}")
+        return lines
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    runs, start = [], layers[0]
+    for a, b in zip(layers, list(layers[1:]) + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(runs)
+
+
+def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
+                passes: Sequence[str] | None = None, keep_lowered: bool = False) -> tuple[GrapeModel, BuildReport]:
+    """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
+
+    ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
+    ``spec.compile.passes``; ``[]`` runs the unfused graphs. ``keep_lowered``: also return the
+    block graphs as lowered (before the passes; they share the model's parameters) for dumps.
+    """
+    device = torch.device(device)
+    cd = compute_dtype(spec, device)
+    model = lower(spec, dtype=cd)
+    lowered = None
+    if keep_lowered:
+        lowered = [fx.GraphModule(layer, copy.deepcopy(layer.graph), class_name=type(layer).__name__)
+                   for layer in model.layers]
+    lowered_groups = block_groups(model) if keep_lowered else None
+    report = apply_passes(model, list(spec.compile.passes if passes is None else passes))
+    model.to(device)
+    compile = spec.compile.enabled if compile is None else compile
+    if compile:
+        compile_model(model, options=dict(spec.compile.inductor_options))
+    if spec.compile.activation_checkpointing:
+        checkpoint_blocks(model)
+    return model, BuildReport(passes=report, groups=block_groups(model), compiled=compile, device=str(device),
+                              compute_dtype=cd, activation_checkpointing=spec.compile.activation_checkpointing,
+                              lowered=lowered, lowered_groups=lowered_groups)
+
+
+def warm_up(model: GrapeModel, batch: int, seq_len: int, device: torch.device | str) -> float:
+    """Seconds for one forward + backward on a random batch: the compile, when the model is compiled
+    and this is its first call at these shapes. Gradients are cleared afterwards."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    V = model.spec.model.vocab_size
+    tokens = torch.randint(0, V, (batch, seq_len), generator=g).to(device)
+    targets = torch.randint(0, V, (batch, seq_len), generator=g).to(device)
+    start = time.perf_counter()
+    model(tokens, targets).loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
