@@ -45,11 +45,11 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from compiler.lower import GrapeModel, lower
-from compiler.passes import PassReport, apply_passes
+from compiler.passes import PassReport, apply_passes, layers_text
 from spec.schema import Spec
 
 __all__ = ["build_model", "BuildReport", "BlockGroup", "compute_dtype", "structure_key", "block_groups",
-           "lift_state", "StateRunner", "compile_model", "checkpoint_blocks", "warm_up"]
+           "lift_state", "StateRunner", "through_fsdp_hooks", "compile_model", "checkpoint_blocks", "warm_up"]
 
 
 def compute_dtype(spec: Spec, device: torch.device | str) -> str:
@@ -105,14 +105,12 @@ def lift_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    names: list[str] = []
+    state: dict[str, fx.Node] = {}                   # qualname -> its input (one per tensor)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            if node.target not in names:
-                names.append(node.target)
-                env[node] = g.placeholder(node.target.replace(".", "_"))
-            else:
-                env[node] = env[next(n for n in env if n.op == "get_attr" and n.target == node.target)]
+            if node.target not in state:
+                state[node.target] = g.placeholder(node.target.replace(".", "_"))
+            env[node] = state[node.target]
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = g.node_copy(node, lambda a: env[a])
@@ -120,7 +118,7 @@ def lift_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
         if node.op not in ("get_attr", "placeholder"):
             env[node] = g.node_copy(node, lambda a: env[a])
     g.lint()
-    return fx.GraphModule(nn.Module(), g, class_name=f"{type(gm).__name__}Stateless"), names
+    return fx.GraphModule(nn.Module(), g, class_name=f"{type(gm).__name__}Stateless"), list(state)
 
 
 class StateRunner:
@@ -171,15 +169,35 @@ def compile_model(model: GrapeModel, *, options: dict | None = None, head: bool 
         stateless, names = lift_state(model.layers[group.layers[0]])
         fn = _compile(stateless, options)
         for i in group.layers:
-            model.runners[i] = StateRunner(model.layers[i], names, fn)
+            model.runners[i] = through_fsdp_hooks(model.layers[i], StateRunner(model.layers[i], names, fn))
         compiled.append(CompiledGraph(group.label, stateless, names, fn, list(group.layers)))
     if head:
         stateless, names = lift_state(model.head)
         fn = _compile(stateless, options)
-        model.head_runner = StateRunner(model.head, names, fn)
+        model.head_runner = through_fsdp_hooks(model.head, StateRunner(model.head, names, fn))
         compiled.append(CompiledGraph("head", stateless, names, fn))
     model.compiled_graphs = compiled
     return compiled
+
+
+def through_fsdp_hooks(module: nn.Module, runner: StateRunner) -> Callable:
+    """``runner``, made to run inside ``module``'s FSDP2 forward hooks when ``module`` is ``fully_shard``-ed.
+
+    A runner calls the shared compiled graph with the module's tensors without calling the module,
+    so FSDP2's hooks (all-gather the parameter shards before, free them after, and the backward
+    hooks registered there) would not run: the graph would see the shards.
+    ``register_fsdp_forward_method`` runs those hooks around ``module.compiled_forward`` as they run
+    around ``forward``; the runner reads the unsharded parameters FSDP2 installs on the module.
+    Any other module: the runner itself.
+    """
+    if not torch.distributed.is_available():
+        return runner
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    if not isinstance(module, FSDPModule):
+        return runner
+    module.compiled_forward = runner
+    register_fsdp_forward_method(module, "compiled_forward")
+    return module.compiled_forward
 
 
 class _Checkpointed:
@@ -215,26 +233,20 @@ class BuildReport:
         lines = [f"{len(self.groups)} distinct block graph{'s' if len(self.groups) != 1 else ''}"
                  f"{' (each compiled once, plus the head)' if self.compiled else ''}:"]
         for g in self.groups:
-            lines.append(f"  {g.label:<14} layers {_ranges(g.layers_1based)}")
+            lines.append(f"  {g.label:<14} {layers_text(g.layers_1based)}")
         return lines
 
 
-def _ranges(layers: Sequence[int]) -> str:
-    runs, start = [], layers[0]
-    for a, b in zip(layers, list(layers[1:]) + [None]):
-        if b != a + 1:
-            runs.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return ", ".join(runs)
-
-
 def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
-                passes: Sequence[str] | None = None, keep_lowered: bool = False) -> tuple[GrapeModel, BuildReport]:
+                passes: Sequence[str] | None = None, keep_lowered: bool = False,
+                shard: Callable[[GrapeModel], None] | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
     ``spec.compile.passes``; ``[]`` runs the unfused graphs. ``keep_lowered``: also return the
     block graphs as lowered (before the passes; they share the model's parameters) for dumps.
+    ``shard``: applied to the model on ``device`` before compiling (FSDP2 ``fully_shard`` per block,
+    ``runtime.distributed``): blocks are compiled after wrapping, as PyTorch recommends.
     """
     device = torch.device(device)
     cd = compute_dtype(spec, device)
@@ -246,6 +258,8 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     lowered_groups = block_groups(model) if keep_lowered else None
     report = apply_passes(model, list(spec.compile.passes if passes is None else passes))
     model.to(device)
+    if shard is not None:
+        shard(model)
     compile = spec.compile.enabled if compile is None else compile
     if compile:
         compile_model(model, options=dict(spec.compile.inductor_options))

@@ -6,10 +6,12 @@ Master weights are fp32; the compute dtype comes from the spec: ``precision.comp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from compiler.lower import GrapeModel, lower
-from spec.errors import GrapefxError
+from compiler import pipeline
+from compiler.lower import GrapeModel
 from spec.schema import Spec
 
 __all__ = ["compute_dtype", "build_model"]
@@ -19,9 +21,12 @@ def compute_dtype(spec: Spec, device: torch.device) -> str:
     return spec.precision.compute if device.type == "cuda" else spec.precision.cpu_compute
 
 
-def build_model(spec: Spec, device: torch.device, *, compile: bool) -> GrapeModel:
-    """The model of ``spec`` on ``device``: its graphs compiled by the pipeline, or eager with ``compile=False``."""
-    if compile:  # TODO(issue 4): compiler.pipeline.build_model(spec, device, compile=True, passes=...) replaces this
-        raise GrapefxError("compile.enabled: compiling needs compiler.pipeline, which this version does not have yet; "
-                           "run the graphs eagerly with --no-compile (or --set compile.enabled=false)")
-    return lower(spec, dtype=compute_dtype(spec, device)).to(device)
+def build_model(spec: Spec, device: torch.device, *, compile: bool,
+                shard: Callable[[GrapeModel], None] | None = None) -> GrapeModel:
+    """The model of ``spec`` on ``device``: lowered, fused by ``compile.passes``, and its graphs compiled by
+    the pipeline (``compiler.pipeline.build_model``), or run eagerly with ``compile=False``.
+
+    ``shard`` (FSDP2 per block, ``runtime.distributed``) is applied on ``device`` before compiling.
+    """
+    model, _ = pipeline.build_model(spec, device, compile=compile, shard=shard)   # passes: compile.passes
+    return model

@@ -17,6 +17,11 @@ COMMANDS = [
     "runtime.commands.spec_cmds",      # validate, describe, from-megatron, to-megatron
     "runtime.commands.data_cmds",      # data prepare
     "runtime.commands.train_cmds",     # train
+    "runtime.commands.ablate_cmds",    # ablate
+    "runtime.commands.compile_cmds",   # compile
+    "runtime.commands.generate_cmds",  # generate
+    "runtime.commands.export_cmds",    # export
+    "runtime.commands.bench_cmds",     # bench
 ]
 
 

@@ -39,7 +39,6 @@ and batched prefill (the prompt is fed one token at a time).
 from __future__ import annotations
 
 import math
-import operator
 import time
 from dataclasses import dataclass, field
 
@@ -125,9 +124,8 @@ class LayerCache:
             self.tensors = [t.new_zeros(t.shape[0], t.shape[1], slots, t.shape[3]) for t in parts]
             self.pos = torch.full((slots,), -1, dtype=torch.int64, device=parts[0].device)
         if self.window is None and p >= self.pos.shape[0]:  # global: double the capacity
-            grow = self.pos.shape[0]
-            self.tensors = [torch.cat([t, torch.zeros_like(t)[:, :, :grow]], 2) for t in self.tensors]
-            self.pos = torch.cat([self.pos, torch.full_like(self.pos, -1)[:grow]])
+            self.tensors = [torch.cat([t, torch.zeros_like(t)], 2) for t in self.tensors]
+            self.pos = torch.cat([self.pos, torch.full_like(self.pos, -1)])
         slot = p % self.window if self.window else p
         for buf, t in zip(self.tensors, parts):
             buf[:, :, slot] = t[:, :, 0]
@@ -157,6 +155,7 @@ class _Layer:
     has_slopes: bool
     moe: bool
     takes_log_freq: bool
+    rotates: bool                    # project takes ``pos`` (the token's absolute position)
     Hq: int
     D: int
     window: int | None
@@ -188,7 +187,8 @@ def _plan_layer(model: GrapeModel, index: int) -> _Layer:
     routes = [nodes["moe_expert_index"]] if moe else []
     finish = subgraph(gm, {x: "x", nodes["attn_out_tokens"]: "attn"}, [*outputs, *routes])
     return _Layer(project, finish, attn.mechanism, len(k_parts), len(v_parts), bool(slopes), moe,
-                  model.takes_log_freq[index], attn.heads, attn.head_dim, attn.window if kind == "local" else None)
+                  model.takes_log_freq[index], "pos" in _placeholders(project), attn.heads, attn.head_dim,
+                  attn.window if kind == "local" else None)
 
 
 def _head_logits(model: GrapeModel) -> fx.GraphModule:
@@ -230,7 +230,8 @@ class Decoder:
         x = self.model.embed(tokens[:, None])                                       # (B, 1, C)
         for i, layer in enumerate(self.layers):
             extra = {"grape_m_log_freq": self.model.grape_m.log_freq} if layer.takes_log_freq else {}
-            extra.update(pos=p) if "pos" in _placeholders(layer.project) else None
+            if layer.rotates:
+                extra["pos"] = p
             q, *rest = layer.project(x=x, **extra)
             parts, slopes = rest[:layer.n_key + layer.n_value], (rest[-1] if layer.has_slopes else None)
             layer.cache.write(p, parts)
@@ -326,6 +327,3 @@ def generate_text(decoder: Decoder, tokenizer, prompt: str, *, tokens: int, temp
     return Generation(tokenizer.decode(new), len(ids), len(new), time.perf_counter() - t0, decoder.cache_bytes(),
                       len(new) < tokens)
 
-
-# operator is used by the slices the lowering writes (GQA group rows); keep the import explicit
-_ = operator

@@ -91,10 +91,10 @@ def load_export(folder: str | Path, device: torch.device) -> Trained:
     config = json.loads((folder / "config.json").read_text())
     model = lower(spec, dtype=compute_dtype(spec, device))
     tensors = load_file(folder / "model.safetensors")
-    missing = sorted(set(model.state_dict()) ^ set(tensors))
-    if missing:
+    differ = sorted(set(model.state_dict()) ^ set(tensors))
+    if differ:
         raise GrapefxError(f"{folder / 'model.safetensors'}: its tensors do not match the model of spec.yaml "
-                           f"(first difference: {missing[0]!r}); export the run again with grapefx export")
+                           f"(first difference: {differ[0]!r}); export the run again with grapefx export")
     model.load_state_dict(tensors)               # bf16 exports are cast back into the fp32 masters
     model.to(device).eval()
     tok = config["tokenizer"]

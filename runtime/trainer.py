@@ -3,12 +3,14 @@
 One optimizer step n (from 1):
 
     batches  = the next global_batch / (micro_batch * ranks) micro-batches of the sampler
-    for each micro-batch m:   out = model(x_m, y_m);  (out.loss * n_m / N).backward()
+    for each micro-batch m:   out = model(x_m, y_m);  (out.loss * W * n_m / N).backward()
                               balancer.add(out.counts)                       (training counts only)
-        n_m = target tokens of micro-batch m, N = sum over the step's micro-batches: the step's
-        loss is the token-weighted mean, as if the global batch were one forward
+        n_m = target tokens of micro-batch m, N = sum over the step's micro-batches of all W
+        ranks; DDP / FSDP2 average the gradients over ranks (hence the W): the step's loss is the
+        token-weighted mean, as if the global batch were one forward in one process
     stop if the loss or the gradient norm is not finite (exit code 3; no checkpoint of it)
     grad_norm = global L2 norm (reported before clipping); clip to train.grad_clip
+    logged loss, grad norm and MaxVio are global (summed over ranks); metrics from rank 0 only
     optimizer.step(); scheduler.step(); balancer.step(n)  -> b += rate * sign(mean(c) - c)
     every log_every: a metrics line; every eval_every: validation loss and MaxVio on fixed
     batches; every checkpoint_every and at the end: a checkpoint
@@ -18,6 +20,10 @@ AdamW moments and step, scheduler, sampler position, RNG states), so on CPU eage
 resume + N steps give bitwise the losses of 2N steps (tests/runtime/test_resume.py).
 
 Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C exits at once).
+With several ranks, every rank stops after the same step: the ranks agree on it after each step.
+
+Distributed (``runtime.distributed``): ``world`` places this process among the ranks,
+``spec.parallel.data`` picks DDP or FSDP2; the model is wrapped before compiling.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from runtime.build import build_model
 from runtime.checkpoint import Checkpointer
 from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
+from runtime.distributed import DataParallel, grad_norm
 from runtime.metrics import MetricsLogger, plot_loss
 from runtime.optim import build_optimizer, build_scheduler
 from runtime.rng import rng_state, seed_all, set_rng_state
@@ -86,9 +93,11 @@ class Trainer:
                                f"{self.checkpoints.complete()[-1][1].name}); pass --resume to continue that run "
                                "or --out a new folder")
         seed_all(t.seed)
-        self.data = prepare(spec, progress=world.coordinator)
+        self.data = self._prepare_data()
         self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
-        self.model = build_model(spec, self.device, compile=spec.compile.enabled)
+        self.parallel = DataParallel(spec.parallel.data, world, self.device)
+        self.model = build_model(spec, self.device, compile=spec.compile.enabled, shard=self.parallel.shard)
+        self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
         self.optimizer = build_optimizer(self.model, spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
         self.balancer = (ExpertBalancer(self.model, spec.moe.router, all_reduce=world.all_reduce)
@@ -102,6 +111,13 @@ class Trainer:
             record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak)
         self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty)
         self._stop_requested = False
+
+    def _prepare_data(self):
+        """Rank 0 prepares (or finds) the data first; the others then open its cache."""
+        if self.world.coordinator:
+            data = prepare(self.spec, progress=True)
+        self.world.barrier()
+        return data if self.world.coordinator else prepare(self.spec, progress=False)
 
     def _say(self, message: str) -> None:
         if self.world.coordinator:
@@ -129,9 +145,10 @@ class Trainer:
                 self.metrics.advance(n)
                 if n % t.eval_every == 0 or n == t.steps:
                     self.metrics.eval(self.evaluate())
-                if n % t.checkpoint_every == 0 or n == last or self._stop_requested:
+                stop = self._stop_agreed()
+                if n % t.checkpoint_every == 0 or n == last or stop:
                     self.save()
-                if self._stop_requested and n < last:
+                if stop and n < last:
                     self._say(f"interrupted: stopped after step {n}; checkpoint "
                              f"{self.checkpoints.folder / Checkpointer.name(n)} saved; continue with --resume")
                     status = INTERRUPTED
@@ -150,27 +167,30 @@ class Trainer:
     def _accumulate_and_step(self, n: int) -> dict:
         batches = [self.sampler.next_batch() for _ in range(self.accum)]      # each (B, T) inputs, targets
         sizes = [int((y != -100).sum()) for _, y in batches]                   # target tokens per micro-batch
-        total = sum(sizes)
+        W = self.world.size
+        total = int(self.world.all_reduce(torch.tensor([sum(sizes)], dtype=torch.int64, device=self.device)).item())
         sums = torch.zeros(3, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted)
-        for (x, y), size in zip(batches, sizes):
-            out = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            share = size / total
-            (out.loss * share).backward()
+        for m, ((x, y), size) in enumerate(zip(batches, sizes)):
+            with self.parallel.micro_batch(self.ddp, last=m == len(batches) - 1):
+                forward = self.model if self.ddp is None else self.ddp
+                out = forward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                share = size / total                                          # of the global batch's tokens
+                (out.loss * (share * W)).backward()                           # DDP / FSDP2 divide by W
             sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
             if out.counts is not None:
                 self.balancer.add(out.counts)
-        loss, ce, aux = sums.tolist()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        norm = grad_norm.item()
+        loss, ce, aux = self.world.all_reduce(sums).tolist()                  # global token-weighted means
+        norm_t = grad_norm(self.model.parameters())                           # global (all ranks' gradients)
+        norm = norm_t.item()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
         if self.spec.train.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.spec.train.grad_clip, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.spec.train.grad_clip, norm_t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_tokens = int(self.world.all_reduce(torch.tensor([total], dtype=torch.int64, device=self.device)).item())
+        step_tokens = total
         counts = self.balancer.step(n, self.tokens) if self.balancer else None
         self.step, self.tokens = n, self.tokens + step_tokens
         return {"step": n, "loss": loss, "ce_loss": ce, "aux_loss": aux, "lr": lr, "grad_norm": norm,
@@ -196,19 +216,26 @@ class Trainer:
 
         The batches are the first ``eval_batches`` of a fresh validation sampler seeded with
         ``train.seed``: the same batches at every evaluation, and the training sampler is untouched.
-        Counts here feed the metric only, never the expert bias.
+        Counts here feed the metric only, never the expert bias. With W ranks, rank r evaluates
+        batches r, r + W, ... of that same list, so the result does not depend on W; when W does
+        not divide ``eval_batches``, the ranks left without one in the last round run a batch past
+        the list and drop it (FSDP2's all-gathers need every rank in every forward).
         """
-        t = self.spec.train
-        sampler = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed, self.world.rank, self.world.size)
+        t, W, rank = self.spec.train, self.world.size, self.world.rank
+        sampler = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed)   # one list for any W
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         counts = None
         self.model.eval()
         try:
-            for _ in range(t.eval_batches):
-                x, y = sampler.next_batch()
+            for j in range(-(-t.eval_batches // W) * W):
+                x, y = sampler.next_batch()                                    # micro-batch j of the list
+                if j % W != rank:
+                    continue
                 y = y.to(self.device)
                 out = self.model(x.to(self.device), y)
+                if j >= t.eval_batches:
+                    continue
                 n = (y != -100).sum()
                 loss_sum += out.ce_loss.double() * n
                 tokens += n
@@ -220,9 +247,19 @@ class Trainer:
             self.model.train()
         loss_sum, tokens = self.world.all_reduce(loss_sum), self.world.all_reduce(tokens)
         record = {"step": self.step, "val_loss": float(loss_sum / tokens.clamp_min(1)), "tokens": int(tokens)}
+        if self.balancer and W > 1:                                            # a rank may have had no batch
+            counts = counts if counts is not None else torch.zeros(len(self.balancer.layers), self.spec.moe.experts,
+                                                                  device=self.device)
         record.update(self.balancer.balance(self.world.all_reduce(counts)) if counts is not None
                       else {"max_vio": None, "max_vio_worst": None, "max_vio_worst_layer": None})
         return record
+
+    def _stop_agreed(self) -> bool:
+        """After a step: whether any rank was interrupted; all ranks stop together (the save is collective)."""
+        if self.world.size == 1:
+            return self._stop_requested
+        flag = torch.tensor([int(self._stop_requested)], dtype=torch.int64, device=self.device)
+        return bool(self.world.all_reduce(flag).item())
 
     # ------------------------------------------------------------------ checkpoints
     def _tensors(self) -> tuple[dict, dict]:

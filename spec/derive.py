@@ -247,9 +247,12 @@ def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
         "flops_per_token": flops_per_token(spec).per_token,
         "kv_cache_bytes_per_token": kv_cache(spec, context).bytes_per_token,
         "router": to_dict(spec.moe.router) if spec.moe is not None else None,
-        "attention": {a.kind: dict(mechanism=a.mechanism, params_per_layer=a.params_per_layer,
-                                   kv_bytes_per_cached_token=a.kv_bytes_per_cached_token,
-                                   gqa=None if a.gqa is None else dict(params_per_layer=a.gqa.params_per_layer,
-                                                                       kv_bytes_per_cached_token=a.gqa.kv_bytes_per_cached_token))
-                      for a in attention_costs(spec)},
+        "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
     }
+
+
+def _cost_dict(a: AttentionCost) -> dict[str, Any]:
+    """One layer kind's attention cost, with GQA's beside it for TPA (``gqa``: None for GQA itself)."""
+    def plain(c: AttentionCost) -> dict[str, int]:
+        return {"params_per_layer": c.params_per_layer, "kv_bytes_per_cached_token": c.kv_bytes_per_cached_token}
+    return {"mechanism": a.mechanism, **plain(a), "gqa": None if a.gqa is None else plain(a.gqa)}

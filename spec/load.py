@@ -3,6 +3,9 @@
 Public:
 - ``load_spec(path, overrides=())``: the whole pipeline for a file.
 - ``spec_from_dict(d, file="<dict>")``: the same from an in-memory mapping (no ``extends``).
+- ``spec_from_mapping(data, origin)``: the typed, validated step for a mapping assembled from
+  several files with ``spec.compose`` (``grapefx ablate`` builds one per run); errors name the
+  file ``origin`` charges each key to.
 - ``dump_spec(spec)``: the resolved YAML (every value written out), which loads back to an equal
   ``Spec``.
 """
@@ -21,7 +24,7 @@ from spec.schema import Spec
 from spec.validate import validate
 from spec.yamlio import dump_yaml
 
-__all__ = ["load_spec", "spec_from_dict", "dump_spec"]
+__all__ = ["load_spec", "spec_from_dict", "spec_from_mapping", "dump_spec"]
 
 
 def _sugar(data: dict) -> dict:
@@ -56,6 +59,11 @@ def spec_from_dict(d: dict, file: str = "<dict>") -> Spec:
     """Type-check and validate a raw mapping (YAML-shaped: key ``global``, lists, nested mappings)."""
     origin = Origin(file)
     return _typed(d, origin)
+
+
+def spec_from_mapping(data: dict, origin: Origin) -> Spec:
+    """Type-check and validate a mapping already merged from files (``extends`` resolved, overrides applied)."""
+    return _typed(data, origin)
 
 
 def dump_spec(spec: Spec) -> str:

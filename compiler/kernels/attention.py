@@ -80,13 +80,14 @@ class AttnConfig:
 # prints the best per case. Keyed by (D <= 64, windowed). Local (W = 128): a 64-row q tile with
 # 64-key tiles visits 3 key tiles for 128 useful keys (a 128-row tile visits 4), in one loop.
 # dkdv keeps dk and dv accumulators for its k/v tile; a 32-row q tile keeps its (k/v x q) score
-# tiles small enough that nothing spills at D = 64 (64-row q tiles spill).
+# tiles small enough that nothing spills at D = 64 (64-row q tiles spill). D = 128 needs 8 warps
+# in dkdv and in the rotating dq kernel to stay (nearly) spill-free.
 DEFAULT_CONFIGS = {
     (True, True): AttnConfig(fwd=Tiles(64, 64, 4, 2, True), dkdv=Tiles(32, 64, 4, 2, True),
                              dq=Tiles(64, 64, 4, 2, True)),
     (True, False): AttnConfig(fwd=Tiles(128, 64, 4, 3), dkdv=Tiles(32, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
     (False, True): AttnConfig(fwd=Tiles(64, 64, 4, 2, True), dkdv=Tiles(32, 64, 8, 2, True),
-                              dq=Tiles(64, 64, 4, 2, True)),
+                              dq=Tiles(64, 64, 8, 2, True)),
     (False, False): AttnConfig(fwd=Tiles(128, 64, 8, 3), dkdv=Tiles(32, 64, 8, 2), dq=Tiles(128, 64, 8, 2)),
 }
 
@@ -96,7 +97,14 @@ def _windowed(window: int, T: int) -> bool:
     return 0 < window < T
 
 
-def default_config(head_dim: int, window: int, seq_len: int) -> AttnConfig:
+# fp32 inputs (tests, references) take IEEE dots on the CUDA cores with twice the bytes per tile:
+# small tiles and no pipelining keep them inside shared memory and registers.
+FP32_CONFIG = AttnConfig(fwd=Tiles(64, 32, 4, 1), dkdv=Tiles(32, 32, 4, 1), dq=Tiles(64, 32, 4, 1))
+
+
+def default_config(head_dim: int, window: int, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> AttnConfig:
+    if dtype == torch.float32:
+        return FP32_CONFIG
     return DEFAULT_CONFIGS[(head_dim <= 64, _windowed(window, seq_len))]
 
 
@@ -108,7 +116,7 @@ def supports(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slopes: O
     """Whether the kernels take this call (shapes already checked by the op)."""
     interp = _interpreting()
     dims = INTERPRETER_HEAD_DIMS if interp else KERNEL_HEAD_DIMS
-    return ((q.is_cuda or interp)
+    return ((interp or (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (8, 0)))   # bf16 tensor cores
             and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[-1] in dims
             and (theta is None or theta.dtype == torch.float32)
@@ -140,7 +148,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)           # (B, Hq, T)
     if out.numel() == 0:
         return out, lse
-    cfg = config or default_config(D, window, T)
+    cfg = config or default_config(D, window, T, q.dtype)
     cfg.check()
     t = cfg.fwd
     windowed = _windowed(window, T)
@@ -170,12 +178,12 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     rotate, alibi = theta is not None, slopes is not None
-    need_dtheta, need_dslopes = need_dtheta and rotate, need_dslopes and alibi
+    need_dtheta, need_dslopes = bool(need_dtheta and rotate), bool(need_dslopes and alibi)
     f32 = dict(dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return (dq, dk.zero_(), dv.zero_(), torch.zeros(D // 2, **f32) if need_dtheta else None,
                 torch.zeros(Hq, **f32) if need_dslopes else None)
-    cfg = config or default_config(D, window, T)
+    cfg = config or default_config(D, window, T, q.dtype)
     cfg.check()
     windowed = _windowed(window, T)
     half = D // 2
@@ -269,5 +277,5 @@ def flops(B: int, Hq: int, T: int, D: int, window: int) -> float:
     return 4.0 * B * Hq * D * pairs
 
 
-__all__ = ["AttnConfig", "Tiles", "DEFAULT_CONFIGS", "default_config", "supports", "attention_fwd",
+__all__ = ["AttnConfig", "Tiles", "DEFAULT_CONFIGS", "FP32_CONFIG", "default_config", "supports", "attention_fwd",
            "attention_bwd", "cuda_forward", "cuda_backward", "flops"]

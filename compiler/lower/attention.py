@@ -15,6 +15,11 @@ The chain every attention layer lowers to (the fusion passes match this structur
 TPA (``compiler/lower/tpa.py``) builds q, k, v from per-token factors instead of W_q, W_k, W_v
 and then runs the same chain from ``scores`` on (``attend``).
 
+Node names are a contract beyond the passes (which match by structure): the KV-cache decoder
+(``runtime/generate.py``) cuts the graphs at ``attn_q_grouped``, ``attn_k_t``,
+``attn_weighted_values``, ``attn_alibi_bias``, ``attn_out_tokens`` (TPA: ``attn_k``, ``attn_v``),
+``moe_expert_index`` and the head's ``logits``; tests/runtime/test_generate.py fails if they move.
+
 GQA: the G = Hq / Hkv query heads that read one KV head are stacked along the row axis of q
 ((B, Hkv, G*T, D)), so one matmul per KV head computes their scores and K/V are never repeated.
 """

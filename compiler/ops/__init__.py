@@ -10,7 +10,8 @@ it with no graph break) and an explicit autograd formula. One module per op fami
 | ``alibi_bias(slopes, q_len, k_len)``        | alibi.py     | §3      |
 | ``attention(q, k, v, theta, slopes, window, scale, bias=None)`` (+ ``attention_fwd``, ``attention_bwd``) | attention.py | §1–§3 |
 | ``router_topk(choice_scores, k, num_groups, group_topk)`` | router.py | §5 |
-| ``expert_ffn(x, indices, gates, w_gate, w_up, w_down)`` (+ ``expert_ffn_backward``) | experts.py | §5 |
+| ``expert_ffn(x, indices, gates, w_gate, w_up, w_down)`` (+ ``expert_ffn_fwd``, ``expert_ffn_backward``) | experts.py | §5 |
+| ``linear_cross_entropy(x, weight, targets, ignore_index=-100)`` (+ ``_fwd``, ``_fwd_bwd``) | linear_cross_entropy.py | §6 |
 
 Python helpers: ``grape_m_init_log_freq``, ``grape_m_theta``, ``alibi_slopes``.
 
@@ -22,9 +23,10 @@ from compiler.ops.alibi import alibi_bias, alibi_slopes
 from compiler.ops.attention import attention
 from compiler.ops.experts import expert_ffn
 from compiler.ops.grape_m import grape_m_init_log_freq, grape_m_rotate, grape_m_theta
+from compiler.ops.linear_cross_entropy import linear_cross_entropy
 from compiler.ops.router import router_topk
 
 __all__ = [
     "alibi_bias", "alibi_slopes", "attention", "expert_ffn", "grape_m_init_log_freq", "grape_m_rotate",
-    "grape_m_theta", "router_topk",
+    "grape_m_theta", "linear_cross_entropy", "router_topk",
 ]

@@ -8,9 +8,43 @@ else one matmul per expert), and scatters the results back; there is no loop ove
 The math runs in fp32 (fp64 for fp64 inputs) and the output has x's dtype. The backward is
 written out (grads to x, gates and the three weight stacks) and recomputes the expert
 activations rather than keeping them.
+
+Lean path (CUDA, bf16; ``_lean_applies``): the step's real work, with no host synchronisation
+and no per-token Python:
+
+    order, offs = stable sort of the N*K expert ids; offs = searchsorted(sorted ids, 0..E-1, right)
+                                            (cumulative int32 group ends, no bincount / .item())
+    xs  = x[order // K]                     (R, C), R = N*K rows grouped by expert
+    gu  = grouped_mm(xs, [W_gate | W_up])   (R, 2F): ONE grouped GEMM over the concatenated weights
+    h   = silu(a) * b                       (R, F)   Triton (compiler.kernels.moe.swiglu_fwd)
+    y   = grouped_mm(h, W_down)             (R, C)
+    out[t] = sum_k g[t,k] y[pos[t*K+k]]     (N, C)   Triton gather-sum with the gates, fp32 sum;
+                                            pos = the inverse permutation: no scatter/index_add
+
+``torch._grouped_mm`` takes bf16 operands with 16-byte aligned strides (C and F multiples of 8)
+and int32 cumulative ``offs``; an expert with no rows is an empty group. The forward keeps ``gu``
+(and the sort) for the backward, so nothing is recomputed there:
+
+    dy  = grad_out[order // K];  u = grouped_mm(dy, W_down^T)            (R, F)
+    dgu, hg, dgate = swiglu_bwd(gu, u, g)                                 one Triton pass
+    dW_down = grouped_mm(hg^T, dy);  dW_gate | dW_up = grouped_mm(xs^T, dgu halves)  (per-expert K groups)
+    dxs = grouped_mm(dgu, [W_gate | W_up]^T);  dx[t] = sum_k dxs[pos[t*K+k]]
+
+The weight-gradient GEMMs use a column-major left operand (a transposed row-major view), the layout
+for which the CUTLASS kernel accepts groups of any size, empty ones included. Where triton is
+missing the elementwise steps run as torch ops (same math); the CPU tests run this path in fp32
+(``LEAN_ON_CPU``). Out-of-range expert ids are not checked on this path (the router produces ids
+in range; the reference path checks).
+
+Structure: ``grapefx::expert_ffn`` is a CompositeImplicitAutograd forwarder to
+``grapefx::expert_ffn_fwd`` -> (out, gu, order, offs) (the last three empty on the reference
+path) whose autograd calls ``grapefx::expert_ffn_backward``, as ``grapefx::attention`` does: a
+custom op's autograd only sees its outputs, so what the backward reuses must be an output.
 """
 
 import functools
+import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +130,9 @@ def _unsort(rows: Tensor, order: Tensor) -> Tensor:
     return out
 
 
-@torch.library.custom_op("grapefx::expert_ffn", mutates_args=())
-def expert_ffn(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """Gated sum of the chosen experts' SwiGLU outputs (MATH.md §5).
-
-    x (N, C), indices (N, K) int64, gates (N, K), w_gate/w_up (E, C, F), w_down (E, F, C)
-    -> (N, C) in x's dtype. Gradients flow to x, gates and the three weights.
-    """
-    _check(x, indices, gates, w_gate, w_up, w_down)
+def _reference_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
+                       w_down: Tensor) -> Tensor:
+    """The reference math, fp32 (fp64 for fp64 inputs), any device."""
     (N, C), (E, _, F_), K = x.shape, w_gate.shape, indices.shape[1]
     cd = compute_dtype(x.dtype, gates.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     order, tok, groups = _route(indices, E, cd, C, F_)
@@ -114,22 +143,9 @@ def expert_ffn(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: 
     return _unsort(y, order).view(N, K, C).sum(1).to(x.dtype)                      # (N, C)
 
 
-@expert_ffn.register_fake
-def _(x, indices, gates, w_gate, w_up, w_down):
-    _check(x, indices, gates, w_gate, w_up, w_down)
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("grapefx::expert_ffn_backward", mutates_args=())
-def expert_ffn_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
+def _reference_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
                         w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of ``expert_ffn``: (dx, dgates, dw_gate, dw_up, dw_down), each like its input.
-
-    Per sorted row s (token t, expert e, gate g_s), with a = x W_gate, b = x W_up, h = silu(a) b
-    and u = grad_out_t W_down^T:  dgate_s = u . h,  dh = g_s u,  dW_down += h^T (g_s grad_out_t),
-    da = dh * b * silu'(a),  db = dh * silu(a),  dW_gate += x^T da,  dW_up += x^T db,
-    dx_t += da W_gate^T + db W_up^T; silu'(a) = sigma(a) (1 + a (1 - sigma(a))).
-    """
+    """(dx, dgates, dw_gate, dw_up, dw_down) of the reference math (formulas: ``expert_ffn_backward``)."""
     (N, C), (E, _, F_), K = x.shape, w_gate.shape, indices.shape[1]
     cd = compute_dtype(x.dtype, gates.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     order, tok, groups = _route(indices, E, cd, C, F_)
@@ -154,20 +170,201 @@ def expert_ffn_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Ten
             dw_down.to(w_down.dtype))
 
 
+# ---------------------------------------------------------------------------------------------
+# the lean path
+
+LEAN_ON_CPU = False     # tests set this to run the lean path on CPU tensors (fp32 or bf16)
+
+
+def _lean_applies(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
+    """Whether ``expert_ffn`` takes the lean path; decided from metadata only (the fake kernel agrees)."""
+    dt = x.dtype
+    if not (w_gate.dtype == w_up.dtype == w_down.dtype == dt) or x.shape[0] == 0 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        ok_dtype = dt == torch.bfloat16                      # the fast grouped GEMM (no host sync) is bf16
+    else:
+        ok_dtype = LEAN_ON_CPU and x.device.type == "cpu" and dt in (torch.float32, torch.bfloat16)
+    align = 16 // x.element_size()                           # 16-byte aligned strides
+    return ok_dtype and x.shape[1] % align == 0 and w_gate.shape[2] % align == 0
+
+
+@functools.cache
+def _triton_moe():
+    """compiler.kernels.moe, or None where triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module("compiler.kernels.moe")
+
+
+def _swiglu_fwd(gu: Tensor) -> Tensor:
+    k = _triton_moe() if gu.is_cuda else None
+    if k is not None:
+        return k.swiglu_fwd(gu)
+    a, b = gu.float().chunk(2, dim=-1)
+    return (F.silu(a) * b).to(gu.dtype)
+
+
+def _gather_sum(src: Tensor, pos: Tensor, gates: Optional[Tensor], K: int) -> Tensor:
+    k = _triton_moe() if src.is_cuda else None
+    if k is not None:
+        return k.gather_sum(src, pos, gates, K)
+    R, C = src.shape
+    v = src.index_select(0, pos).float().view(R // K, K, C)
+    if gates is not None:
+        v = v * gates.float().view(R // K, K, 1)
+    return v.sum(1).to(src.dtype)
+
+
+def _swiglu_bwd(gu: Tensor, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    k = _triton_moe() if gu.is_cuda else None
+    if k is not None:
+        return k.swiglu_bwd(gu, u, g)
+    a, b = gu.float().chunk(2, dim=-1)
+    u, g = u.float(), g.float()[:, None]
+    sig = torch.sigmoid(a)
+    sa = a * sig
+    h = sa * b
+    dh = g * u
+    dgu = torch.cat([dh * b * sig * (1 + a * (1 - sig)), dh * sa], dim=-1)
+    return dgu.to(gu.dtype), (g * h).to(gu.dtype), (u * h).sum(-1)
+
+
+def _lean_route(indices: Tensor, E: int) -> tuple[Tensor, Tensor]:
+    """(order (R,) int64: assignments sorted by expert, offs (E,) int32: cumulative group ends)."""
+    flat = indices.reshape(-1)                                                     # (R,) expert of each (t, k)
+    ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(E, device=flat.device, dtype=ids.dtype)
+    return order, torch.searchsorted(ids, experts, right=True).to(torch.int32)
+
+
+def _inverse(order: Tensor) -> Tensor:
+    """pos with pos[order[r]] = r: the sorted row of each assignment."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _lean_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
+                  w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out (N, C), gu (R, 2F), order (R,), offs (E,)) -- formulas in the module docstring."""
+    K, E = indices.shape[1], w_gate.shape[0]
+    order, offs = _lean_route(indices, E)
+    xs = x.index_select(0, order // K)                                             # (R, C) rows by expert
+    w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
+    gu = torch._grouped_mm(xs, w_gu, offs=offs)                                    # (R, 2F)
+    y = torch._grouped_mm(_swiglu_fwd(gu), w_down, offs=offs)                      # (R, C)
+    out = _gather_sum(y, _inverse(order), gates.reshape(-1), K)                    # (N, C) gated sum
+    return out, gu, order, offs
+
+
+def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
+                   w_down: Tensor, gu: Optional[Tensor], order: Optional[Tensor],
+                   offs: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    N, F_, K = x.shape[0], w_gate.shape[2], indices.shape[1]
+    if gu is None or gu.numel() == 0 or order is None or offs is None:
+        _, gu, order, offs = _lean_forward(x, indices, gates, w_gate, w_up, w_down)
+    tok, pos = order // K, _inverse(order)
+    g = gates.reshape(-1).index_select(0, order)                                   # (R,) gate of each row
+    xs = x.index_select(0, tok)                                                    # (R, C)
+    dy = grad_out.to(x.dtype).index_select(0, tok)                                 # (R, C)
+    u = torch._grouped_mm(dy, w_down.transpose(1, 2), offs=offs)                   # (R, F)
+    dgu, hg, dgate = _swiglu_bwd(gu, u, g)                                         # (R, 2F), (R, F), (R,)
+    xs_t = xs.t()                                                                  # (C, R) column-major
+    dw_down = torch._grouped_mm(hg.t(), dy, offs=offs)                             # (E, F, C)
+    dw_gate = torch._grouped_mm(xs_t, dgu[:, :F_], offs=offs)                      # (E, C, F)
+    dw_up = torch._grouped_mm(xs_t, dgu[:, F_:], offs=offs)                        # (E, C, F)
+    w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
+    dxs = torch._grouped_mm(dgu, w_gu.transpose(1, 2), offs=offs)                  # (R, C)
+    dx = _gather_sum(dxs, pos, None, K)                                            # (N, C)
+    dgates = dgate.index_select(0, pos).view(N, K)
+    return dx, dgates.to(gates.dtype), dw_gate, dw_up, dw_down
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops
+
+def _empty_saved(x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the reference path returns in place of (gu, order, offs): nothing to reuse."""
+    return x.new_empty(0), indices.new_empty(0), indices.new_empty(0, dtype=torch.int32)
+
+
+@torch.library.custom_op("grapefx::expert_ffn_fwd", mutates_args=())
+def expert_ffn_fwd(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
+                   w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gated sum of the chosen experts' SwiGLU outputs (MATH.md §5), and what its backward reuses.
+
+    x (N, C), indices (N, K) int64, gates (N, K), w_gate/w_up (E, C, F), w_down (E, F, C)
+    -> out (N, C) in x's dtype, and on the lean path gu (N*K, 2F), order (N*K,) int64 and
+    offs (E,) int32 (empty tensors on the reference path).
+    """
+    _check(x, indices, gates, w_gate, w_up, w_down)
+    if _lean_applies(x, w_gate, w_up, w_down):
+        return _lean_forward(x, indices, gates, w_gate, w_up, w_down)
+    return (_reference_forward(x, indices, gates, w_gate, w_up, w_down), *_empty_saved(x, indices))
+
+
+@expert_ffn_fwd.register_fake
+def _(x, indices, gates, w_gate, w_up, w_down):
+    _check(x, indices, gates, w_gate, w_up, w_down)
+    if _lean_applies(x, w_gate, w_up, w_down):
+        R = indices.numel()
+        return (x.new_empty(x.shape), x.new_empty(R, 2 * w_gate.shape[2]), indices.new_empty(R),
+                indices.new_empty(w_gate.shape[0], dtype=torch.int32))
+    return (x.new_empty(x.shape), *_empty_saved(x, indices))
+
+
+@torch.library.custom_op("grapefx::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
+                        w_down: Tensor, gu: Optional[Tensor] = None, order: Optional[Tensor] = None,
+                        offs: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``expert_ffn``: (dx, dgates, dw_gate, dw_up, dw_down), each like its input.
+
+    Per sorted row s (token t, expert e, gate g_s), with a = x W_gate, b = x W_up, h = silu(a) b
+    and u = grad_out_t W_down^T:  dgate_s = u . h,  dh = g_s u,  dW_down += h^T (g_s grad_out_t),
+    da = dh * b * silu'(a),  db = dh * silu(a),  dW_gate += x^T da,  dW_up += x^T db,
+    dx_t += da W_gate^T + db W_up^T; silu'(a) = sigma(a) (1 + a (1 - sigma(a))).
+    ``gu``, ``order``, ``offs``: the lean forward's saved outputs (recomputed when absent or empty).
+    """
+    if _lean_applies(x, w_gate, w_up, w_down):
+        return _lean_backward(grad_out, x, indices, gates, w_gate, w_up, w_down, gu, order, offs)
+    return _reference_backward(grad_out, x, indices, gates, w_gate, w_up, w_down)
+
+
 @expert_ffn_backward.register_fake
-def _(grad_out, x, indices, gates, w_gate, w_up, w_down):
+def _(grad_out, x, indices, gates, w_gate, w_up, w_down, gu=None, order=None, offs=None):
     return tuple(t.new_empty(t.shape) for t in (x, gates, w_gate, w_up, w_down))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    _, gu, order, offs = output
+    ctx.save_for_backward(*inputs, gu, order, offs)
+    ctx.mark_non_differentiable(gu, order, offs)
 
 
-def _backward(ctx, grad_out):
-    x, indices, gates, w_gate, w_up, w_down = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_gu, _grad_order, _grad_offs):
+    x, indices, gates, w_gate, w_up, w_down, gu, order, offs = ctx.saved_tensors
     dx, dgates, dw_gate, dw_up, dw_down = expert_ffn_backward(grad_out.contiguous(), x, indices, gates,
-                                                              w_gate, w_up, w_down)
+                                                              w_gate, w_up, w_down, gu, order, offs)
     return dx, None, dgates, dw_gate, dw_up, dw_down
 
 
-expert_ffn.register_autograd(_backward, setup_context=_setup_context)
+expert_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# The public op: what the lowering writes into the MoE graphs.
+_lib = torch.library.Library("grapefx", "FRAGMENT")
+_lib.define("expert_ffn(Tensor x, Tensor indices, Tensor gates, Tensor w_gate, Tensor w_up, Tensor w_down) -> Tensor")
+
+
+def _expert_ffn_kernel(x, indices, gates, w_gate, w_up, w_down):
+    return torch.ops.grapefx.expert_ffn_fwd(x, indices, gates, w_gate, w_up, w_down)[0]
+
+
+_lib.impl("expert_ffn", _expert_ffn_kernel, "CompositeImplicitAutograd")
+
+
+def expert_ffn(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """``torch.ops.grapefx.expert_ffn``: the gated sum of the chosen experts' SwiGLU outputs (MATH.md §5).
+
+    x (N, C), indices (N, K) int64, gates (N, K), w_gate/w_up (E, C, F), w_down (E, F, C)
+    -> (N, C) in x's dtype. Gradients flow to x, gates and the three weights.
+    """
+    return torch.ops.grapefx.expert_ffn(x, indices, gates, w_gate, w_up, w_down)

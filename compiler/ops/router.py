@@ -56,7 +56,12 @@ def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int)
         allowed = torch.zeros(N, num_groups, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
         scores = grouped.masked_fill(~allowed[..., None], float("-inf")).reshape(N, E)       # (N, E)
     indices = _topk_lower_index(scores, k)                                                   # (N, k)
-    counts = torch.bincount(indices.reshape(-1), minlength=E).to(torch.float32)              # (E,)
+    flat = indices.reshape(-1)
+    if flat.is_cuda:   # CUDA bincount reads max() back to the host: a sync per MoE layer; exact in fp32 below 2^24
+        counts = torch.zeros(E, dtype=torch.float32, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float32))
+    else:
+        counts = torch.bincount(flat, minlength=E).to(torch.float32)                         # (E,)
     return indices, counts
 
 

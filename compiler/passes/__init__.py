@@ -2,9 +2,13 @@
 
 | pass                  | file                    | rewrites                                                     | needs                 |
 | --------------------- | ----------------------- | ------------------------------------------------------------ | --------------------- |
+| ``tpa_rotation_commute`` | tpa_rotation_commute.py | TPA: ``einsum(A, grape_m_rotate(B))`` => ``grape_m_rotate(einsum(A, B))`` (exact) | -                     |
 | ``attention_formation`` | attention_formation.py | scores -> mask -> softmax -> values chain => ``grapefx.attention`` (window, causal, GQA, dense bias) | -                     |
 | ``bias_softmax``      | bias_softmax.py         | dense ALiBi bias of an attention => in-kernel ``slopes``     | attention_formation   |
 | ``rotary_attention``  | rotary_attention.py     | ``grape_m_rotate`` of q and k => in-kernel ``theta``         | attention_formation   |
+
+``tpa_rotation_commute`` is a canonicalisation: TPA layers rotate their B factors before the
+contraction, and only once it has moved the rotation after it can ``rotary_attention`` fold it.
 
 Each pass is ``<name>_pass(gm) -> PassResult``: it rewrites one block graph in place (graph
 module in, same module out), matching by structure and node metadata, never by node names, and
@@ -29,14 +33,16 @@ from compiler.passes.attention_formation import attention_formation_pass
 from compiler.passes.bias_softmax import bias_softmax_pass
 from compiler.passes.match import PassResult, propagate
 from compiler.passes.rotary_attention import rotary_attention_pass
+from compiler.passes.tpa_rotation_commute import tpa_rotation_commute_pass
 from spec.errors import GrapefxError
 from spec.schema import PASS_NAMES
 
 __all__ = ["PASSES", "PREREQUISITES", "PassResult", "PassEntry", "PassReport", "apply_passes", "run_passes",
-           "check_pass_names", "block_example_inputs"]
+           "check_pass_names", "block_example_inputs", "layers_text"]
 
 # the registry, in the default order (spec.schema.PASS_NAMES is this order)
 PASSES: dict[str, Callable[[fx.GraphModule], PassResult]] = {
+    "tpa_rotation_commute": tpa_rotation_commute_pass,
     "attention_formation": attention_formation_pass,
     "bias_softmax": bias_softmax_pass,
     "rotary_attention": rotary_attention_pass,
@@ -71,7 +77,7 @@ class PassEntry:
             return "off (not in compile.passes)"
         if self.skipped:
             return self.skipped
-        return "; ".join(f"{_layers(ls)}: {r}" for r, ls in self.reasons.items()) or "no candidate"
+        return "; ".join(f"{layers_text(ls)}: {r}" for r, ls in self.reasons.items()) or "no candidate"
 
 
 @dataclass
@@ -89,15 +95,15 @@ class PassReport:
         lines = []
         for name, e in self.entries.items():
             if e.matches:
-                lines.append(f"{name}: {e.matches} match{'es' if e.matches != 1 else ''} in {_layers(e.layers)} "
+                lines.append(f"{name}: {e.matches} match{'es' if e.matches != 1 else ''} in {layers_text(e.layers)} "
                              f"(-{e.nodes_removed}/+{e.nodes_added} nodes)")
             else:
                 lines.append(f"{name}: nothing — {e.why_nothing()}")
         return lines
 
 
-def _layers(layers: Sequence[int]) -> str:
-    """[1, 2, 3, 5] -> 'layers 1-3, 5'."""
+def layers_text(layers: Sequence[int]) -> str:
+    """[1, 2, 3, 5] -> 'layers 1-3, 5'; [4] -> 'layer 4' (1-based numbers in, text out)."""
     if not layers:
         return "no layer"
     runs, start = [], layers[0]
@@ -112,7 +118,7 @@ def check_pass_names(names: Sequence[str], where: str = "--passes") -> list[str]
     """The names, checked against the registry (a ``GrapefxError`` with a did-you-mean otherwise)."""
     for name in names:
         if name not in PASSES:
-            close = difflib.get_close_matches(name, PASSES, n=1)
+            close = [n for n in PASSES if n.startswith(name)] or difflib.get_close_matches(name, PASSES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise GrapefxError(f"{where}: unknown pass {name!r}{hint}; passes: {', '.join(PASSES)}")
     if len(set(names)) != len(names):

@@ -128,6 +128,14 @@ class _Prop(FakeTensorProp):
     def get_attr(self, target, args, kwargs):
         return self._mode.from_tensor(super().get_attr(target, args, kwargs), static_shapes=True)
 
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        # torch 2.11 records no meta["val"] for plain Python results (x.size(1), x.device); the
+        # passes read sizes from there, so record them on every version.
+        if isinstance(result, (int, float, bool, torch.Size, torch.device)):
+            n.meta["val"] = result
+        return result
+
 
 def propagate(gm: fx.GraphModule, *inputs: torch.Tensor) -> None:
     """Fill ``node.meta["val"]`` of every node with a fake value, for inputs shaped like ``inputs``.

@@ -1,7 +1,11 @@
-"""Small specs shared by the compiler tests."""
+"""Small specs shared by the compiler tests, and the one compiled model they share."""
+
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from pipeline_testing import as_the_trainer, batches, compile_spec, graph_counts, sgd_step  # noqa: F401
 from spec.schema import Attention, AttentionKinds, GrapeA, GrapeM, Model, MoE, NoPE, Router, Spec
 
 
@@ -19,7 +23,44 @@ def small_spec(*, global_position=None, learnable_freq=True, share="model", n_la
     )
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "inductor: compiles with torch.compile + Inductor (a cold CPU compile takes tens of seconds)")
+
+
 @pytest.fixture
 def make_spec():
     """The factory `small_spec(**overrides)`."""
     return small_spec
+
+
+# ----------------------------------------------------------------------------- compiled tests
+@pytest.fixture(scope="session")
+def compiled_runs():
+    """``compile_spec()`` compiled with every pass, beside its unfused eager graphs (same weights),
+    trained 3 SGD steps on the same batches, then evaluated once under no_grad; Dynamo's counters
+    around each phase. Session-scoped: a cold CPU Inductor compile costs about a minute. Runs with
+    deterministic algorithms on, as the trainer does on CPU."""
+    from compiler.pipeline import build_model
+
+    spec = compile_spec()
+    compiled, report = build_model(spec, "cpu")
+    eager, _ = build_model(spec, "cpu", compile=False, passes=[])
+    runs = SimpleNamespace(spec=spec, compiled=compiled, eager=eager, report=report, losses=[], grads=None,
+                           counts={"start": graph_counts()})
+    with as_the_trainer():
+        for step, (tokens, targets) in enumerate(batches(spec, 3)):
+            out_c, out_e = compiled(tokens, targets), eager(tokens, targets)
+            out_c.loss.backward()
+            out_e.loss.backward()
+            runs.losses.append((out_c, out_e))
+            if step == 0:
+                runs.grads = ({k: p.grad.clone() for k, p in compiled.named_parameters()},
+                              {k: p.grad.clone() for k, p in eager.named_parameters()})
+                runs.counts["step1"] = graph_counts()
+            sgd_step(compiled)
+            sgd_step(eager)
+        runs.counts["step3"] = graph_counts()
+        with torch.no_grad():
+            runs.evaluation = (compiled(*batches(spec, 1, seed=1)[0]), eager(*batches(spec, 1, seed=1)[0]))
+        runs.counts["eval"] = graph_counts()
+    return runs

@@ -1,0 +1,42 @@
+"""`grapefx ablate MATRIX [--out DIR] [--set key=value ...]`: an ablation matrix as one command.
+
+Exit status: 0 done (report written), 2 a user error (an unfair matrix, a bad file; message on
+stderr), 3 a run's loss became NaN/Inf, 130 interrupted by Ctrl-C (the run saved a checkpoint; the
+same command continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ablate", help="train and compare the variants of an ablation matrix",
+        description="Train every (variant, seed) run of MATRIX (see examples/ablation.yaml) into DIR/runs with "
+                    "the same data order, initialisation, optimiser and schedule; evaluate each at the training "
+                    "context and longer ones; write DIR/report.md, report.json, loss.png and grape_m_spectrum.png. "
+                    "Refuses when variants differ in more than their overlays declare. Re-running the same command "
+                    "skips finished runs and resumes unfinished ones.")
+    p.add_argument("matrix", help="the matrix YAML file")
+    p.add_argument("--out", metavar="DIR", help="folder for the runs and the report (default: runs/<matrix name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value in every run, e.g. --set train.steps=50 (repeatable)")
+    p.set_defaults(func=_ablate)
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = ["grapefx", "ablate", args.matrix] + (["--out", args.out] if args.out else [])
+    for o in args.overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from runtime.ablate import ablate
+    from runtime.ablate_matrix import load_matrix
+
+    out = Path(args.out) if args.out else Path("runs") / load_matrix(args.matrix).name
+    return ablate(args.matrix, out, args.overrides, command=_command(args))

@@ -1,0 +1,86 @@
+"""`grapefx bench` on CPU, and the reference way's model: it computes exactly the lowered model
+(fp32, dense attention in place of FlexAttention, which has no CPU backward), from the same weights."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler.lower import lower
+from runtime.bench import RUN_ORDER, _reference_module, format_table, kernel_group
+from runtime.cli import main
+from spec import load_spec
+
+TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
+SMALL = ["model.d_model=32", "model.n_layers=4", "attention.local.heads=4", "attention.local.kv_heads=2",
+         "attention.local.head_dim=8", "attention.local.window=4", "attention.global.heads=4",
+         "attention.global.kv_heads=2", "attention.global.head_dim=8", "moe.experts=4", "moe.expert_hidden=16",
+         "data.seq_len=12", "train.micro_batch=2"]
+VARIANTS = {
+    "tiny-shape": [],
+    "learnable-alibi, per-layer grape-m, qk-norm, tied, a dense layer": [
+        "attention.global.position.learnable=true", "attention.local.position.share=layer", "model.qk_norm=true",
+        "model.tied_embeddings=true", "moe.first_k_dense=1", "ffn.hidden=24", "moe.router.topk_scaling_factor=2.5"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reference_model_computes_the_lowered_model(variant):
+    spec = load_spec(TINY, SMALL + VARIANTS[variant])
+    ours = lower(spec)
+    ref = _reference_module().ReferenceModel.from_state_dict(spec, ours.state_dict(), attention="dense",
+                                                               dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.model.vocab_size, (2, 12), generator=g)
+    targets = torch.randint(0, spec.model.vocab_size, (2, 12), generator=g)
+    targets[1, :4] = -100
+    a, b = ours(tokens, targets).loss, ref(tokens, targets)
+    assert abs(a.item() - b.item()) < 1e-5 * abs(a.item())
+    names = [n for n, _ in ours.named_parameters()]
+    ga = torch.autograd.grad(a, list(ours.parameters()))
+    gb = dict(zip([n for n, _ in ref.named_parameters()], torch.autograd.grad(b, list(ref.parameters()))))
+    for name, grad in zip(names, ga):
+        err = ((grad - gb[name]).norm() / grad.norm().clamp_min(1e-30)).item()
+        assert err < 1e-4, name
+
+
+def test_bench_cli_eager_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(TINY), "--out", str(out), "--ways", "eager", "--steps", "2", "--warmup", "1",
+                 *[a for o in SMALL for a in ("--set", o)]])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    rec = doc["ways"]["eager"]
+    assert rec["status"] == "ok" and len(rec["step_ms_all"]) == 2
+    assert rec["tokens_per_s"] == pytest.approx(2 * 12 / (rec["step_ms"] / 1e3))
+    assert rec["loss_step1"] == pytest.approx(float(torch.log(torch.tensor(320.0))), rel=0.05)  # ~uniform at init
+    assert rec["mfu_measured"] is None and rec["compile_cold_s"] is None            # CPU: no peak, eager
+    assert doc["settings"]["order"] == ["eager"] and doc["flops_per_token"] > 0
+    printed = capsys.readouterr().out
+    assert "eager" in printed and "tok/s" in printed
+
+
+def test_bench_cli_rejects_unknown_ways(tmp_path, capsys):
+    assert main(["bench", str(TINY), "--out", str(tmp_path / "b.json"), "--ways", "eager,fast"]) == 2
+    assert "unknown way(s) fast" in capsys.readouterr().err
+
+
+def test_kernel_groups_and_table():
+    assert kernel_group("_bwd_dkdv") == "attention"
+    assert kernel_group("triton_tem_fused_flex_attention_0") == "attention"
+    assert kernel_group("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<") \
+        == "grouped GEMM"
+    assert kernel_group("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT") == "dense GEMM"
+    assert kernel_group("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") \
+        == "optimizer"
+    assert kernel_group("triton_poi_fused__to_copy_3") == "weight/dtype copies"
+    assert kernel_group("triton_red_fused__to_copy_mul_rsqrt_sum_1") == "Inductor elementwise/reduction"
+    assert kernel_group("_swiglu_bwd_kernel") == "grapefx Triton (SwiGLU / expert combine / loss)"
+    assert kernel_group("void at::native::index_elementwise_kernel<128, 4>") == "dispatch: sort / gather / scatter"
+    doc = {"spec": "s", "shape": {"tokens_per_step": 8}, "flops_per_token": 1e6, "settings": {"order": list(RUN_ORDER)},
+           "peak": {"measured_bf16_matmul_tflops": 700.0, "datasheet_tflops": 989.0}, "ratios": {"grapefx_vs_reference_tokens_per_s": 1.5},
+           "ways": {"grapefx": {"status": "ok", "tokens_per_s": 1000.0, "step_ms": 8.0, "mfu_measured": 0.4,
+                                "loss_step1": 5.0}, "eager": {"status": "error", "error": "boom"}}}
+    table = format_table(doc)
+    assert "grapefx" in table and "40.0%" in table and "eager failed: boom" in table and "1.50" in table

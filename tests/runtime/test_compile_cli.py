@@ -1,0 +1,98 @@
+"""``grapefx compile``: the dumps and the one-screen summary (passes and dumps only: --no-compile;
+the compiled path is tests/compiler/test_pipeline.py's)."""
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from runtime.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SMALL = ["model.n_layers=8", "model.d_model=32", "model.vocab_size=257", "data.tokenizer.kind=byte",
+         "data.tokenizer.vocab_size=null", "data.seq_len=32", "attention.local.window=8",
+         "attention.local.heads=4", "attention.local.kv_heads=2", "attention.local.head_dim=8",
+         "attention.global.heads=4", "attention.global.kv_heads=2", "attention.global.head_dim=8",
+         "moe.experts=4", "moe.top_k=2", "moe.expert_hidden=16", "train.micro_batch=2"]
+
+
+def _compile(example, *flags):
+    args = ["compile", str(EXAMPLES / example), "--no-compile", *flags]
+    for s in SMALL:
+        args += ["--set", s]
+    return main(args)
+
+
+def test_baseline_dumps(tmp_path, capsys):
+    assert _compile("baseline.yaml", "--dump", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "local/moe      layers 1-3, 5-7" in out and "global/moe     layers 4, 8" in out
+    assert "rotary_attention: 6 matches in layers 1-3, 5-7" in out and "bias_softmax: 2 matches in layers 4, 8" in out
+    assert "compile: off" in out and "parameters" in out
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"lowered.py", "lowered.txt", "fused.py", "fused.txt", "passes.json", "passes.md", "graph.html"} <= names
+
+    passes = json.loads((tmp_path / "passes.json").read_text())
+    assert passes["rotary_attention"]["matches"] == 6 and passes["rotary_attention"]["layers"] == [1, 2, 3, 5, 6, 7]
+    assert passes["bias_softmax"]["layers"] == [4, 8] and passes["attention_formation"]["layers"] == list(range(1, 9))
+
+    fused = (tmp_path / "fused.py").read_text()
+    assert fused.count("def forward") == 2                                    # each distinct block graph once
+    assert "layers 1-3, 5-7 (shown as layer 1; layers 2-3, 5-7 run the same graph" in fused
+    assert "torch.ops.grapefx.attention(layer1_attn_q, layer1_attn_k, layer1_attn_v, layer1_attn_theta, None, 8," in fused
+    for op in ("grapefx.grape_m_rotate(", "grapefx.alibi_bias(", "torch.softmax(", "masked_fill("):
+        assert op not in fused
+    lowered = (tmp_path / "lowered.py").read_text()
+    for op in ("grapefx.grape_m_rotate(", "grapefx.alibi_bias(", "torch.softmax(", "masked_fill("):
+        assert op in lowered
+    assert "def forward(self, x, targets)" in lowered                       # the head graph too
+
+    table = (tmp_path / "lowered.txt").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("layer1_attn_qk "))
+    assert re.search(r"call_function\s+torch\.matmul\s+\(2, 2, 64, 32\)\s+float32", row)   # (B, Hkv, G*T, T)
+    assert "layer1_attn_fused *" in (tmp_path / "fused.txt").read_text()      # '*': made by a pass
+
+    md = (tmp_path / "passes.md").read_text()
+    assert "| `bias_softmax` | 2 | 4, 8 |" in md
+    assert "grapefx.attention(q, k, v, theta=None, slopes=layer4_attn_alibi_slopes, window=0" in md
+
+    page = (tmp_path / "graph.html").read_text()
+    svgs = re.findall(r"<svg.*?</svg>", page, re.S)
+    assert len(svgs) == 4                                                      # 2 fused graphs + 2 lowered
+    for svg in svgs:
+        ET.fromstring(svg)                                                     # well-formed, self-contained
+    assert page.count('fill="#fed7aa"') == 2                                   # the two fused attention nodes
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")        # nothing fetched from outside
+
+
+def test_nope_global_ablation_says_bias_softmax_matched_nothing(tmp_path, capsys):
+    assert _compile("ablation-nope-global.yaml", "--dump", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "bias_softmax: nothing — layers 1-8: the attention has no dense bias" in out
+    md = (tmp_path / "passes.md").read_text()
+    assert "**Matched nothing**: layers 1-8: the attention has no dense bias" in md
+    assert json.loads((tmp_path / "passes.json").read_text())["bias_softmax"]["matches"] == 0
+
+
+def test_no_passes_writes_the_lowered_dumps(tmp_path, capsys):
+    assert _compile("baseline.yaml", "--no-passes", "--dump", str(tmp_path)) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"lowered.py", "lowered.txt", "passes.json", "passes.md", "graph.html"} <= names
+    assert "fused.py" not in names
+    assert "passes: none" in capsys.readouterr().out
+    assert "Passes run, in order: none" in (tmp_path / "passes.md").read_text()
+
+
+def test_passes_option_and_prerequisite_off(tmp_path, capsys):
+    assert _compile("baseline.yaml", "--passes", "rotary_attention", "--dump", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "rotary_attention: nothing — did nothing: it rewrites the grapefx.attention nodes that " \
+           "attention_formation makes, and attention_formation is off" in out
+    assert json.loads((tmp_path / "passes.json").read_text())["rotary_attention"]["skipped"]
+
+
+def test_user_errors_exit_2(capsys):
+    assert _compile("baseline.yaml", "--passes", "rotary") == 2
+    assert "did you mean 'rotary_attention'" in capsys.readouterr().err
+    assert _compile("baseline.yaml", "--inductor-code") == 2
+    assert "--inductor-code: give --dump DIR" in capsys.readouterr().err
