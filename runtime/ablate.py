@@ -214,8 +214,8 @@ def _cached_eval(run: Run, matrix: Matrix) -> dict | None:
         return None
     record = json.loads(path.read_text())
     wanted = {**matrix.eval.as_dict(), "batch_size": _batch_size(matrix, run.spec)}
-    ok = record.get("format") == EVAL_FORMAT and record.get("step") == run.spec.train.steps and record.get("eval") == wanted
-    return record if ok else None
+    same = (record.get("format"), record.get("step"), record.get("eval")) == (EVAL_FORMAT, run.spec.train.steps, wanted)
+    return record if same else None
 
 
 def _write_json(path: Path, value: dict) -> None:

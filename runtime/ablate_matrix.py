@@ -144,7 +144,8 @@ def load_matrix(path: str | Path) -> Matrix:
                                           "the matrix file")
     shared = data.get("shared") or {}
     if not isinstance(shared, dict):
-        raise SpecError(file, "shared", f"expected a spec overlay (a mapping like train: {{steps: 100}}), got {shared!r}")
+        raise SpecError(file, "shared", f"expected a spec overlay (a mapping like train: {{steps: 100}}), "
+                                        f"got {shared!r}")
     if "extends" in shared:
         raise SpecError(file, "shared.extends", "shared is an overlay applied to every run; the spec it applies to "
                                                 "is the baseline (or a file variant's own file)")
@@ -155,8 +156,8 @@ def load_matrix(path: str | Path) -> Matrix:
 
 def _variants(raw: Any, file: str, here: Path) -> tuple[Variant, ...]:
     if not (isinstance(raw, dict) and raw):
-        raise SpecError(file, "variants", "expected a mapping of variant names to overlays, e.g. "
-                                          "{baseline: {}, nope-global: {attention: {global: {position: {kind: nope}}}}}")
+        raise SpecError(file, "variants", "expected a mapping of variant names to overlays, e.g. {baseline: {}, "
+                                          "nope-global: {attention: {global: {position: {kind: nope}}}}}")
     out = []
     for name, value in raw.items():
         key = f"variants.{name}"
@@ -166,14 +167,16 @@ def _variants(raw: Any, file: str, here: Path) -> tuple[Variant, ...]:
         if value is None or isinstance(value, dict):
             overlay = value or {}
             if "extends" in overlay:
-                raise SpecError(file, f"{key}.extends", "an inline overlay always applies to the baseline; to base "
-                                                        f"a variant on another spec file give its path: {name}: FILE.yaml")
+                raise SpecError(file, f"{key}.extends", "an inline overlay always applies to the baseline; to "
+                                                        "base a variant on another spec file give its path: "
+                                                        f"{name}: FILE.yaml")
             _check_overlay(overlay, file, key)
             out.append(Variant(name, overlay, None, f"{file} ({key})"))
         elif isinstance(value, str) and value:
             vfile = here / value
             if not vfile.is_file():
-                raise SpecError(file, key, f"file {str(vfile)!r} does not exist; the path is relative to the matrix file")
+                raise SpecError(file, key, f"file {str(vfile)!r} does not exist; the path is relative to the "
+                                           "matrix file")
             own = parse_yaml(vfile.read_text(encoding="utf-8"), str(vfile)) or {}
             if not isinstance(own, dict):
                 raise SpecError(str(vfile), None, "a spec file must be a YAML mapping")
@@ -222,7 +225,8 @@ def _eval(raw: Any, file: str) -> EvalSettings:
         raise SpecError(file, "eval.batches", f"expected an integer >= 1, got {batches!r}")
     batch_size = raw.get("batch_size", d.batch_size)
     if batch_size is not None and not (_int(batch_size) and batch_size >= 1):
-        raise SpecError(file, "eval.batch_size", f"expected an integer >= 1 or null (train.micro_batch), got {batch_size!r}")
+        raise SpecError(file, "eval.batch_size", f"expected an integer >= 1 or null (train.micro_batch), "
+                                                 f"got {batch_size!r}")
     seed = raw.get("seed", d.seed)
     if not (_int(seed) and seed >= 0):
         raise SpecError(file, "eval.seed", f"expected an integer >= 0, got {seed!r}")
@@ -306,9 +310,10 @@ def check_variants(matrix: Matrix, overrides: Sequence[str] = ()) -> dict[str, l
         if extra:
             base = f"{v.name} ({v.label})" if v.file is not None else v.name
             problems.append(SpecError(where, key, f"variant {base} differs from the baseline "
-                                                  f"{matrix.baseline.name} in {len(extra)} key(s) it does not declare: "
-                                                  f"{_list(extra)}; a variant may differ only where its overlay says so "
-                                                  "(did it extend another file, or set something the others do not?)"))
+                                                  f"{matrix.baseline.name} in {len(extra)} key(s) it does not "
+                                                  f"declare: {_list(extra)}; a variant may differ only where its "
+                                                  "overlay says so (did it extend another file, or set something the "
+                                                  "others do not?)"))
         elif declared and not changes and len(problems) == before:   # (an overlap above already explains it)
             problems.append(SpecError(where, key, f"variant {v.name} declares {', '.join(declared)} but resolves "
                                                   "to the baseline's spec (every value equals the baseline's); "

@@ -126,8 +126,10 @@ def metrics_for(contexts: Sequence[int], seq_len: int) -> list[Metric]:
     ms += [Metric(f"val_loss_{c}x", f"val loss @ {c * seq_len} tok ({c}×)",
                   f"validation loss at {c}× the training context ({c * seq_len} tokens)", "nats/token", True, 3)
            for c in contexts]
-    ms += [Metric("max_vio_mean", f"val MaxVio mean @ {first} tok", "validation MaxVio (mean over MoE layers)", "", True, 3),
-           Metric("max_vio_worst", f"val MaxVio worst layer @ {first} tok", "validation MaxVio (worst layer)", "", True, 3),
+    ms += [Metric("max_vio_mean", f"val MaxVio mean @ {first} tok", "validation MaxVio (mean over MoE layers)", "",
+                  True, 3),
+           Metric("max_vio_worst", f"val MaxVio worst layer @ {first} tok", "validation MaxVio (worst layer)", "",
+                  True, 3),
            Metric("tokens_per_s", "train tokens/s", "training throughput", "tokens/s", False, 0)]
     return ms
 
@@ -162,7 +164,13 @@ def _cell(s: Summary | None, digits: int) -> str:
         return "—"
     if s.n == 1:
         return _num(s.mean, digits)
-    return f"{_num(s.mean, digits)} [{_num(s.min, digits)}–{_num(s.max, digits)}]"
+    return f"{_num(s.mean, digits)} [{_range(s.min, s.max, digits)}]"
+
+
+def _range(low: float, high: float, digits: int) -> str:
+    """``0.007–0.023``; ``−0.007 to 0.014`` when a bound is negative (a dash would read as a minus sign)."""
+    a, b = _num(low, digits), _num(high, digits)
+    return f"{a}–{b}" if low >= 0 and high >= 0 else f"{a} to {b}".replace("-", "−")
 
 
 def _phrase(v: Verdict, digits: int) -> str:
@@ -174,7 +182,7 @@ def _phrase(v: Verdict, digits: int) -> str:
     paired = f"better on {v.paired_wins} of {v.paired} seeds"
     if g is not None and v.paired_wins == v.paired:
         low, high = _num(g.min, digits), _num(g.max, digits)
-        paired += f", by {low}" if low == high else f", by {low}–{high}"
+        paired += f", by {low}" if low == high else f", by {_range(g.min, g.max, digits)}"
     if v.beyond_spread:
         return f"larger than the seed spread (the min–max ranges do not overlap); paired by seed it is {paired}"
     return f"within the seed spread (the min–max ranges overlap); paired by seed it is {paired}"
@@ -218,7 +226,8 @@ def write_report(out: Path, matrix: "Matrix", runs: Sequence["Run"], diffs: Mapp
                    "min-max ranges over seeds of the better variant and the runner-up do not overlap"},
         "metrics": [asdict(m) for m in metrics],
         "results": {v: {"changes": [{"key": c.key, "baseline": c.baseline, "variant": c.variant} for c in diffs[v]],
-                        "runs": {str(r.seed): {"folder": str(r.folder), **per_run[r.name]} for r in runs if r.variant == v},
+                        "runs": {str(r.seed): {"folder": str(r.folder), **per_run[r.name]}
+                                 for r in runs if r.variant == v},
                         "summary": {k: (asdict(s[v]) if s[v] else None) for k, s in summaries.items()}}
                     for v in variants},
         "verdicts": {k: (asdict(v) if v else None) for k, v in verdicts.items()},
@@ -248,7 +257,8 @@ def _summary_paragraph(matrix: "Matrix", runs: Sequence["Run"], metrics: list[Me
         return head + " With one variant there is nothing to compare; the table lists its numbers."
     by_key = {m.key: m for m in metrics}
     ctx = matrix.eval.contexts
-    headline = [f"val_loss_{ctx[0]}x"] + ([f"val_loss_{ctx[-1]}x"] if len(ctx) > 1 else []) + ["max_vio_mean", "tokens_per_s"]
+    longest = [f"val_loss_{ctx[-1]}x"] if len(ctx) > 1 else []
+    headline = [f"val_loss_{ctx[0]}x"] + longest + ["max_vio_mean", "tokens_per_s"]
     sentences = []
     for key in headline:
         v, m = verdicts.get(key), by_key[key]
@@ -261,6 +271,12 @@ def _summary_paragraph(matrix: "Matrix", runs: Sequence["Run"], metrics: list[Me
             continue
         sentences.append(f"On {m.name}, **{v.winner}** is {better}: {_num(v.winner_mean, m.digits)} vs "
                          f"{_num(v.runner_up_mean, m.digits)}{unit} for {v.runner_up} — {_phrase(v, m.digits)}.")
+    judged = [(m, verdicts[m.key]) for m in metrics
+              if verdicts.get(m.key) is not None and verdicts[m.key].beyond_spread is not None]
+    clear = [f"{m.name} (**{v.winner}**)" for m, v in judged if v.beyond_spread]
+    if judged:
+        sentences.append(f"Larger than the seed spread: {', '.join(clear)}; every other difference is within it."
+                         if clear else "None of the differences is larger than the seed spread.")
     return " ".join([head] + sentences)
 
 
@@ -338,7 +354,7 @@ def _markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, c
     for r in sorted(runs, key=lambda r: (order[r.variant], r.seed)):
         lines.append(f"| {r.name} | " + " | ".join(_num(per_run[r.name][m.key], m.digits) for m in metrics) + " |")
 
-    e = matrix.eval
+    e, seq_len = matrix.eval, runs[0].spec.data.seq_len
     bs = e.batch_size or runs[0].spec.train.micro_batch
     lines += ["", "## How it was measured", "",
               f"- Every run is a normal `grapefx train` run folder under `runs/<variant>-seed<k>/`; runs of one seed "
@@ -347,10 +363,11 @@ def _markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, c
               f"- Final validation loss: the trainer's last evaluation (`train.eval_batches` = "
               f"{runs[0].spec.train.eval_batches} micro-batches; its validation rows depend on the run's seed).",
               f"- Validation loss at each context: the final checkpoint in an eager, uncompiled model, on the first "
-              f"{e.batches} batches of {bs} rows of the validation split at each length ({', '.join(str(c * runs[0].spec.data.seq_len) for c in e.contexts)} "
-              f"tokens), sampler seed {e.seed}: the same rows for every run. Token-weighted mean cross-entropy.",
+              f"{e.batches} batches of {bs} rows of the validation split at each length "
+              f"({', '.join(str(c * seq_len) for c in e.contexts)} tokens), sampler seed {e.seed}: the same rows "
+              "for every run. Token-weighted mean cross-entropy.",
               f"- MaxVio: (max_i c_i − mean c) / mean c per MoE layer, c = tokens routed to each expert summed over "
-              f"those batches at {e.contexts[0] * runs[0].spec.data.seq_len} tokens; mean over layers and the worst layer.",
+              f"those batches at {e.contexts[0] * seq_len} tokens; mean over layers and the worst layer.",
               "- Throughput: training tokens over training time of the logged windows after the first (warm-up"
               f"{' and compilation' if runs[0].spec.compile.enabled else ''}), on {env.get('device', '?')} "
               f"({env.get('cpu_threads', '?')} CPU threads, torch {env.get('torch', '?')}); it depends on what else "
