@@ -12,7 +12,7 @@
 #      after the first, which holds the compile), scaling efficiency = tok/s(2 GPUs) / (2 x tok/s(1 GPU)),
 #      peak memory, and the loss at each logged step (the 2-GPU curves follow the 1-GPU one)
 # Run from the repository root:  bash bench/run_multi_gpu.sh      (writes into $OUT, or ./gpu-out without it)
-# Knobs (environment): STEPS, LOG_EVERY, LIMIT, COMPILE=false (eager from the start), and for a dry run on a
+# Knobs (environment): STEPS, LOG_EVERY, LIMIT, RUNS (order of the 2-GPU runs), COMPILE=false (eager from the start), and for a dry run on a
 # CPU machine: SPEC=examples/tiny.yaml MIN_GPUS=0 COMPILE=false (two gloo processes instead of two GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -96,8 +96,12 @@ if [ "$COMPILE" = true ] && [ "${STATUS[one]}" != 0 ] && [ "${WALL[one]:-0}" -lt
   rm -rf "$WORK/runs/one"
   train one 200
 fi
-train ddp 170 --nproc 2 --set parallel.data=ddp
-train fsdp 170 --nproc 2 --set parallel.data=fsdp
+for run in ${RUNS:-ddp fsdp}; do       # RUNS="fsdp ddp" measures FSDP2 first when time is short
+  case $run in
+    ddp) train ddp 170 --nproc 2 --set parallel.data=ddp ;;
+    fsdp) train fsdp 170 --nproc 2 --set parallel.data=fsdp ;;
+  esac
+done
 
 # ---------------------------------------------------------------- 4. results
 python3 - "$OUT" "$STEPS" "$LOG_EVERY" "$COMPILE" "$MICRO" "$GLOBAL" "$SPEC" \
