@@ -12,6 +12,7 @@ import torch
 
 from compiler import pipeline
 from compiler.lower import GrapeModel
+from compiler.pipeline import BuildReport
 from spec.schema import Spec
 
 __all__ = ["compute_dtype", "build_model"]
@@ -22,11 +23,11 @@ def compute_dtype(spec: Spec, device: torch.device) -> str:
 
 
 def build_model(spec: Spec, device: torch.device, *, compile: bool,
-                shard: Callable[[GrapeModel], None] | None = None) -> GrapeModel:
+                shard: Callable[[GrapeModel], None] | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``: lowered, fused by ``compile.passes``, and its graphs compiled by
-    the pipeline (``compiler.pipeline.build_model``), or run eagerly with ``compile=False``.
+    the pipeline (``compiler.pipeline.build_model``), or run eagerly with ``compile=False``; and the
+    pipeline's report (which passes matched where; the run folder keeps it as ``passes.json``).
 
     ``shard`` (FSDP2 per block, ``runtime.distributed``) is applied on ``device`` before compiling.
     """
-    model, _ = pipeline.build_model(spec, device, compile=compile, shard=shard)   # passes: compile.passes
-    return model
+    return pipeline.build_model(spec, device, compile=compile, shard=shard)   # passes: compile.passes

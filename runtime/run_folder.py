@@ -55,11 +55,15 @@ def _version(package: str) -> str | None:
         return None
 
 
-def record_run(run_dir: str | Path, spec: Spec, *, command: Sequence[str], device: torch.device, peak: Peak) -> None:
-    """Write ``spec.resolved.yaml`` and ``env.json`` into ``run_dir`` (created if needed)."""
+def record_run(run_dir: str | Path, spec: Spec, *, command: Sequence[str], device: torch.device, peak: Peak,
+               passes: dict | None = None) -> None:
+    """Write ``spec.resolved.yaml``, ``env.json`` and (given the pipeline's pass report, as
+    ``PassReport.as_dict()``) ``passes.json`` into ``run_dir`` (created if needed)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.resolved.yaml").write_text(dump_spec(spec))
+    if passes is not None:
+        (run_dir / "passes.json").write_text(json.dumps(passes, indent=2) + "\n")
     env = {
         "command": list(command),
         "python": platform.python_version(),

@@ -17,7 +17,7 @@ One optimizer step n (from 1):
 
 Exact resume: everything the next step reads is in the checkpoint (parameters, expert biases,
 AdamW moments and step, scheduler, sampler position, RNG states), so on CPU eager, N steps +
-resume + N steps give bitwise the losses of 2N steps (tests/runtime/test_resume.py).
+resume + N steps give bitwise the losses of 2N steps (tests/runtime/test_trainer.py).
 
 Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C exits at once).
 With several ranks, every rank stops after the same step: the ranks agree on it after each step.
@@ -96,7 +96,8 @@ class Trainer:
         self.data = self._prepare_data()
         self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
         self.parallel = DataParallel(spec.parallel.data, world, self.device)
-        self.model = build_model(spec, self.device, compile=spec.compile.enabled, shard=self.parallel.shard)
+        self.model, self.build_report = build_model(spec, self.device, compile=spec.compile.enabled,
+                                                    shard=self.parallel.shard)
         self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
         self.optimizer = build_optimizer(self.model, spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
@@ -108,9 +109,15 @@ class Trainer:
         if resume:
             self._resume()
         if world.coordinator:
-            record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak)
+            record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak,
+                       passes=self.build_report.passes.as_dict())
         self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty)
         self._stop_requested = False
+        r = self.build_report
+        if r.compiled:   # the first step (and the first evaluation, under no_grad) waits for Inductor
+            self._say(f"compiling {len(r.groups)} distinct block graph{'s' if len(r.groups) != 1 else ''} and the "
+                      f"head with Inductor ({r.compute_dtype}) on the first step; a cold compile takes about a "
+                      "minute per graph on a small CPU, seconds with a warm cache")
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds) the data first; the others then open its cache."""
