@@ -112,6 +112,15 @@ class Change:
 
 
 # ---------------------------------------------------------------------- reading the file
+def is_matrix_file(path: str | Path) -> bool:
+    """Whether ``path`` reads as an ablation matrix (a top-level ``variants:``) rather than a spec."""
+    try:
+        data = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))
+    except (OSError, SpecError):
+        return False          # unreadable or broken YAML: the spec loader reports it properly
+    return isinstance(data, dict) and "variants" in data
+
+
 def load_matrix(path: str | Path) -> Matrix:
     """Read and check a matrix file; errors are ``SpecError`` as ``FILE: key.path: message``."""
     file = str(path)

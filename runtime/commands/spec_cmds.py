@@ -28,7 +28,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("validate", help="check a spec; print 'ok' or every problem")
+    p = subparsers.add_parser("validate", help="check a spec (or an ablation matrix); print 'ok' or every problem")
     _add_spec_args(p)
     p.set_defaults(func=cmd_validate)
 
@@ -55,6 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from runtime.ablate_matrix import check_variants, is_matrix_file, load_matrix, run_spec
+    if is_matrix_file(args.spec):          # an ablation matrix: every run's spec, and the fairness check
+        matrix = load_matrix(args.spec)
+        for variant in matrix.variants:
+            for seed in matrix.seeds:
+                run_spec(matrix, variant, seed, args.overrides)
+        diffs = check_variants(matrix, args.overrides)
+        differing = "; ".join(f"{name}: {', '.join(c.key for c in changes) or 'the baseline'}"
+                              for name, changes in diffs.items())
+        print(f"ok: {args.spec} (ablation matrix: {len(matrix.variants)} variants x {len(matrix.seeds)} seeds; "
+              f"{differing})")
+        return 0
     spec = load_spec(args.spec, args.overrides)
     print(f"ok: {args.spec} ({summary_line(spec)})")
     return 0

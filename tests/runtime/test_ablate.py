@@ -111,10 +111,20 @@ def test_refuses_a_variant_that_extends_another_file_and_lists_the_keys(tmp_path
         "base.yaml in 2 key(s) it does not declare: model.d_model (16 -> 32), train.optimizer.lr (0.0003 -> 0.01); "
         "a variant may differ only where its overlay says so (did it extend another file, or set something the "
         "others do not?)")
-    # the command refuses before training anything
+    # the command refuses before training anything, and `grapefx validate` says the same
     assert main(["ablate", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "model.d_model (16 -> 32), train.optimizer.lr (0.0003 -> 0.01)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert main(["validate", str(path)]) == 2
+    assert "model.d_model (16 -> 32), train.optimizer.lr (0.0003 -> 0.01)" in capsys.readouterr().err
+
+
+def test_validate_checks_the_example_matrices(capsys):
+    for name in ("ablation.yaml", "ablation-tiny.yaml"):
+        assert main(["validate", str(EXAMPLES / name)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"ok: {EXAMPLES / name} (ablation matrix: 2 variants x ") and \
+            "nope-global: attention.global.position.kind" in out
 
 
 def test_a_file_variant_that_extends_the_baseline_declares_its_own_keys(tmp_path, base):
