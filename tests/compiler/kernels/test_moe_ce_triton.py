@@ -18,6 +18,10 @@ if not ON_GPU:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own process",
                     allow_module_level=True)
     os.environ["TRITON_INTERPRET"] = "1"
+    import numpy
+    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip("Triton's interpreter mis-runs loops whose bounds depend on the program id with numpy >= 2.4; "
+                    "run these tests with numpy < 2.4 (pip install 'numpy<2.4')", allow_module_level=True)
 
 from compiler.kernels import cross_entropy, moe  # noqa: E402
 
