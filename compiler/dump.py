@@ -293,7 +293,7 @@ def write_dumps(folder: str | Path, model, report: BuildReport, *, batch: int, s
                                intro + f"# after the passes {', '.join(report.passes.order)}; "
                                        "'*' in the tables marks nodes a pass made or rewrote\n")
         written += [folder / "fused.py", folder / "fused.txt"]
-    (folder / "passes.json").write_text(json.dumps(report.passes.as_dict(), indent=2) + "\n")
+    (folder / "passes.json").write_text(json.dumps(report.passes_dict(), indent=2) + "\n")
     (folder / "passes.md").write_text(_passes_md(report, spec.name, list(model.layers)))
     (folder / "graph.html").write_text(_graph_html(spec.name, report, list(model.layers), lowered))
     return written + [folder / n for n in ("passes.json", "passes.md", "graph.html")]

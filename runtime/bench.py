@@ -174,7 +174,7 @@ class Bench:
         self.batches = [(torch.randint(0, V, (B, T), generator=g).to(device),
                          torch.randint(0, V, (B, T), generator=g).to(device)) for _ in range(2)]
 
-    def _ours(self, *, compile: bool, passes: Sequence[str] | None, fuse_head: bool, flex: bool = False) -> Built:
+    def _ours(self, *, compile: bool, passes: Sequence[str] | None, flex: bool = False) -> Built:
         from compiler.pipeline import build_model, checkpoint_blocks, compile_model
 
         with _same_initial_weights(self.init_cache):
@@ -182,9 +182,8 @@ class Bench:
         self._keep_initial(model)
         notes = {"passes": {n: e.matches for n, e in report.passes.entries.items() if e.enabled},
                  "graphs": [f"{g.label}: layers {g.layers_1based}" for g in report.groups]}
-        if fuse_head:
-            from compiler.passes.linear_cross_entropy import fuse_head as fuse
-            notes["head_fused"] = fuse(model).matches
+        if report.head is not None:          # the pipeline fuses the head whenever passes run
+            notes["head_fused"] = report.head.matches
         if flex:
             from compiler import flex as flex_mod
             if self.device.type != "cuda":
@@ -221,13 +220,13 @@ class Bench:
 
     def build(self, way: str) -> Built:
         if way == "eager":
-            return self._ours(compile=False, passes=[], fuse_head=False)
+            return self._ours(compile=False, passes=[])
         if way == "compile":
-            return self._ours(compile=True, passes=[], fuse_head=False)
+            return self._ours(compile=True, passes=[])
         if way == "grapefx":
-            return self._ours(compile=True, passes=None, fuse_head=True)
+            return self._ours(compile=True, passes=None)
         if way == "flex":
-            return self._ours(compile=True, passes=None, fuse_head=True, flex=True)
+            return self._ours(compile=True, passes=None, flex=True)
         if way == "reference":
             return self._reference()
         raise GrapefxError(f"unknown way {way!r}; choose from {', '.join(WAYS)}")

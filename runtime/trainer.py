@@ -110,7 +110,7 @@ class Trainer:
             self._resume()
         if world.coordinator:
             record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak,
-                       passes=self.build_report.passes.as_dict())
+                       passes=self.build_report.passes_dict())
         self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty)
         self._stop_requested = False
         r = self.build_report

@@ -110,6 +110,7 @@ def test_metrics_lines_plot_and_run_record(tiny_spec, tmp_path):
     assert "train" in yaml.safe_load((tmp_path / "spec.resolved.yaml").read_text())
     passes = json.loads((tmp_path / "passes.json").read_text())      # layer 1 local GRAPE-M, layer 2 global GRAPE-A
     assert passes["rotary_attention"]["layers"] == [1] and passes["bias_softmax"]["layers"] == [2]
+    assert passes["linear_cross_entropy"]["graph"] == "head" and passes["linear_cross_entropy"]["matches"] == 1
 
 
 def test_evaluation_never_moves_the_expert_bias(tiny_spec, tmp_path):
