@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.commands import add_overrides
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,8 +22,7 @@ def register(subparsers) -> None:
                     "skips finished runs and resumes unfinished ones.")
     p.add_argument("matrix", help="the matrix YAML file")
     p.add_argument("--out", metavar="DIR", help="folder for the runs and the report (default: runs/<matrix name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec value in every run, e.g. --set train.steps=50 (repeatable)")
+    add_overrides(p, "train.steps=50", "a spec value in every run")
     p.set_defaults(func=_ablate)
 
 

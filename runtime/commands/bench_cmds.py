@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.commands import add_overrides
 from spec.errors import GrapefxError
 
 WAY_NAMES = ("eager", "compile", "flex", "reference", "grapefx")
@@ -47,8 +48,7 @@ def register(subparsers) -> None:
                    help="ways whose warm compile is timed (dynamo reset, caches warm); 'none' for none "
                         "(default grapefx,reference)")
     p.add_argument("--time-budget", type=float, metavar="S", help="skip the ways that would start after S seconds")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec value, e.g. --set compile.activation_checkpointing=true (repeatable)")
+    add_overrides(p, "compile.activation_checkpointing=true")
     p.set_defaults(func=cmd_bench)
 
 

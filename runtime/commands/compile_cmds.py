@@ -13,6 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
+from runtime.commands import add_overrides
 from spec.errors import GrapefxError
 
 
@@ -32,8 +33,7 @@ def register(subparsers) -> None:
                         "compile cache for this run so the code is generated)")
     p.add_argument("--no-compile", action="store_true", help="passes and dumps only (same as --set compile.enabled=false)")
     p.add_argument("--batch", type=int, metavar="B", help="rows of the compile batch (default: train.micro_batch)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one value, e.g. --set model.n_layers=4 (repeatable)")
+    add_overrides(p, "model.n_layers=4", "one value")
     p.set_defaults(func=cmd_compile)
 
 

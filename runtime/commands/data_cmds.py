@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.commands import add_overrides
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="prepare training data (tokenize, split, cache)")
@@ -14,8 +16,7 @@ def register(subparsers) -> None:
         description="Prepare SPEC's data section: fetch or read the sources, train or load the tokenizer, "
                     "write train/valid Megatron indexed datasets into the cache. A re-run reuses the cache.")
     prep.add_argument("spec", help="the spec YAML file")
-    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a spec value, e.g. --set data.tokenizer.kind=bpe (repeatable)")
+    add_overrides(prep, "data.tokenizer.kind=bpe")
     prep.set_defaults(func=_prepare)
 
 

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from runtime.commands import add_overrides
 from spec import dump_spec, load_spec, spec_from_dict
 from spec.derive import describe
 from spec.errors import SpecError
@@ -23,8 +24,7 @@ from spec.report import describe_text, summary_line
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", metavar="SPEC", help="a YAML spec, e.g. examples/baseline.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one value, e.g. --set train.steps=50 (repeatable)")
+    add_overrides(p, "train.steps=50", "one value")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runtime.commands import add_overrides
 from spec.errors import GrapefxError
 
 # seconds torchrun waits for the ranks to save their checkpoint after Ctrl-C before killing them
@@ -40,8 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (same as --set train.steps=N)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN")
     p.add_argument("--no-compile", action="store_true", help="run the graphs eagerly (same as --set compile.enabled=false)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec value, e.g. --set train.micro_batch=4 (repeatable)")
+    add_overrides(p, "train.micro_batch=4")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train data-parallel in N processes on this machine (one per GPU; parallel.data picks "
                         "ddp or fsdp) by launching torchrun --standalone --nproc-per-node N; for several "
