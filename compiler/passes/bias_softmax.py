@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from compiler.passes.match import (ATTENTION, PassResult, attention_args, count, dtype, finish, is_custom, is_op,
-                                   set_attention_args, shape, val)
+from compiler.passes.match import ATTENTION, PassResult, dtype, fold_into_attention, is_custom, is_op, shape, val
 
 NAME = "bias_softmax"
 ALIBI = torch.ops.grapefx.alibi_bias
@@ -70,30 +69,19 @@ def _unsafe(attn: dict, alibi: fx.Node) -> str | None:
     return None
 
 
+def _fold(node: fx.Node, args: dict) -> dict | str:
+    if args["bias"] is None:
+        return "the attention has no dense bias (no additive position bias in this layer)"
+    found = _alibi_source(args["bias"])
+    if found is None:
+        return "the dense bias is not an alibi_bias (possibly reshaped)"
+    alibi, _ = found
+    reason = _unsafe(args, alibi)
+    if reason is not None:
+        return reason
+    return {**args, "slopes": alibi.args[0], "bias": None}
+
+
 def bias_softmax_pass(gm: fx.GraphModule) -> PassResult:
     """Turn every ALiBi bias of a ``grapefx.attention`` node of ``gm`` into in-kernel slopes, in place."""
-    result = PassResult(NAME)
-    before = list(gm.graph.nodes)
-    attentions = [n for n in before if is_custom(n, ATTENTION)]
-    if not attentions:
-        result.absent = "no grapefx.attention node (attention_formation makes them)"
-    for node in attentions:
-        args = attention_args(node)
-        if args["bias"] is None:
-            result.declined.append("the attention has no dense bias (no additive position bias in this layer)")
-            continue
-        found = _alibi_source(args["bias"])
-        if found is None:
-            result.declined.append("the dense bias is not an alibi_bias (possibly reshaped)")
-            continue
-        alibi, _ = found
-        reason = _unsafe(args, alibi)
-        if reason is not None:
-            result.declined.append(reason)
-            continue
-        args["slopes"], args["bias"] = alibi.args[0], None
-        set_attention_args(node, args)
-        node.meta.setdefault("grapefx_fused", []).append(NAME)
-        result.matches += 1
-        count(NAME)
-    return finish(gm, result, before)
+    return fold_into_attention(gm, NAME, _fold)

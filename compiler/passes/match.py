@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -220,3 +220,28 @@ def count(name: str) -> None:
     from torch._dynamo.utils import counters
 
     counters["grapefx"][name] += 1
+
+
+def fold_into_attention(gm: fx.GraphModule, name: str,
+                        fold: Callable[[fx.Node, dict[str, Any]], "dict[str, Any] | str"]) -> PassResult:
+    """The driver of a pass that folds something into each ``grapefx.attention`` node of ``gm``.
+
+    ``fold(node, args)`` gets the node's arguments by name and returns the new arguments, or a
+    string saying why this node is left alone (the pass declines quietly). Each rewrite marks the
+    node as fused by ``name`` and counts; the graph is then cleaned, linted and recompiled.
+    """
+    result = PassResult(name)
+    before = list(gm.graph.nodes)
+    attentions = [n for n in before if is_custom(n, ATTENTION)]
+    if not attentions:
+        result.absent = "no grapefx.attention node (attention_formation makes them)"
+    for node in attentions:
+        new = fold(node, attention_args(node))
+        if isinstance(new, str):
+            result.declined.append(new)
+            continue
+        set_attention_args(node, new)
+        node.meta.setdefault("grapefx_fused", []).append(name)
+        result.matches += 1
+        count(name)
+    return finish(gm, result, before)

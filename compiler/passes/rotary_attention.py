@@ -26,8 +26,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from compiler.passes.match import (ATTENTION, PassResult, arg, attention_args, count, dtype, finish, is_custom,
-                                   set_attention_args, shape, val)
+from compiler.passes.match import ATTENTION, PassResult, arg, dtype, fold_into_attention, is_custom, shape, val
 
 NAME = "rotary_attention"
 ROTATE = torch.ops.grapefx.grape_m_rotate
@@ -64,26 +63,16 @@ def _unsafe(attn_node: fx.Node, attn: dict) -> str | None:
     return None
 
 
+def _fold(node: fx.Node, args: dict) -> dict | str:
+    if not (is_custom(args["q"], ROTATE) or is_custom(args["k"], ROTATE)):
+        return "q and k are not rotated (no GRAPE-M/RoPE in this layer)"
+    reason = _unsafe(node, args)
+    if reason is not None:
+        return reason
+    rq, rk = args["q"], args["k"]
+    return {**args, "q": arg(rq, 0, "x"), "k": arg(rk, 0, "x"), "theta": arg(rq, 1, "theta")}
+
+
 def rotary_attention_pass(gm: fx.GraphModule) -> PassResult:
     """Fold the q/k rotations feeding every ``grapefx.attention`` node of ``gm`` into it, in place."""
-    result = PassResult(NAME)
-    before = list(gm.graph.nodes)
-    attentions = [n for n in before if is_custom(n, ATTENTION)]
-    if not attentions:
-        result.absent = "no grapefx.attention node (attention_formation makes them)"
-    for node in attentions:
-        args = attention_args(node)
-        if not (is_custom(args["q"], ROTATE) or is_custom(args["k"], ROTATE)):
-            result.declined.append("q and k are not rotated (no GRAPE-M/RoPE in this layer)")
-            continue
-        reason = _unsafe(node, args)
-        if reason is not None:
-            result.declined.append(reason)
-            continue
-        rq, rk = args["q"], args["k"]
-        args.update(q=arg(rq, 0, "x"), k=arg(rk, 0, "x"), theta=arg(rq, 1, "theta"))
-        set_attention_args(node, args)
-        node.meta.setdefault("grapefx_fused", []).append(NAME)
-        result.matches += 1
-        count(NAME)
-    return finish(gm, result, before)
+    return fold_into_attention(gm, NAME, _fold)
