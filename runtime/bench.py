@@ -52,6 +52,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from compiler.pipeline import compute_dtype
 from runtime.device import device_peak, memory_gib, pick_device
 from spec.derive import flops_per_token
 from spec.errors import GrapefxError
@@ -202,7 +203,6 @@ class Bench:
 
     def _reference(self) -> Built:
         from compiler.lower import lower
-        from compiler.pipeline import compute_dtype
 
         ref_mod = _reference_module()
         if self.initial_state is None:
@@ -390,7 +390,7 @@ def run_bench(spec: Spec, out: str | Path, *, ways: Sequence[str] = RUN_ORDER, s
                     "datasheet": datasheet.note, "measured_bf16_matmul_tflops": None},
            "settings": {"steps": steps, "warmup": warmup, "order": [w for w in RUN_ORDER if w in ways],
                         "activation_checkpointing": spec.compile.activation_checkpointing,
-                        "compute_dtype": spec.precision.compute if device.type == "cuda" else spec.precision.cpu_compute,
+                        "compute_dtype": compute_dtype(spec, device),
                         "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW foreach",
                         "warm_compile": [w for w in warm_compile if w in ways],
                         "profile_steps": profile_steps if pdir else 0},

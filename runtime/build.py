@@ -12,14 +12,10 @@ import torch
 
 from compiler import pipeline
 from compiler.lower import GrapeModel
-from compiler.pipeline import BuildReport
+from compiler.pipeline import BuildReport, compute_dtype
 from spec.schema import Spec
 
 __all__ = ["compute_dtype", "build_model"]
-
-
-def compute_dtype(spec: Spec, device: torch.device) -> str:
-    return spec.precision.compute if device.type == "cuda" else spec.precision.cpu_compute
 
 
 def build_model(spec: Spec, device: torch.device, *, compile: bool,
