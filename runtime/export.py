@@ -25,11 +25,11 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from runtime.run_folder import package_version
 from runtime.trained import is_export, load_run
 from spec import dump_spec
 from spec.convert import to_dict
@@ -47,13 +47,6 @@ class Exported:
     folder: Path
     step: int | None
     bytes: int                   # size of model.safetensors
-
-
-def _version() -> str | None:
-    try:
-        return metadata.version("grapefx")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _stored(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -93,7 +86,7 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "fp32") -> Exported
     m = spec.model
     config = {
         "format": "grapefx-export", "format_version": FORMAT_VERSION, "name": spec.name,
-        "grapefx_version": _version(), "source": {"run": run.resolve().name, "step": trained.step},
+        "grapefx_version": package_version("grapefx"), "source": {"run": run.resolve().name, "step": trained.step},
         "dtype": dtype, "vocab_size": m.vocab_size, "padded_vocab_size": m.padded_vocab_size,
         "d_model": m.d_model, "n_layers": m.n_layers, "layer_kinds": list(spec.layer_kinds()),
         "ffn_kinds": [spec.ffn_kind(i) for i in range(m.n_layers)], "tied_embeddings": m.tied_embeddings,

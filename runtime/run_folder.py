@@ -48,7 +48,8 @@ def inductor_cache_dir() -> str:
     return cache_dir()
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package`` (None when it is not installed, e.g. run from a checkout)."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -68,7 +69,7 @@ def record_run(run_dir: str | Path, spec: Spec, *, command: Sequence[str], devic
         "command": list(command),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "grapefx": _version("grapefx"),
+        "grapefx": package_version("grapefx"),
         "git_commit": git_commit(),
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
