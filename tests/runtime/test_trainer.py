@@ -12,21 +12,13 @@ from runtime.checkpoint import MARKER
 from runtime.metrics import read_metrics
 from runtime.trainer import INTERRUPTED, NonFiniteLoss, Trainer
 from spec import GrapefxError, load_spec, spec_from_dict
+from trainer_testing import losses, train
 
 CPU = torch.device("cpu")   # the bitwise promises are for CPU eager, also on a machine with a GPU
 
 
 def _train(spec, run, *, until=None, resume=False):
-    trainer = Trainer(spec, run, resume=resume, device=CPU, tty=False)
-    try:
-        status = trainer.fit(until)
-    finally:
-        trainer.close()
-    return trainer, status
-
-
-def _losses(run):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if r["kind"] == "train"]
+    return train(spec, run, until=until, resume=resume, device=CPU)
 
 
 def test_n_steps_plus_resume_plus_n_steps_is_bitwise_2n_steps(tiny_spec, tmp_path, capsys):
@@ -40,8 +32,8 @@ def test_n_steps_plus_resume_plus_n_steps_is_bitwise_2n_steps(tiny_spec, tmp_pat
     out = capsys.readouterr().out
     assert "step-000005" in out and "cut short" in out and "resumed from" in out and "(step 3," in out
 
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")      # floats from JSON: bitwise equal
-    assert len(_losses(tmp_path / "a")) == 6
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")      # floats from JSON: bitwise equal
+    assert len(losses(tmp_path / "a")) == 6
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)                 # parameters and expert biases
     assert not torch.equal(a["layers.1.moe.expert_bias"], torch.zeros(4))
@@ -67,7 +59,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tiny_spec, tmp_path,
     assert trainer.step == 2
     assert (tmp_path / "b" / "checkpoints" / "step-000002" / MARKER).is_file()
     _train(spec, tmp_path / "b", resume=True)
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_spec, tmp_path):

@@ -5,31 +5,18 @@ and shapes), so Inductor's cache folder for the test session usually serves thes
 import pytest
 
 from runtime.metrics import read_metrics
-from runtime.trainer import Trainer
 from spec import spec_from_dict
-
-
-def _train(spec, run):
-    trainer = Trainer(spec, run, tty=False)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
-
-
-def _losses(run):
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if r["kind"] == "train"]
+from trainer_testing import losses, train
 
 
 def test_compiled_training_matches_unfused_eager(tiny_dict, tmp_path):
     spec = tiny_dict(steps=3, eval_every=100)
     compiled = spec_from_dict({**spec, "compile": {"enabled": True}})                  # every pass, Inductor
     unfused = spec_from_dict({**spec, "compile": {"enabled": False, "passes": []}})   # the lowered graphs, eager
-    trainer = _train(compiled, tmp_path / "compiled")
-    _train(unfused, tmp_path / "eager")
+    trainer, _ = train(compiled, tmp_path / "compiled")
+    train(unfused, tmp_path / "eager")
     assert len(trainer.model.compiled_graphs) == 3                                     # local, global, head
-    got, want = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
+    got, want = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
     assert [s for s, _, _ in got] == [1, 2, 3]
     for (step, loss, norm), (_, loss_e, norm_e) in zip(got, want):
         assert loss == pytest.approx(loss_e, rel=1e-5), step
@@ -42,18 +29,10 @@ def test_compiled_training_matches_unfused_eager(tiny_dict, tmp_path):
 def test_compiled_resume_continues_the_curve(tiny_dict, tmp_path):
     """N steps + resume + N steps, compiled: the losses of 2N straight steps within 1e-6."""
     spec = spec_from_dict({**tiny_dict(steps=4, eval_every=100, checkpoint_every=2), "compile": {"enabled": True}})
-    _train(spec, tmp_path / "straight")
-    first = Trainer(spec, tmp_path / "resumed", tty=False)
-    try:
-        first.fit(until=2)
-    finally:
-        first.close()
-    second = Trainer(spec, tmp_path / "resumed", resume=True, tty=False)
-    try:
-        second.fit()
-    finally:
-        second.close()
-    got, want = _losses(tmp_path / "resumed"), _losses(tmp_path / "straight")
+    train(spec, tmp_path / "straight")
+    train(spec, tmp_path / "resumed", until=2)
+    train(spec, tmp_path / "resumed", resume=True)
+    got, want = losses(tmp_path / "resumed"), losses(tmp_path / "straight")
     assert [s for s, _, _ in got] == [1, 2, 3, 4]
     for (step, loss, _), (_, loss_s, _) in zip(got, want):
         assert loss == pytest.approx(loss_s, rel=1e-6, abs=1e-7), step
