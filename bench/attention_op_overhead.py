@@ -3,7 +3,8 @@
 The microbenchmark measured the Triton kernels called directly at 0.74 ms fwd+bwd and the same
 kernels through ``torch.ops.grapefx.attention`` with autograd at 1.52 ms. This profiles both
 and prints the GPU kernels of each path with their time per call, plus the wall time, so the
-difference can be attributed (extra kernels vs host overhead). Run on a GPU:
+difference can be attributed (extra kernels vs host overhead). ``compiled_op``: the op inside
+torch.compile, where Inductor launches the kernels (the traced ``triton_op`` path the model runs). Run on a GPU:
 ``python3 bench/attention_op_overhead.py [OUT.json]``.
 """
 
@@ -46,8 +47,16 @@ def op_no_theta_grad():
     return torch.autograd.grad(out, leaves, go)
 
 
+compiled_op = torch.compile(lambda *a: torch.ops.grapefx.attention(*a, None, W, scale), fullgraph=True, dynamic=False)
+
+
+def compiled():
+    out = compiled_op(*leaves, th)
+    return torch.autograd.grad(out, [*leaves, th], go)
+
+
 result = {}
-for name, fn in [("raw", raw), ("op", op), ("op_theta_fixed", op_no_theta_grad)]:
+for name, fn in [("raw", raw), ("op", op), ("op_theta_fixed", op_no_theta_grad), ("compiled_op", compiled)]:
     ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

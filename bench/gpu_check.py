@@ -8,7 +8,8 @@
    ||a - b|| / ||b|| < 2e-2 (MATH.md §6, bf16), at shapes with an expert that gets no token and
    with a token count that is no multiple of anything; fresh random inputs each; NaN never passes.
    Also: the lean forward + backward run with ``torch.cuda.set_sync_debug_mode("error")``
-   (any host synchronisation raises).
+   (any host synchronisation raises). One case runs the op under torch.compile and reports whether
+   Inductor's generated code launches the lean kernels itself (the traced ``triton_op`` path).
 3. ``grapefx::linear_cross_entropy`` (bf16, Triton rows kernel, several chunks) against
    ``F.cross_entropy(F.linear(x, W).float())`` in fp32 on the same inputs, with ignored targets:
    loss, dx, dW.
@@ -57,9 +58,12 @@ def versions() -> dict:
     return v
 
 
-def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, seed: int) -> dict:
+def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, seed: int,
+                  compiled: bool = False) -> dict:
+    """``compiled``: run the op under torch.compile and also report whether Inductor's code launches
+    the lean kernels itself (the traced ``triton_op`` path) or calls an opaque op."""
     experts = importlib.import_module("compiler.ops.experts")
-    from compiler.ops import expert_ffn
+    from compiler.ops import expert_ffn as op
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     dev, bf = "cuda", torch.bfloat16
@@ -73,6 +77,12 @@ def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, see
     grad = t(N, C)
     assert experts._lean_applies(x, wg, wu, wd), "the lean path does not apply to bf16 CUDA inputs"
     leaves = [a.clone().requires_grad_(True) for a in (x, gates, wg, wu, wd)]
+    expert_ffn, inductor_code = op, []
+    if compiled:                                                  # compile fwd + bwd, keep Inductor's code
+        from torch._inductor.utils import run_and_get_code
+        expert_ffn = torch.compile(op, fullgraph=True, dynamic=False)
+        _, inductor_code = run_and_get_code(
+            lambda: torch.autograd.grad(expert_ffn(leaves[0], idx, *leaves[1:]), leaves, grad))
     out = expert_ffn(leaves[0], idx, *leaves[1:])
     grads = torch.autograd.grad(out, leaves, grad)
     torch.cuda.synchronize()
@@ -93,7 +103,12 @@ def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, see
         errs["idle_expert_grad_max"] = float(max(grads[k][idle].abs().max() for k in (2, 3, 4)))
     ok = all(e < BF16_TOL for k, e in errs.items() if k != "idle_expert_grad_max") and \
         errs.get("idle_expert_grad_max", 0.0) == 0.0
-    return {"shape": dict(N=N, C=C, F=F_, E=E, K=K, idle=idle), "errors": errs, "no_host_sync": no_sync, "ok": ok}
+    res = {"shape": dict(N=N, C=C, F=F_, E=E, K=K, idle=idle), "errors": errs, "no_host_sync": no_sync, "ok": ok}
+    if compiled:
+        code = "\n".join(inductor_code)
+        res["inductor_launches_lean_kernels"] = "_swiglu_fwd_kernel" in code and "_swiglu_bwd_kernel" in code
+        res["inductor_calls_opaque_op"] = "expert_ffn_fwd" in code or "expert_ffn_lean" in code
+    return res
 
 
 def check_lce(N: int, C: int, V: int, chunk_rows: int, seed: int) -> dict:
@@ -138,6 +153,8 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 3
     cases = [("expert_ffn bench shape", check_experts, dict(N=4096, C=768, F_=1024, E=16, K=2, idle=None, seed=1)),
+             ("expert_ffn compiled, idle expert", check_experts,
+              dict(N=1003, C=256, F_=512, E=8, K=2, idle=5, seed=6, compiled=True)),
              ("expert_ffn idle expert, odd N", check_experts, dict(N=1003, C=256, F_=512, E=8, K=2, idle=5, seed=2)),
              ("expert_ffn top-1", check_experts, dict(N=777, C=128, F_=256, E=4, K=1, idle=0, seed=3)),
              ("linear_cross_entropy 3 chunks", check_lce, dict(N=5000, C=768, V=32768, chunk_rows=2048, seed=4)),
@@ -152,6 +169,9 @@ def main() -> int:
         doc["checks"].append(res)
         errs = ", ".join(f"{k} {e:.2e}" for k, e in res.get("errors", {}).items())
         sync = "" if "no_host_sync" not in res else f"; no host sync: {res['no_host_sync']}"
+        if "inductor_launches_lean_kernels" in res:
+            sync += (f"; Inductor launches the lean kernels: {res['inductor_launches_lean_kernels']}, "
+                     f"calls an opaque expert op: {res['inductor_calls_opaque_op']}")
         print(f"{'PASS' if res['ok'] else 'FAIL'}  {name}: {errs or res.get('error')}{sync}", flush=True)
     passed = sum(c["ok"] for c in doc["checks"])
     print(f"gpu_check: {passed} passed, {len(doc['checks']) - passed} failed")

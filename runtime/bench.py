@@ -6,7 +6,8 @@
                (``compiler.flex``), plus the fused head loss, compiled
     reference  ``bench/reference_model.py``: the same model written by hand (FlexAttention with block
                masks and an ALiBi score_mod, separate rotation, ``torch._grouped_mm`` experts,
-               per-block torch.compile), started from the SAME initial weights
+               per-block torch.compile with the spec's ``compile.inductor_options``, as every
+               compiled way), started from the SAME initial weights
     grapefx    the fused graphs (all passes), our kernels, the fused head loss, Inductor
 
 Each way is a full training step: forward, backward, AdamW (fused on CUDA, foreach on CPU; the
@@ -214,9 +215,11 @@ class Bench:
                                                        attention="flex" if cuda else "dense", dtype=dt)
         model.to(self.device)
         model.prepare(self.spec.data.seq_len)
-        if cuda:
-            model.compile_blocks()
-        return Built(model, model, {"attention": model.attention, "compiled": cuda})
+        if cuda:    # the spec's Inductor options too (e.g. CUDA graphs), so both compiled ways get the same
+            options = dict(self.spec.compile.inductor_options)
+            model.compile_blocks(**({"options": options} if options else {}))
+        return Built(model, model, {"attention": model.attention, "compiled": cuda,
+                                    "inductor_options": dict(self.spec.compile.inductor_options)})
 
     def build(self, way: str) -> Built:
         if way == "eager":
@@ -274,11 +277,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _train_step(forward: Callable, opt: torch.optim.Optimizer, tokens, targets) -> torch.Tensor:
+    # a new step for Inductor's CUDA graphs (``--set compile.inductor_options={triton.cudagraphs: true}``),
+    # whose replays reuse output memory: the loss is copied out; without CUDA graphs this does nothing
+    torch.compiler.cudagraph_mark_step_begin()
     loss = forward(tokens, targets)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach().clone()
 
 
 def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> dict:
@@ -296,6 +302,8 @@ def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> d
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if device.type != "cuda" or not us or evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
+        if getattr(evt, "is_user_annotation", False) or "#" in evt.key:   # a range on the GPU track, not a
+            continue                                                       # kernel (Optimizer.step#AdamW.step)
         ms = us / 1e3 / steps
         groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + ms
         kernels.append((evt.key, ms, evt.count // steps))

@@ -1,12 +1,19 @@
 """Triton kernels behind the fused ops (issue 7). CUDA only; the CPU paths never need them.
 
 Importing this package is safe without triton or a GPU. Where both are present it registers the
-attention kernels with ``grapefx::attention_fwd``/``attention_bwd`` through
-``compiler.ops.attention.register_cuda_impl`` (the op imports this package on its first CUDA
-call). ``available()`` says whether that happened here.
+attention kernels with ``grapefx::attention`` through ``compiler.ops.attention.register_cuda_impl``
+(the op imports this package on its first CUDA call). ``available()`` says whether that happened.
+
+Launch paths: by default the kernels are reached through ``torch.library.triton_op``s that
+torch.compile decomposes, so Inductor launches them from its generated code (``traced``).
+``GRAPEFX_OPAQUE_KERNELS=1`` in the environment keeps them behind the opaque custom ops instead
+(their Python bodies launch the kernels): a switch for measuring what the traced path saves.
 """
 
+import contextlib
 import importlib.util
+import os
+import threading
 
 import torch
 
@@ -20,13 +27,47 @@ def available() -> bool:
     return triton_installed() and torch.cuda.is_available()
 
 
+def opaque() -> bool:
+    """Whether ``GRAPEFX_OPAQUE_KERNELS`` asks for the opaque launch path (see the module docstring)."""
+    return os.environ.get("GRAPEFX_OPAQUE_KERNELS", "0") not in ("", "0")
+
+
+_traceable = threading.local()
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    """Within (the bodies of our ``triton_op``s): ``launch`` wraps kernels with
+    ``torch.library.wrap_triton`` so that torch.compile records them as graph nodes."""
+    before = getattr(_traceable, "on", False)
+    _traceable.on = True
+    try:
+        yield
+    finally:
+        _traceable.on = before
+
+
+def launch(kernel):
+    """``kernel`` as the launch site should call it: traceable inside ``traceable_launches()``
+    (``wrap_triton``: a graph node while torch.compile traces, a plain launch when the op runs
+    eagerly), the kernel itself everywhere else (no tracing wrapper's dispatch on direct calls)."""
+    if not getattr(_traceable, "on", False):
+        return kernel
+    from triton.runtime.jit import JITFunction
+    # Triton's interpreter (TRITON_INTERPRET=1, CPU tests) gives no JITFunction: nothing to trace there
+    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+
+
 def _register() -> None:
     if available():
         from compiler.kernels.attention import cuda_backward, cuda_forward
         from compiler.ops.attention import register_cuda_impl
-        register_cuda_impl(cuda_forward, cuda_backward)
+        traced = None
+        if not opaque():
+            from compiler.kernels.attention_ops import traced_attention as traced
+        register_cuda_impl(cuda_forward, cuda_backward, traced)
 
 
 _register()
 
-__all__ = ["available", "triton_installed"]
+__all__ = ["available", "triton_installed", "opaque", "launch", "traceable_launches"]

@@ -177,6 +177,8 @@ def _fwd(Q, K, V, Theta, Slopes, Out, Lse,
          ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, ONE_LOOP: tl.constexpr,
          DOT_PREC: tl.constexpr):
     D: tl.constexpr = 2 * HALF
+    # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
+    scale2 = tl.cast(scale2, tl.float32)
     pid_m = tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)           # longest (causal) rows launch first
     bh = tl.program_id(1)
     b = bh // H
@@ -289,6 +291,8 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
               NEED_DTHETA: tl.constexpr, NEED_DSLOPES: tl.constexpr, ONE_LOOP: tl.constexpr,
               DOT_PREC: tl.constexpr):
     D: tl.constexpr = 2 * HALF
+    # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
+    scale, scale2 = tl.cast(scale, tl.float32), tl.cast(scale2, tl.float32)
     pid_n = tl.program_id(0)                                     # low key tiles see the most queries: first
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -414,6 +418,8 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
             ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, NEED_DTHETA: tl.constexpr,
             ONE_LOOP: tl.constexpr, DOT_PREC: tl.constexpr):
     D: tl.constexpr = 2 * HALF
+    # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
+    scale, scale2 = tl.cast(scale, tl.float32), tl.cast(scale2, tl.float32)
     pid_m = tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -461,6 +467,8 @@ def _bwd_dq_finish(Q, DQacc, Theta, DQ, DThetaQ, sq_b, sq_h, stride_t, T, H, sca
                    HALF: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, NEED_DTHETA: tl.constexpr):
     """ATOMIC_DQ: dq = R^T (scale * accumulator), cast; the q-side dtheta partial."""
     D: tl.constexpr = 2 * HALF
+    # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
+    scale = tl.cast(scale, tl.float32)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -13,8 +13,9 @@ dtheta (D/2,) and dslopes (Hq,) are fp32, or None when theta / slopes is None (o
 Supported here: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), dtype bf16, fp16 or
 fp32 (fp32 dots in IEEE precision, not tf32), D in {32, 64, 128} (D = 16 also under the
 interpreter), theta and slopes fp32. ``supports(...)`` says whether a call qualifies;
-``cuda_forward``/``cuda_backward`` (what ``compiler.ops.attention`` dispatches CUDA tensors to)
-send everything else to the op's reference.
+``cuda_forward``/``cuda_backward`` (the opaque ops' CUDA hook) send everything else to the op's
+reference. Launches go through ``compiler.kernels.launch``, so the same wrappers serve the traceable
+``triton_op``s of ``compiler.kernels.attention_ops`` (``wrap_triton`` there) and direct calls.
 
 Importing this module needs no triton: the kernels are imported on the first launch.
 """
@@ -25,6 +26,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from compiler.kernels import launch
 
 LOG2E = 1.4426950408889634
 KERNEL_HEAD_DIMS = (32, 64, 128)        # D/2 must be a power of two and >= 16 (tensor-core dot depth)
@@ -75,20 +78,20 @@ class AttnConfig:
                     raise ValueError(f"AttnConfig: tile sizes must be powers of two >= 16, got {t}")
 
 
-# Starting points for H100 (Hopper, Triton 3.6), chosen from sm_90 compiles made without a GPU
-# (registers, spills) and not yet timed; bench/attention_check_and_bench.py times alternatives and
-# prints the best per case. Keyed by (D <= 64, windowed). Local (W = 128): a 64-row q tile with
-# 64-key tiles visits 3 key tiles for 128 useful keys (a 128-row tile visits 4), in one loop.
-# dkdv keeps dk and dv accumulators for its k/v tile; a 32-row q tile keeps its (k/v x q) score
-# tiles small enough that nothing spills at D = 64 (64-row q tiles spill). D = 128 needs 8 warps
-# in dkdv and in the rotating dq kernel to stay (nearly) spill-free.
+# H100 (Hopper, Triton 3.6) launch shapes, keyed by (D <= 64, windowed): the fastest of the
+# configurations bench/attention_check_and_bench.py timed on H100 80GB HBM3 cards in two runs
+# (bench/RESULTS.md, 2026-11-27; the deterministic dq kernel preferred over the atomic one where
+# they were within 5%). Local (W = 128): a 128-row q tile with 32-key tiles visits 5 key tiles for
+# 128 useful keys (masked in one loop). The backward keeps 4 warps and 32-row q tiles in dkdv at
+# both head dims: the 8-warp variants were 1.3-2x slower, on global layers too; three pipeline
+# stages pay off at D = 64, not at D = 128.
 DEFAULT_CONFIGS = {
-    (True, True): AttnConfig(fwd=Tiles(64, 64, 4, 2, True), dkdv=Tiles(32, 64, 4, 2, True),
-                             dq=Tiles(64, 64, 4, 2, True)),
-    (True, False): AttnConfig(fwd=Tiles(128, 64, 4, 3), dkdv=Tiles(32, 128, 8, 2), dq=Tiles(128, 64, 8, 2)),
-    (False, True): AttnConfig(fwd=Tiles(64, 64, 4, 2, True), dkdv=Tiles(32, 64, 8, 2, True),
-                              dq=Tiles(64, 64, 8, 2, True)),
-    (False, False): AttnConfig(fwd=Tiles(128, 64, 8, 3), dkdv=Tiles(32, 64, 8, 2), dq=Tiles(128, 64, 8, 2)),
+    (True, True): AttnConfig(fwd=Tiles(128, 32, 4, 3, True), dkdv=Tiles(32, 64, 4, 3, True),
+                             dq=Tiles(64, 64, 4, 3, True)),
+    (True, False): AttnConfig(fwd=Tiles(64, 64, 4, 3), dkdv=Tiles(32, 64, 4, 3), dq=Tiles(64, 64, 4, 3)),
+    (False, True): AttnConfig(fwd=Tiles(64, 32, 4, 3, True), dkdv=Tiles(32, 64, 4, 2, True),
+                              dq=Tiles(64, 64, 4, 2, True)),
+    (False, False): AttnConfig(fwd=Tiles(64, 64, 4, 3), dkdv=Tiles(32, 64, 4, 2), dq=Tiles(64, 64, 4, 2)),
 }
 
 
@@ -155,7 +158,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
     nb_win = _cdiv(window - 1, t.block_n) if windowed else 0             # key tiles before the diagonal in the window
     nb_full = max(0, (window - t.block_m) // t.block_n) if windowed else 0   # ... of which every pair is visible
     with _device(q):
-        tk._fwd[(_cdiv(T, t.block_m), B * Hq)](
+        launch(tk._fwd)[(_cdiv(T, t.block_m), B * Hq)](
             q, k, v, _or(theta, lse), _or(slopes, lse), out, lse,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
             scale * LOG2E, nb_win, nb_full,
@@ -203,9 +206,9 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     # q tiles of the dkdv sweep after the diagonal whose every (query, key) pair is in the window
     n_full_q = max(0, (window - tkv.block_n - tkv.block_m) // tkv.block_m + 1) if windowed else 0
     with _device(q):
-        tk._bwd_delta[(_cdiv(T, 64), B * Hq)](out, grad_out, delta, q.stride(0), q.stride(1), q.stride(2), T, Hq,
-                                              D=D, BLOCK_M=64, num_warps=4)
-        tk._bwd_dkdv[(n_kv, B * Hkv)](
+        launch(tk._bwd_delta)[(_cdiv(T, 64), B * Hq)](
+            out, grad_out, delta, q.stride(0), q.stride(1), q.stride(2), T, Hq, D=D, BLOCK_M=64, num_warps=4)
+        launch(tk._bwd_dkdv)[(n_kv, B * Hkv)](
             q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dk, dv, dq_acc, dtheta_k, dslopes_part,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hkv, Hq // Hkv, window,
             scale, scale2, n_full_q,
@@ -213,13 +216,13 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             NEED_DTHETA=need_dtheta, NEED_DSLOPES=need_dslopes, ONE_LOOP=tkv.one_loop, **common,
             num_warps=tkv.num_warps, num_stages=tkv.num_stages)
         if cfg.atomic_dq:
-            tk._bwd_dq_finish[(n_q, B * Hq)](
+            launch(tk._bwd_dq_finish)[(n_q, B * Hq)](
                 q, dq_acc, theta_arg, dq, dtheta_q, q.stride(0), q.stride(1), q.stride(2), T, Hq, scale,
                 HALF=half, BLOCK_M=tq.block_m, ROTATE=rotate, NEED_DTHETA=need_dtheta, num_warps=tq.num_warps)
         else:
             nb_win = _cdiv(window - 1, tq.block_n) if windowed else 0
             nb_full = max(0, (window - tq.block_m) // tq.block_n) if windowed else 0
-            tk._bwd_dq[(n_q, B * Hq)](
+            launch(tk._bwd_dq)[(n_q, B * Hq)](
                 q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dq, dtheta_q,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
                 scale, scale2, nb_win, nb_full,
@@ -251,10 +254,15 @@ class _device:
 
 
 # ---------------------------------------------------------------------------------------------
-# the hook into grapefx::attention_fwd / attention_bwd (compiler.ops.attention.register_cuda_impl)
+# how grapefx::attention reaches the kernels (compiler.ops.attention.register_cuda_impl)
+#
+# Traced (the default): through the ``triton_op``s of ``compiler.kernels.attention_ops``.
+# Opaque (``GRAPEFX_OPAQUE_KERNELS=1``, for A/B measurements): the reference custom ops
+# ``grapefx::attention_fwd`` / ``attention_bwd`` call ``cuda_forward`` / ``cuda_backward`` from their
+# Python bodies, the kernels launched directly.
 
 def cuda_forward(q, k, v, theta, slopes, window, scale):
-    """``register_cuda_impl`` forward: the kernels where ``supports``, else the op's reference."""
+    """Opaque-path forward: the kernels where ``supports``, else the op's reference."""
     if supports(q, k, v, theta, slopes):
         return attention_fwd(q, k, v, theta, slopes, window, scale)
     from compiler.ops.attention import _forward_ref
@@ -262,7 +270,7 @@ def cuda_forward(q, k, v, theta, slopes, window, scale):
 
 
 def cuda_backward(grad_out, q, k, v, out, lse, theta, slopes, window, scale):
-    """``register_cuda_impl`` backward; takes the same branch as ``cuda_forward`` for the same inputs."""
+    """Opaque-path backward; takes the same branch as ``cuda_forward`` for the same inputs."""
     if supports(q, k, v, theta, slopes):
         return attention_bwd(grad_out, q, k, v, out, lse, theta, slopes, window, scale)
     from compiler.ops.attention import _backward_ref

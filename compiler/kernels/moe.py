@@ -13,12 +13,17 @@ Rows r are the N*K (token, slot) assignments sorted by expert; ``gu`` (R, 2F) ho
 
 All math in fp32, outputs in the inputs' dtype. ``pos`` is the inverse of the sort: row of
 assignment t*K + k. Importing this module needs triton; the op imports it only for CUDA tensors.
+Launches go through ``compiler.kernels.launch``: inside the ``triton_op``s of
+``compiler.kernels.moe_ops`` torch.compile records them (``wrap_triton``) and Inductor issues them
+from its generated code.
 """
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from compiler.kernels import launch
 
 __all__ = ["swiglu_fwd", "swiglu_bwd", "gather_sum"]
 
@@ -85,7 +90,7 @@ def swiglu_fwd(gu: Tensor) -> Tensor:
     h = gu.new_empty(R, F)
     if R:
         block = _block(F, 1024)
-        _swiglu_fwd_kernel[(R, triton.cdiv(F, block))](gu, h, F, gu.stride(0), h.stride(0), BLOCK=block,
+        launch(_swiglu_fwd_kernel)[(R, triton.cdiv(F, block))](gu, h, F, gu.stride(0), h.stride(0), BLOCK=block,
                                                       num_warps=4)
     return h
 
@@ -96,7 +101,7 @@ def gather_sum(src: Tensor, pos: Tensor, gates: Tensor | None, K: int) -> Tensor
     out = src.new_empty(N, C)
     if N:
         block = _block(C, 1024)
-        _gather_sum_kernel[(N, triton.cdiv(C, block))](src, pos, src if gates is None else gates, out, C,
+        launch(_gather_sum_kernel)[(N, triton.cdiv(C, block))](src, pos, src if gates is None else gates, out, C,
                                                       src.stride(0), out.stride(0), K=K,
                                                       HAS_GATES=gates is not None, BLOCK=block, num_warps=4)
     return out
@@ -108,6 +113,6 @@ def swiglu_bwd(gu: Tensor, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor
     dgu, hg = torch.empty_like(gu), gu.new_empty(R, F)
     dgate = torch.empty(R, dtype=torch.float32, device=gu.device)
     if R:
-        _swiglu_bwd_kernel[(R,)](gu, u, g, dgu, hg, dgate, F, gu.stride(0), u.stride(0), dgu.stride(0),
+        launch(_swiglu_bwd_kernel)[(R,)](gu, u, g, dgu, hg, dgate, F, gu.stride(0), u.stride(0), dgu.stride(0),
                                  hg.stride(0), BLOCK=_block(F, 1024), num_warps=4)
     return dgu, hg, dgate

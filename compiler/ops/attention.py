@@ -38,9 +38,12 @@ online softmax; the backward recomputes P = exp(S - lse) per block. Memory is
 O(BLOCK_Q * BLOCK_K) per (batch, head) beyond the O(T * D) tensors, and a sliding window costs
 O(T * (W + BLOCK_Q)).
 
-CUDA. ``register_cuda_impl(fwd, bwd)`` routes CUDA tensors to kernels (``compiler.kernels``
-registers its Triton kernels this way when it is importable) when ``bias`` is None. Without them,
-or with a dense bias, CUDA runs the reference.
+CUDA. ``compiler.kernels`` (imported on the first CUDA call, when triton is installed) registers its
+Triton kernels with ``register_cuda_impl``. By default ``grapefx::attention`` then calls the
+kernels' ``triton_op``s (``traced``), which torch.compile decomposes into kernel launches that
+Inductor issues itself; the opaque ops above keep the reference (and, with
+``GRAPEFX_OPAQUE_KERNELS=1``, launch the kernels from their Python bodies instead). Calls the
+kernels do not cover (a dense ``bias``, other dtypes or head dims) run the reference on CUDA too.
 """
 
 import importlib
@@ -259,24 +262,28 @@ def _backward_ref(grad_out, q, k, v, out, lse, theta, slopes, window, scale, bia
 # CUDA kernels hook
 
 _cuda_kernels: Optional[tuple[Callable, Callable]] = None
+_traced_kernels: Optional[Callable] = None
 _cuda_kernels_searched = False
 
 
-def register_cuda_impl(fwd: Optional[Callable], bwd: Optional[Callable]) -> None:
-    """Route CUDA inputs of ``attention_fwd``/``attention_bwd`` to kernels; ``(None, None)`` unregisters.
+def register_cuda_impl(fwd: Optional[Callable], bwd: Optional[Callable], traced: Optional[Callable] = None) -> None:
+    """Route CUDA inputs to kernels; ``(None, None)`` unregisters.
 
     ``fwd(q, k, v, theta, slopes, window, scale) -> (out, lse)``: out (B, Hq, T, D) in q's dtype,
     lse (B, Hq, T) fp32 = natural-log logsumexp over the visible keys of the scaled, biased scores.
     ``bwd(grad_out, q, k, v, out, lse, theta, slopes, window, scale) -> (dq, dk, dv, dtheta, dslopes)``,
     each like its input (dtheta/dslopes may be None where theta/slopes is None or needs no
-    gradient). All outputs contiguous. Semantics: this module's docstring; ``_forward_ref`` and
-    ``_backward_ref`` take the same arguments, for inputs a kernel does not cover.
-    ``compiler.kernels`` is imported on the first CUDA call and is expected to call this.
+    gradient). All outputs contiguous. These two serve the opaque ops ``attention_fwd`` /
+    ``attention_bwd`` from their Python bodies.
+    ``traced(q, k, v, theta, slopes, window, scale) -> out or None``: the whole differentiable
+    attention through traceable ops (``grapefx::attention`` calls it first; None = not covered).
+    Semantics: this module's docstring; ``_forward_ref`` and ``_backward_ref`` take the same arguments.
     """
-    global _cuda_kernels
+    global _cuda_kernels, _traced_kernels
     if (fwd is None) != (bwd is None):
         raise ValueError("register_cuda_impl: give both fwd and bwd, or neither")
     _cuda_kernels = None if fwd is None else (fwd, bwd)
+    _traced_kernels = None if fwd is None else traced
 
 
 def _cuda_impl() -> Optional[tuple[Callable, Callable]]:
@@ -373,6 +380,10 @@ _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? theta, Tensor? slop
 
 
 def _attention_kernel(q, k, v, theta, slopes, window, scale, bias=None):
+    if q.is_cuda and bias is None and _cuda_impl() is not None and _traced_kernels is not None:
+        out = _traced_kernels(q, k, v, theta, slopes, window, scale)
+        if out is not None:
+            return out
     return torch.ops.grapefx.attention_fwd(q, k, v, theta, slopes, window, scale, bias)[0]
 
 

@@ -40,9 +40,14 @@ Structure: ``grapefx::expert_ffn`` is a CompositeImplicitAutograd forwarder to
 ``grapefx::expert_ffn_fwd`` -> (out, gu, order, offs) (the last three empty on the reference
 path) whose autograd calls ``grapefx::expert_ffn_backward``, as ``grapefx::attention`` does: a
 custom op's autograd only sees its outputs, so what the backward reuses must be an output.
+On CUDA with triton the lean path goes instead through the ``triton_op``s of
+``compiler.kernels.moe_ops`` (same functions, same autograd), which torch.compile decomposes so
+that Inductor issues the sort, gathers, grouped GEMMs and Triton launches from its generated code
+(no Python op body per call); ``GRAPEFX_OPAQUE_KERNELS=1`` keeps the opaque ops.
 """
 
 import functools
+import importlib
 import importlib.util
 from typing import Optional
 
@@ -334,27 +339,44 @@ def _(grad_out, x, indices, gates, w_gate, w_up, w_down, gu=None, order=None, of
     return tuple(t.new_empty(t.shape) for t in (x, gates, w_gate, w_up, w_down))
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
+    """Saves the inputs and the forward's (gu, order, offs) for ``backward_through``."""
     _, gu, order, offs = output
     ctx.save_for_backward(*inputs, gu, order, offs)
     ctx.mark_non_differentiable(gu, order, offs)
 
 
-def _backward(ctx, grad_out, _grad_gu, _grad_order, _grad_offs):
-    x, indices, gates, w_gate, w_up, w_down, gu, order, offs = ctx.saved_tensors
-    dx, dgates, dw_gate, dw_up, dw_down = expert_ffn_backward(grad_out.contiguous(), x, indices, gates,
-                                                              w_gate, w_up, w_down, gu, order, offs)
-    return dx, None, dgates, dw_gate, dw_up, dw_down
+def backward_through(backward_op):
+    """The autograd formula of a forward op returning (out, gu, order, offs): ``backward_op`` takes
+    (grad_out, x, indices, gates, w_gate, w_up, w_down, gu, order, offs) -> the five gradients."""
+    def backward(ctx, grad_out, _grad_gu, _grad_order, _grad_offs):
+        x, indices, gates, w_gate, w_up, w_down, gu, order, offs = ctx.saved_tensors
+        dx, dgates, dw_gate, dw_up, dw_down = backward_op(grad_out.contiguous(), x, indices, gates,
+                                                          w_gate, w_up, w_down, gu, order, offs)
+        return dx, None, dgates, dw_gate, dw_up, dw_down
+    return backward
 
 
-expert_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+expert_ffn_fwd.register_autograd(backward_through(expert_ffn_backward), setup_context=setup_context)
 
 # The public op: what the lowering writes into the MoE graphs.
 _lib = torch.library.Library("grapefx", "FRAGMENT")
 _lib.define("expert_ffn(Tensor x, Tensor indices, Tensor gates, Tensor w_gate, Tensor w_up, Tensor w_down) -> Tensor")
 
 
+@functools.cache
+def _traced_lean():
+    """``compiler.kernels.moe_ops`` (the lean path as traceable ops), or None: no triton, or
+    ``GRAPEFX_OPAQUE_KERNELS=1``."""
+    if _triton_moe() is None:
+        return None
+    from compiler.kernels import opaque
+    return None if opaque() else importlib.import_module("compiler.kernels.moe_ops")
+
+
 def _expert_ffn_kernel(x, indices, gates, w_gate, w_up, w_down):
+    if x.is_cuda and _lean_applies(x, w_gate, w_up, w_down) and _traced_lean() is not None:
+        return _traced_lean().expert_ffn_lean_fwd(x, indices, gates, w_gate, w_up, w_down)[0]
     return torch.ops.grapefx.expert_ffn_fwd(x, indices, gates, w_gate, w_up, w_down)[0]
 
 

@@ -19,12 +19,26 @@ def test_imports_without_gpu_and_reports_availability():
 
 def test_registers_with_the_op_only_when_available(monkeypatch):
     monkeypatch.setattr(ops_attention, "_cuda_kernels", None)
+    monkeypatch.setattr(ops_attention, "_traced_kernels", None)
     monkeypatch.setattr(kernels, "available", lambda: False)
     kernels._register()
     assert ops_attention._cuda_kernels is None
     monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setenv("GRAPEFX_OPAQUE_KERNELS", "1")
     kernels._register()
     assert ops_attention._cuda_kernels == (kattn.cuda_forward, kattn.cuda_backward)
+    assert ops_attention._traced_kernels is None                 # opaque: the op bodies launch the kernels
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="defining the triton_ops needs triton")
+def test_registers_the_traced_ops_by_default(monkeypatch):
+    monkeypatch.setattr(ops_attention, "_cuda_kernels", None)
+    monkeypatch.setattr(ops_attention, "_traced_kernels", None)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.delenv("GRAPEFX_OPAQUE_KERNELS", raising=False)
+    kernels._register()
+    from compiler.kernels.attention_ops import traced_attention
+    assert ops_attention._traced_kernels is traced_attention
 
 
 def test_unsupported_calls_go_to_the_reference():
