@@ -52,19 +52,7 @@ EOF
 if [ $? -ne 0 ]; then echo "run_multi_gpu: needs $MIN_GPUS GPUs (see the versions line)"; exit 3; fi
 
 # ---------------------------------------------------------------- 2. corpus
-python3 - "$WORK/corpus" <<'EOF'
-# 240 documents of ~4,000 random words (Zipf-weighted over 2,000 made-up words): ~6 MB of text
-import random, sys
-from pathlib import Path
-root = Path(sys.argv[1]); root.mkdir(parents=True)
-rng = random.Random(0)
-letters = "etaoinshrdlucmfwypvbgkjqxz"
-words = ["".join(rng.choice(letters[:12 + i % 14]) for _ in range(rng.randint(2, 9))) for i in range(2000)]
-weights = [1.0 / (r + 1) for r in range(len(words))]
-for d in range(240):
-    (root / f"doc{d:03d}.txt").write_text(" ".join(rng.choices(words, weights, k=4000)) + ".\n")
-print(f"corpus: {sum(p.stat().st_size for p in root.iterdir()) / 1e6:.1f} MB in {root}")
-EOF
+python3 bench/synthetic_corpus.py "$WORK/corpus"
 
 # ---------------------------------------------------------------- 3. the runs
 MICRO=8 GLOBAL=16
@@ -79,7 +67,8 @@ train() {   # train NAME CAP_SECONDS EXTRA_ARGS...: one run, at most CAP s and n
               --set "data.sources=[{path: $WORK/corpus}]" --set "data.cache_dir=$WORK/cache"
               --set train.micro_batch=$MICRO --set train.global_batch=$GLOBAL --set train.log_every=$LOG_EVERY
               --set train.eval_every=100000 --set train.eval_batches=1 --set train.checkpoint_every=100000
-              --set train.keep_checkpoints=1 --set compile.enabled=$COMPILE)
+              --set train.keep_checkpoints=1 --set compile.enabled=$COMPILE
+              --set "compile.inductor_options={}")   # as measured (2026-11-27): no CUDA graphs under DDP / FSDP2
   timeout --signal=TERM --kill-after=15 "$budget" python3 -m runtime.cli train "$SPEC" \
     --out "$WORK/runs/$name" --steps "$STEPS" "${sets[@]}" "$@" > "$OUT/$name.log" 2>&1
   STATUS[$name]=$?; WALL[$name]=$(( $(date +%s) - t0 ))

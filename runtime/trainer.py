@@ -24,6 +24,12 @@ With several ranks, every rank stops after the same step: the ranks agree on it 
 
 Distributed (``runtime.distributed``): ``world`` places this process among the ranks,
 ``spec.parallel.data`` picks DDP or FSDP2; the model is wrapped before compiling.
+
+CUDA graphs (``compile.inductor_options: {triton.cudagraphs: true}``): every forward starts a new
+graph step (``torch.compiler.cudagraph_mark_step_begin``), and what the loop keeps of a forward's
+outputs (loss sums, expert counts) is copied out before the next forward replays over them. So are
+the gradients between accumulated micro-batches: a parameter's first gradient IS the backward
+graph's output memory, which the next micro-batch's replay would overwrite before it is added to.
 """
 
 from __future__ import annotations
@@ -99,6 +105,9 @@ class Trainer:
         self.model, self.build_report = build_model(spec, self.device, compile=spec.compile.enabled,
                                                     shard=self.parallel.shard)
         self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
+        # outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
+        self._graph_outputs = (self.device.type == "cuda" and spec.compile.enabled
+                               and bool(spec.compile.inductor_options.get("triton.cudagraphs")))
         self.optimizer = build_optimizer(self.model, spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
         self.balancer = (ExpertBalancer(self.model, spec.moe.router, all_reduce=world.all_reduce)
@@ -118,6 +127,11 @@ class Trainer:
             self._say(f"compiling {len(r.groups)} distinct block graph{'s' if len(r.groups) != 1 else ''} and the "
                       f"head with Inductor ({r.compute_dtype}) on the first step; a cold compile takes about a "
                       "minute per graph on a small CPU, seconds with a warm cache")
+        if self._graph_outputs and (world.size > 1 or spec.compile.activation_checkpointing):
+            self._say("note: Inductor's CUDA graphs (compile.inductor_options triton.cudagraphs) were verified "
+                      "(bitwise-equal losses) for one process without activation checkpointing; this run adds "
+                      f"{'several ranks' if world.size > 1 else 'activation checkpointing'}, which is untested "
+                      "with them: compare against a run without the option before relying on it")
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds) the data first; the others then open its cache."""
@@ -164,6 +178,17 @@ class Trainer:
             self._say(f"loss plot: {plot_loss(self.run_dir)}")
         return status
 
+    def _own_gradients(self) -> None:
+        """Move the gradients out of CUDA-graph memory (see the module docstring)."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+
+    def _new_graph_step(self) -> None:
+        """A forward begins: Inductor's CUDA graphs may overwrite the outputs of earlier replays."""
+        if self._graph_outputs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def _train_step(self) -> dict:
         n = self.step + 1
         try:
@@ -180,9 +205,12 @@ class Trainer:
         for m, ((x, y), size) in enumerate(zip(batches, sizes)):
             with self.parallel.micro_batch(self.ddp, last=m == len(batches) - 1):
                 forward = self.model if self.ddp is None else self.ddp
+                self._new_graph_step()
                 out = forward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 share = size / total                                          # of the global batch's tokens
                 (out.loss * (share * W)).backward()                           # DDP / FSDP2 divide by W
+                if self._graph_outputs and m < len(batches) - 1:
+                    self._own_gradients()
             sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
             if out.counts is not None:
                 self.balancer.add(out.counts)
@@ -240,14 +268,15 @@ class Trainer:
                 if j % W != rank:
                     continue
                 y = y.to(self.device)
+                self._new_graph_step()
                 out = self.model(x.to(self.device), y)
                 if j >= t.eval_batches:
                     continue
                 n = (y != -100).sum()
                 loss_sum += out.ce_loss.double() * n
                 tokens += n
-                if out.counts is not None:
-                    counts = out.counts.float() if counts is None else counts + out.counts.float()
+                if out.counts is not None:     # a copy: the next forward may reuse the output's memory
+                    counts = out.counts.float().clone() if counts is None else counts + out.counts.float()
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom(self.step, evaluation=True) from e
         finally:

@@ -141,3 +141,26 @@ def test_out_of_memory_names_the_settings_to_lower(tiny_spec, tmp_path, monkeypa
                                            r"\(now 2; .*data.seq_len \(now 16\), or set compile.activation_checkpointing: true"):
         trainer.fit()
     trainer.close()
+
+
+def test_cuda_graph_bookkeeping_changes_no_number(tiny_spec, tmp_path, monkeypatch):
+    """With Inductor's CUDA graphs (GPU only) the loop marks a graph step before every forward and moves
+    the gradients out of graph memory between accumulated micro-batches. Forced on here (CPU, eager),
+    that bookkeeping must run where it should and leave every loss and parameter bitwise unchanged."""
+    spec = tiny_spec(steps=3, eval_every=100)
+    plain, _ = _train(spec, tmp_path / "a")
+    marks, moves = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    own = Trainer._own_gradients
+    monkeypatch.setattr(Trainer, "_own_gradients", lambda self: (moves.append(1), own(self)))
+    trainer = Trainer(spec, tmp_path / "b", device=CPU, tty=False)
+    trainer._graph_outputs = True
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = plain.model.state_dict(), trainer.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    evals = spec.train.eval_batches                                    # the final evaluation's forwards
+    assert (len(moves), len(marks)) == (3 * 1, 3 * 2 + evals)          # 2 micro-batches per step
