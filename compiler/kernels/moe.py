@@ -91,7 +91,7 @@ def swiglu_fwd(gu: Tensor) -> Tensor:
     if R:
         block = _block(F, 1024)
         launch(_swiglu_fwd_kernel)[(R, triton.cdiv(F, block))](gu, h, F, gu.stride(0), h.stride(0), BLOCK=block,
-                                                      num_warps=4)
+                                                              num_warps=4)
     return h
 
 
@@ -102,8 +102,8 @@ def gather_sum(src: Tensor, pos: Tensor, gates: Tensor | None, K: int) -> Tensor
     if N:
         block = _block(C, 1024)
         launch(_gather_sum_kernel)[(N, triton.cdiv(C, block))](src, pos, src if gates is None else gates, out, C,
-                                                      src.stride(0), out.stride(0), K=K,
-                                                      HAS_GATES=gates is not None, BLOCK=block, num_warps=4)
+                                                              src.stride(0), out.stride(0), K=K,
+                                                              HAS_GATES=gates is not None, BLOCK=block, num_warps=4)
     return out
 
 
@@ -114,5 +114,5 @@ def swiglu_bwd(gu: Tensor, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor
     dgate = torch.empty(R, dtype=torch.float32, device=gu.device)
     if R:
         launch(_swiglu_bwd_kernel)[(R,)](gu, u, g, dgu, hg, dgate, F, gu.stride(0), u.stride(0), dgu.stride(0),
-                                 hg.stride(0), BLOCK=_block(F, 1024), num_warps=4)
+                                         hg.stride(0), BLOCK=_block(F, 1024), num_warps=4)
     return dgu, hg, dgate
