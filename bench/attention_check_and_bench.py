@@ -310,16 +310,8 @@ def floors(shape, kind, ceil):
 # steps
 
 def version_check():
-    info = dict(torch=torch.__version__, python=sys.version.split()[0], cuda=torch.version.cuda)
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2 ** 30, 1))
+    from runtime.bench import environment
+    info = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print("versions:", json.dumps(info), flush=True)
     major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     problems = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import platform
 import sys
 import time
 import traceback
@@ -44,18 +43,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def versions() -> dict:
-    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-         "cuda_available": torch.cuda.is_available()}
-    try:
-        import triton
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        v.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                 memory_gib=round(p.total_memory / 2**30, 1))
-    return v
+    from runtime.bench import environment
+    return environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, seed: int,
