@@ -400,20 +400,25 @@ def check_case(case):
     return res
 
 
+def case_inputs(shape, kind):
+    """A timed case's (window, scale, q, k, v, theta, slopes, grad_out): bf16, seed 1; local = window W
+    and rotation, global = causal and ALiBi."""
+    B, T, Hq, Hkv, D = shape["B"], shape["T"], shape["Hq"], shape["Hkv"], shape["D"]
+    q, k, v, theta, slopes = make_inputs(B, Hq, Hkv, T, D, kind == "local", kind == "global", DTYPE, seed=1)
+    go = torch.randn(B, Hq, T, D, device=DEVICE, dtype=DTYPE)
+    return (WINDOW if kind == "local" else 0), D ** -0.5, q, k, v, theta, slopes, go
+
+
 def bench_case(shape, kind, ceil, rec):
     """Baselines and ours with the default configuration."""
     import compiler.ops  # noqa: F401
     from compiler.kernels.attention import default_config
-    B, T, Hq, Hkv, D = shape["B"], shape["T"], shape["Hq"], shape["Hkv"], shape["D"]
-    window = WINDOW if kind == "local" else 0
-    scale = D ** -0.5
-    q, k, v, theta, slopes = make_inputs(B, Hq, Hkv, T, D, kind == "local", kind == "global", DTYPE, seed=1)
-    go = torch.randn(B, Hq, T, D, device=DEVICE, dtype=DTYPE)
+    window, scale, q, k, v, theta, slopes, go = case_inputs(shape, kind)
     rec["floors"] = floors(shape, kind, ceil)
     impl = rec.setdefault("impl", {})
     errors = rec.setdefault("errors", {})
 
-    cfg = default_config(D, window, T)
+    cfg = default_config(shape["D"], window, shape["T"])
     fwd, bwd, fwd_bwd, saved = ours_fns(q, k, v, theta, slopes, window, scale, cfg, go)
     impl["ours"] = dict(config=cfg_str(cfg, "fwd") + " | " + cfg_str(cfg, "bwd"), fwd_ms=bench_ms(fwd),
                         bwd_ms=bench_ms(bwd), fwdbwd_ms=bench_ms(fwd_bwd))
@@ -480,12 +485,8 @@ def _row_str(row, key) -> str:
 def sweep_case(shape, kind, rec, deadline):
     """Alternative configurations; each is checked against the default's outputs."""
     import compiler.kernels.attention as ka
-    B, T, Hq, Hkv, D = shape["B"], shape["T"], shape["Hq"], shape["Hkv"], shape["D"]
-    window = WINDOW if kind == "local" else 0
-    scale = D ** -0.5
-    q, k, v, theta, slopes = make_inputs(B, Hq, Hkv, T, D, kind == "local", kind == "global", DTYPE, seed=1)
-    go = torch.randn(B, Hq, T, D, device=DEVICE, dtype=DTYPE)
-    fwd_cfgs, bwd_cfgs = sweep_configs(kind, D)
+    window, scale, q, k, v, theta, slopes, go = case_inputs(shape, kind)
+    fwd_cfgs, bwd_cfgs = sweep_configs(kind, shape["D"])
     base = fwd_cfgs[0]
     ref_fwd = ka.attention_fwd(q, k, v, theta, slopes, window, scale, base)
     ref_bwd = ka.attention_bwd(go, q, k, v, *ref_fwd, theta, slopes, window, scale, base, need_dslopes=False)
@@ -525,7 +526,7 @@ def sweep_case(shape, kind, rec, deadline):
     best_rec = dict(config=cfg_str(best, "fwd") + " | " + cfg_str(best, "bwd"), fwd_ms=bench_ms(fwd),
                     bwd_ms=bench_ms(bwd), fwdbwd_ms=bench_ms(fwd_bwd), literal=repr(best))
     # the op path with the best configuration in place of the default
-    key = (D <= 64, kind == "local")
+    key = (shape["D"] <= 64, kind == "local")
     old = ka.DEFAULT_CONFIGS[key]
     ka.DEFAULT_CONFIGS[key] = best
     try:
