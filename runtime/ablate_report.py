@@ -357,7 +357,7 @@ def _markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, c
     e, seq_len = matrix.eval, runs[0].spec.data.seq_len
     bs = e.batch_size or runs[0].spec.train.micro_batch
     lines += ["", "## How it was measured", "",
-              f"- Every run is a normal `grapefx train` run folder under `runs/<variant>-seed<k>/`; runs of one seed "
+              "- Every run is a normal `grapefx train` run folder under `runs/<variant>-seed<k>/`; runs of one seed "
               "share data order and the initial values of shared parameters (per-name seeded initialisation), and "
               "the specs differ only as listed above.",
               f"- Final validation loss: the trainer's last evaluation (`train.eval_batches` = "

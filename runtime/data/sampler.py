@@ -62,7 +62,7 @@ class Sampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next (inputs, targets), each (B, T) int64; advances by the global batch."""
-        B, T, N = self.batch_size, self.seq_len, self.rows_per_epoch
+        B, N = self.batch_size, self.rows_per_epoch
         first = self.epoch * N + self.position + self.rank * B  # global row index of this rank's row 0
         rows = np.stack([self._row(first + i) for i in range(B)]).astype(np.int64)  # (B, T+1)
         self.position += B * self.world

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline_testing import as_the_trainer, batches, compile_spec, graph_counts, sgd_step  # noqa: F401
-from spec.schema import Attention, AttentionKinds, GrapeA, GrapeM, Model, MoE, NoPE, Router, Spec
+from spec.schema import Attention, AttentionKinds, GrapeA, GrapeM, Model, MoE, Router, Spec
 
 
 def small_spec(*, global_position=None, learnable_freq=True, share="model", n_layers=4, moe=True,
