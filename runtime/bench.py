@@ -54,6 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from compiler.pipeline import compute_dtype
+from runtime.build import cuda_graphs
 from runtime.device import device_peak, memory_gib, pick_device
 from spec.derive import flops_per_token
 from spec.errors import GrapefxError
@@ -383,6 +384,9 @@ def run_bench(spec: Spec, out: str | Path, *, ways: Sequence[str] = RUN_ORDER, s
         raise GrapefxError("--steps and --warmup must be at least 1 (the first warm-up step is the compile)")
     start = time.perf_counter()
     device = device or pick_device()
+    spec, graphs, graphs_off = cuda_graphs(spec, device, 1)     # the trainer's rule, so both run alike
+    if graphs_off:
+        say(f"note: {graphs_off}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pdir = Path(profile_dir) if profile_dir else None
@@ -398,6 +402,7 @@ def run_bench(spec: Spec, out: str | Path, *, ways: Sequence[str] = RUN_ORDER, s
                     "datasheet": datasheet.note, "measured_bf16_matmul_tflops": None},
            "settings": {"steps": steps, "warmup": warmup, "order": [w for w in RUN_ORDER if w in ways],
                         "activation_checkpointing": spec.compile.activation_checkpointing,
+                        "cuda_graphs": graphs,
                         "compute_dtype": compute_dtype(spec, device),
                         "optimizer": "AdamW fused" if device.type == "cuda" else "AdamW foreach",
                         "warm_compile": [w for w in warm_compile if w in ways],

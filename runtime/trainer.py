@@ -30,6 +30,8 @@ graph step (``torch.compiler.cudagraph_mark_step_begin``), and what the loop kee
 outputs (loss sums, expert counts) is copied out before the next forward replays over them. So are
 the gradients between accumulated micro-batches: a parameter's first gradient IS the backward
 graph's output memory, which the next micro-batch's replay would overwrite before it is added to.
+Verified for one process without activation checkpointing; elsewhere ``runtime.build.cuda_graphs``
+turns them off for the run and the log says why.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from runtime.balance import ExpertBalancer
-from runtime.build import build_model
+from runtime.build import build_model, cuda_graphs
 from runtime.checkpoint import Checkpointer
 from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
@@ -102,12 +104,11 @@ class Trainer:
         self.data = self._prepare_data()
         self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
         self.parallel = DataParallel(spec.parallel.data, world, self.device)
-        self.model, self.build_report = build_model(spec, self.device, compile=spec.compile.enabled,
+        # _graph_outputs: outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
+        build_spec, self._graph_outputs, graphs_off = cuda_graphs(spec, self.device, world.size)
+        self.model, self.build_report = build_model(build_spec, self.device, compile=spec.compile.enabled,
                                                     shard=self.parallel.shard)
         self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
-        # outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
-        self._graph_outputs = (self.device.type == "cuda" and spec.compile.enabled
-                               and bool(spec.compile.inductor_options.get("triton.cudagraphs")))
         self.optimizer = build_optimizer(self.model, spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
         self.balancer = (ExpertBalancer(self.model, spec.moe.router, all_reduce=world.all_reduce)
@@ -127,11 +128,8 @@ class Trainer:
             self._say(f"compiling {len(r.groups)} distinct block graph{'s' if len(r.groups) != 1 else ''} and the "
                       f"head with Inductor ({r.compute_dtype}) on the first step; a cold compile takes about a "
                       "minute per graph on a small CPU, seconds with a warm cache")
-        if self._graph_outputs and (world.size > 1 or spec.compile.activation_checkpointing):
-            self._say("note: Inductor's CUDA graphs (compile.inductor_options triton.cudagraphs) were verified "
-                      "(bitwise-equal losses) for one process without activation checkpointing; this run adds "
-                      f"{'several ranks' if world.size > 1 else 'activation checkpointing'}, which is untested "
-                      "with them: compare against a run without the option before relying on it")
+        if graphs_off:
+            self._say(f"note: {graphs_off}")
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds) the data first; the others then open its cache."""
