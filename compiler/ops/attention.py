@@ -29,7 +29,8 @@ CompositeImplicitAutograd forwarder to two opaque custom ops: ``grapefx::attenti
 -> (out, lse) and ``grapefx::attention_bwd``. The split exists because a custom op's
 ``setup_context`` only sees the op's outputs: the forward must *return* the logsumexp so the
 backward can rebuild the probabilities from it (flash-attention style) instead of recomputing
-it. Under torch.compile the graphs therefore show ``attention_fwd``/``attention_bwd``.
+it. Under torch.compile the CPU graphs therefore show ``attention_fwd``/``attention_bwd``; on CUDA
+the forwarder takes the kernels' traceable ops instead (below), and the graphs show their launches.
 
 CPU reference. Small problems run as one dense block: T <= ``DENSE_MAX_T`` and no window that
 would let blocks skip most of the T x T scores. Otherwise: query blocks of ``BLOCK_Q`` rows, each
