@@ -216,11 +216,10 @@ class Bench:
                                                        attention="flex" if cuda else "dense", dtype=dt)
         model.to(self.device)
         model.prepare(self.spec.data.seq_len)
-        if cuda:    # the spec's Inductor options too (e.g. CUDA graphs), so both compiled ways get the same
-            options = dict(self.spec.compile.inductor_options)
-            model.compile_blocks(**({"options": options} if options else {}))
-        return Built(model, model, {"attention": model.attention, "compiled": cuda,
-                                    "inductor_options": dict(self.spec.compile.inductor_options)})
+        options = dict(self.spec.compile.inductor_options)
+        if cuda:    # the spec's Inductor options too (e.g. CUDA graphs), as every compiled way
+            model.compile_blocks(options=options or None)
+        return Built(model, model, {"attention": model.attention, "compiled": cuda, "inductor_options": options})
 
     def build(self, way: str) -> Built:
         if way == "eager":
