@@ -8,12 +8,19 @@ One optimizer step n (from 1):
         n_m = target tokens of micro-batch m, N = sum over the step's micro-batches of all W
         ranks; DDP / FSDP2 average the gradients over ranks (hence the W): the step's loss is the
         token-weighted mean, as if the global batch were one forward in one process
-    stop if the loss or the gradient norm is not finite (exit code 3; no checkpoint of it)
     grad_norm = global L2 norm (reported before clipping); clip to train.grad_clip
     logged loss, grad norm and MaxVio are global (summed over ranks); metrics from rank 0 only
     optimizer.step(); scheduler.step(); balancer.step(n)  -> b += rate * sign(mean(c) - c)
     every log_every: a metrics line; every eval_every: validation loss and MaxVio on fixed
     batches; every checkpoint_every and at the end: a checkpoint
+
+No step waits for the GPU: the loss sums and the gradient norm stay on the device, and the host
+reads them (one transfer for all the steps since the last read) only where it needs them: a
+metrics line, an evaluation, a checkpoint, the end of the run. Batches go through pinned memory
+(asynchronous copies), and with one rank the token total is counted on the host. So the host
+queues step n + 1 while the GPU runs step n, as ``grapefx bench`` does. The stop on a loss or
+gradient norm that is not finite stays exact: at each read every step's values are checked in
+order, the first bad step is named (exit code 3), and no checkpoint holds it or any step after it.
 
 Exact resume: everything the next step reads is in the checkpoint (parameters, expert biases,
 AdamW moments and step, scheduler, sampler position, RNG states), so on CPU eager, N steps +
@@ -28,8 +35,10 @@ Distributed (``runtime.distributed``): ``world`` places this process among the r
 CUDA graphs (``compile.inductor_options: {triton.cudagraphs: true}``): every forward starts a new
 graph step (``torch.compiler.cudagraph_mark_step_begin``), and what the loop keeps of a forward's
 outputs (loss sums, expert counts) is copied out before the next forward replays over them. So are
-the gradients between accumulated micro-batches: a parameter's first gradient IS the backward
-graph's output memory, which the next micro-batch's replay would overwrite before it is added to.
+the gradients after the first of several accumulated micro-batches: a parameter's first gradient
+IS the backward graph's output memory, which the next micro-batch's replay would overwrite before
+it is added to. Once moved, later micro-batches add into it in place (autograd accumulates into an
+existing ``.grad``), so one copy per step serves any number of micro-batches.
 Verified for one process without activation checkpointing; elsewhere ``runtime.build.cuda_graphs``
 turns them off for the run and the log says why.
 """
@@ -116,6 +125,8 @@ class Trainer:
         self.peak = device_peak(self.device)
         self.flops_per_token = flops_per_token(spec).per_token
         self.step, self.tokens = 0, 0
+        self._unread: list[tuple[int, torch.Tensor]] = []   # (step, its loss, ce, aux, grad norm on the device)
+        self._latest: dict | None = None                     # the newest values the host has read
         if resume:
             self._resume()
         if world.coordinator:
@@ -155,14 +166,17 @@ class Trainer:
             while self.step < last:
                 t0 = time.perf_counter()
                 record = self._train_step()
+                n = self.step
+                log, evaluate = n % t.log_every == 0 or n == last, n % t.eval_every == 0 or n == t.steps
+                if log or evaluate or n % t.checkpoint_every == 0 or n == last:
+                    self._settle()          # the host waits for the GPU here only: inside the timed window
                 window_time += time.perf_counter() - t0
                 window_tokens += record["tokens_step"]
-                n = self.step
-                if n % t.log_every == 0 or n == last:
+                if log:
                     self._log(record, window_tokens, window_time, time.perf_counter() - start)
                     window_tokens, window_time = 0, 0.0
                 self.metrics.advance(n)
-                if n % t.eval_every == 0 or n == t.steps:
+                if evaluate:
                     self.metrics.eval(self.evaluate())
                 stop = self._stop_agreed()
                 if n % t.checkpoint_every == 0 or n == last or stop:
@@ -194,45 +208,67 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom(n) from e
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device; on CUDA through pinned memory, so the copy does not wait for the GPU
+        (a copy from pageable memory first waits for every kernel queued before it)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _accumulate_and_step(self, n: int) -> dict:
         batches = [self.sampler.next_batch() for _ in range(self.accum)]      # each (B, T) inputs, targets
         sizes = [int((y != -100).sum()) for _, y in batches]                   # target tokens per micro-batch
         W = self.world.size
-        total = int(self.world.all_reduce(torch.tensor([sum(sizes)], dtype=torch.int64, device=self.device)).item())
+        total = sum(sizes) if W == 1 else int(self.world.all_reduce(
+            torch.tensor([sum(sizes)], dtype=torch.int64, device=self.device)).item())
         sums = torch.zeros(3, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted)
         for m, ((x, y), size) in enumerate(zip(batches, sizes)):
             with self.parallel.micro_batch(self.ddp, last=m == len(batches) - 1):
                 forward = self.model if self.ddp is None else self.ddp
                 self._new_graph_step()
-                out = forward(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                out = forward(self._to_device(x), self._to_device(y))
                 share = size / total                                          # of the global batch's tokens
                 (out.loss * (share * W)).backward()                           # DDP / FSDP2 divide by W
-                if self._graph_outputs and m < len(batches) - 1:
+                if self._graph_outputs and m == 0 and len(batches) > 1:
                     self._own_gradients()
             sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
             if out.counts is not None:
                 self.balancer.add(out.counts)
-        loss, ce, aux = self.world.all_reduce(sums).tolist()                  # global token-weighted means
+        sums = self.world.all_reduce(sums)                                    # global token-weighted means
         norm_t = grad_norm(self.model.parameters())                           # global (all ranks' gradients)
-        norm = norm_t.item()
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
         if self.spec.train.grad_clip is not None:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.spec.train.grad_clip, norm_t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_tokens = total
         counts = self.balancer.step(n, self.tokens) if self.balancer else None
-        self.step, self.tokens = n, self.tokens + step_tokens
-        return {"step": n, "loss": loss, "ce_loss": ce, "aux_loss": aux, "lr": lr, "grad_norm": norm,
-                "tokens_step": step_tokens, "counts": counts}
+        self.step, self.tokens = n, self.tokens + total
+        # loss, ce, aux, grad norm: read by the host at the next _settle (module docstring)
+        self._unread.append((n, torch.cat([sums, norm_t.detach().reshape(1).float()])))
+        return {"step": n, "lr": lr, "tokens_step": total, "counts": counts}
+
+    def _settle(self) -> dict | None:
+        """Read the losses and gradient norms of the steps since the last read (one transfer); stop at the
+        first step whose loss or gradient norm is not finite. Returns the newest step's values (None
+        before the first step)."""
+        if self._unread:
+            steps = [n for n, _ in self._unread]
+            values = torch.stack([v for _, v in self._unread]).tolist()       # (steps, 4)
+            self._unread.clear()
+            for n, (loss, ce, aux, norm) in zip(steps, values):
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
+            loss, ce, aux, norm = values[-1]
+            self._latest = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "grad_norm": norm}
+        return self._latest
 
     def _log(self, record: dict, window_tokens: int, window_time: float, elapsed: float) -> None:
         tps = window_tokens / max(window_time, 1e-9)
         mfu = self.flops_per_token * tps / (self.peak.flops * self.world.size) if self.peak.flops else None
-        line = {k: record[k] for k in ("step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm")}
+        v = self._settle()
+        line = {"step": record["step"], "loss": v["loss"], "ce_loss": v["ce_loss"], "aux_loss": v["aux_loss"],
+                "lr": record["lr"], "grad_norm": v["grad_norm"]}
         line.update(tokens=self.tokens, tokens_per_s=tps, mfu=mfu)
         if self.balancer and record["counts"] is not None:
             line.update(self.balancer.balance(record["counts"]))
@@ -306,7 +342,9 @@ class Trainer:
         return tensors, state
 
     def save(self) -> Path:
-        """Checkpoint the state after step ``self.step`` (``RUN/checkpoints/step-NNNNNN``)."""
+        """Checkpoint the state after step ``self.step`` (``RUN/checkpoints/step-NNNNNN``); never one holding
+        a step whose loss or gradient norm was not finite (``_settle`` stops the run first)."""
+        self._settle()
         tensors, state = self._tensors()
         return self.checkpoints.save(self.step, tensors, state)
 
@@ -335,8 +373,8 @@ class Trainer:
         done = self.checkpoints.complete()
         kept = (f"the last good checkpoint is {done[-1][1]} (continue from it with --resume)" if done
                 else "no checkpoint was written before it")
-        return (f"step {step}: {what}; training stopped, nothing of this step was "
-                f"applied; {kept}. Lower train.optimizer.lr or set train.grad_clip, and check "
+        return (f"step {step}: {what}; training stopped, no checkpoint holds this step or any "
+                f"after it; {kept}. Lower train.optimizer.lr or set train.grad_clip, and check "
                 "precision.compute / precision.cpu_compute (bf16 overflows long before fp32)")
 
     def _oom(self, step: int, evaluation: bool = False) -> GrapefxError:

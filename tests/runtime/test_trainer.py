@@ -77,6 +77,29 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
 
 
+def test_a_nan_between_metrics_lines_is_found_at_the_next_line_naming_its_step(tiny_spec, tmp_path, monkeypatch):
+    # the host reads losses only at a metrics line, evaluation or checkpoint: step 2 goes bad, step 3
+    # runs on, and the read after step 4 names step 2; the only checkpoint is the one of step 1 (the
+    # end of the first fit)
+    spec = tiny_spec(steps=8, log_every=4, eval_every=100, checkpoint_every=4, keep_checkpoints=5)
+    trainer = Trainer(spec, tmp_path, device=CPU, tty=False)
+    assert trainer.fit(until=1) == 0
+    real = trainer._accumulate_and_step
+
+    def poisoning(n):
+        if n == 2:
+            with torch.no_grad():
+                trainer.model.embed.weight.fill_(float("nan"))
+        return real(n)
+
+    monkeypatch.setattr(trainer, "_accumulate_and_step", poisoning)
+    with pytest.raises(NonFiniteLoss, match=r"^step 2: loss is nan; training stopped") as e:
+        trainer.fit()
+    trainer.close()
+    assert trainer.step == 4 and "step-000001" in str(e.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
 def test_metrics_lines_plot_and_run_record(tiny_spec, tmp_path):
     spec = tiny_spec(steps=2, eval_every=2, log_every=1)
     _train(spec, tmp_path)
@@ -145,9 +168,10 @@ def test_out_of_memory_names_the_settings_to_lower(tiny_spec, tmp_path, monkeypa
 
 def test_cuda_graph_bookkeeping_changes_no_number(tiny_spec, tmp_path, monkeypatch):
     """With Inductor's CUDA graphs (GPU only) the loop marks a graph step before every forward and moves
-    the gradients out of graph memory between accumulated micro-batches. Forced on here (CPU, eager),
-    that bookkeeping must run where it should and leave every loss and parameter bitwise unchanged."""
-    spec = tiny_spec(steps=3, eval_every=100)
+    the gradients out of graph memory after the first of several accumulated micro-batches (later ones
+    add into them in place). Forced on here (CPU, eager), that bookkeeping must run where it should and
+    leave every loss and parameter bitwise unchanged."""
+    spec = tiny_spec(steps=3, eval_every=100, global_batch=8)         # 4 micro-batches of 2 per step
     plain, _ = _train(spec, tmp_path / "a")
     marks, moves = [], []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
@@ -163,4 +187,4 @@ def test_cuda_graph_bookkeeping_changes_no_number(tiny_spec, tmp_path, monkeypat
     a, b = plain.model.state_dict(), trainer.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     evals = spec.train.eval_batches                                    # the final evaluation's forwards
-    assert (len(moves), len(marks)) == (3 * 1, 3 * 2 + evals)          # 2 micro-batches per step
+    assert (len(moves), len(marks)) == (3 * 1, 3 * 4 + evals)          # one move per step, a mark per forward
