@@ -78,14 +78,14 @@ class AttnConfig:
                     raise ValueError(f"AttnConfig: tile sizes must be powers of two >= 16, got {t}")
 
 
-# H100 (Hopper, Triton 3.6) launch shapes, keyed by (D <= 64, windowed): the fastest of the
-# configurations bench/attention_check_and_bench.py timed on H100 80GB HBM3 cards in two runs
-# (bench/RESULTS.md, 2026-11-27; the deterministic dq kernel preferred over the atomic one where
-# they were within 5%). Local (W = 128): a 128-row q tile with 32-key tiles visits 5 key tiles for
-# 128 useful keys (masked in one loop). The backward keeps 4 warps and 32-row q tiles in dkdv at
-# both head dims: the 8-warp variants were 1.3-2x slower, on global layers too; three pipeline
-# stages pay off at D = 64, not at D = 128.
-DEFAULT_CONFIGS = {
+# Launch shapes per GPU family, keyed by (D <= 64, windowed). Hopper (compute capability 9.x: H100,
+# H200, which share the SM and its 228 KB of shared memory): the fastest of the configurations
+# bench/attention.py timed on H100 80GB HBM3 cards (bench/RESULTS.md; the
+# deterministic dq kernel preferred over the atomic one where they were within 5%). Local (W = 128):
+# a 128-row q tile with 32-key tiles visits 5 key tiles for 128 useful keys (masked in one loop).
+# The backward keeps 4 warps and 32-row q tiles in dkdv at both head dims: the 8-warp variants were
+# 1.3-2x slower, on global layers too; three pipeline stages pay off at D = 64, not at D = 128.
+HOPPER = {
     (True, True): AttnConfig(fwd=Tiles(128, 32, 4, 3, True), dkdv=Tiles(32, 64, 4, 3, True),
                              dq=Tiles(64, 64, 4, 3, True)),
     (True, False): AttnConfig(fwd=Tiles(64, 64, 4, 3), dkdv=Tiles(32, 64, 4, 3), dq=Tiles(64, 64, 4, 3)),
@@ -93,6 +93,17 @@ DEFAULT_CONFIGS = {
                               dq=Tiles(64, 64, 4, 2, True)),
     (False, False): AttnConfig(fwd=Tiles(64, 64, 4, 3), dkdv=Tiles(32, 64, 4, 2), dq=Tiles(64, 64, 4, 2)),
 }
+# Other families (Ampere 8.x, Ada 8.9, Blackwell 10.x/12.x) have not been timed: Hopper's shapes with
+# at most two pipeline stages, which fit the smaller shared memory of the 8.6/8.9/12.x cards (100 KB).
+OTHER = {key: AttnConfig(*(Tiles(t.block_m, t.block_n, t.num_warps, min(t.num_stages, 2), t.one_loop)
+                           for t in (c.fwd, c.dkdv, c.dq)), atomic_dq=c.atomic_dq)
+         for key, c in HOPPER.items()}
+TILE_TABLES = {9: HOPPER}                # compute capability major -> table; anything else: OTHER
+
+
+def tile_table(capability: tuple[int, int]) -> dict:
+    """The launch-shape table for a device of compute ``capability`` (major, minor)."""
+    return TILE_TABLES.get(capability[0], OTHER)
 
 
 def _windowed(window: int, T: int) -> bool:
@@ -105,10 +116,22 @@ def _windowed(window: int, T: int) -> bool:
 FP32_CONFIG = AttnConfig(fwd=Tiles(64, 32, 4, 1), dkdv=Tiles(32, 32, 4, 1), dq=Tiles(64, 32, 4, 1))
 
 
-def default_config(head_dim: int, window: int, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> AttnConfig:
+def _capability(device: Optional[torch.device]) -> tuple[int, int]:
+    """A CUDA device's compute capability; Hopper's (9, 0) for CPU tensors (Triton's interpreter)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    if device is None and torch.cuda.is_available():
+        return torch.cuda.get_device_capability()
+    return (9, 0)
+
+
+def default_config(head_dim: int, window: int, seq_len: int, dtype: torch.dtype = torch.bfloat16,
+                   device: Optional[torch.device] = None) -> AttnConfig:
+    """The launch shapes for a call: ``FP32_CONFIG`` for fp32, else the entry of the device family's
+    table (``tile_table``; ``device`` None: the current CUDA device)."""
     if dtype == torch.float32:
         return FP32_CONFIG
-    return DEFAULT_CONFIGS[(head_dim <= 64, _windowed(window, seq_len))]
+    return tile_table(_capability(device))[(head_dim <= 64, _windowed(window, seq_len))]
 
 
 def _interpreting() -> bool:
@@ -151,7 +174,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)           # (B, Hq, T)
     if out.numel() == 0:
         return out, lse
-    cfg = config or default_config(D, window, T, q.dtype)
+    cfg = config or default_config(D, window, T, q.dtype, q.device)
     cfg.check()
     t = cfg.fwd
     windowed = _windowed(window, T)
@@ -186,7 +209,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     if q.numel() == 0:
         return (dq, dk.zero_(), dv.zero_(), torch.zeros(D // 2, **f32) if need_dtheta else None,
                 torch.zeros(Hq, **f32) if need_dslopes else None)
-    cfg = config or default_config(D, window, T, q.dtype)
+    cfg = config or default_config(D, window, T, q.dtype, q.device)
     cfg.check()
     windowed = _windowed(window, T)
     half = D // 2
@@ -285,5 +308,5 @@ def flops(B: int, Hq: int, T: int, D: int, window: int) -> float:
     return 4.0 * B * Hq * D * pairs
 
 
-__all__ = ["AttnConfig", "Tiles", "DEFAULT_CONFIGS", "FP32_CONFIG", "default_config", "supports", "attention_fwd",
+__all__ = ["AttnConfig", "Tiles", "HOPPER", "OTHER", "TILE_TABLES", "tile_table", "FP32_CONFIG", "default_config", "supports", "attention_fwd",
            "attention_bwd", "cuda_forward", "cuda_backward", "flops"]

@@ -63,7 +63,22 @@ def test_default_configs_are_valid_and_cover_every_case():
     for d in (32, 64, 128):
         for window, T in ((128, 4096), (0, 4096), (4096, 4096)):
             kattn.default_config(d, window, T).check()
+            for table in (kattn.HOPPER, kattn.OTHER):
+                table[(d <= 64, 0 < window < T)].check()
     assert kattn.default_config(64, 4096, 4096) == kattn.default_config(64, 0, 4096)   # W >= T is global
+
+
+def test_tiles_follow_the_device_family():
+    # H100 and H200 (9.0) share Hopper's table; an Ampere or Blackwell card gets at most 2 stages
+    assert kattn.tile_table((9, 0)) is kattn.HOPPER
+    local_d64 = kattn.HOPPER[(True, True)]
+    assert (local_d64.fwd.block_m, local_d64.fwd.block_n, local_d64.fwd.num_stages) == (128, 32, 3)
+    for cap in ((8, 0), (8, 6), (10, 0), (12, 0)):
+        other = kattn.tile_table(cap)[(True, True)]
+        assert other.fwd == kattn.Tiles(128, 32, 4, 2, True) and other.dkdv == kattn.Tiles(32, 64, 4, 2, True)
+    cpu = torch.device("cpu")                                      # Triton's interpreter: Hopper's shapes
+    assert kattn.default_config(64, 128, 4096, device=cpu) == local_d64
+    assert kattn.default_config(64, 128, 4096, torch.float32, cpu) == kattn.FP32_CONFIG
 
 
 @pytest.mark.parametrize("window, pairs", [(0, 10 * 11 / 2), (3, 3 * 4 / 2 + 7 * 3), (10, 55), (40, 55)])

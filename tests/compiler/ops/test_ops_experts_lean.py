@@ -2,7 +2,7 @@
 gates) run on CPU (``LEAN_ON_CPU``) against a per-token loop: output, every gradient, idle experts,
 top-1 and top-3, the saved-activation and the recompute backward, and AOTAutograd tracing.
 
-On CUDA the same code runs in bf16 with Triton for the elementwise steps (bench/gpu_check.py)."""
+On CUDA the same code runs in bf16 with Triton for the elementwise steps (bench/experts_loss_check.py)."""
 
 import importlib
 

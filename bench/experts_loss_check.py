@@ -1,6 +1,6 @@
 """GPU check of the lean step's CUDA paths against fp32 references (issue 7), before any timing.
 
-    python3 bench/gpu_check.py [--out FILE.json]
+    python3 bench/experts_loss_check.py [--out FILE.json]
 
 1. Versions: python, torch (>= 2.11 required: exit 3 otherwise), triton, CUDA, the GPU.
 2. ``grapefx::expert_ffn`` lean path (bf16, ``torch._grouped_mm``, Triton SwiGLU / combine) against
@@ -163,7 +163,7 @@ def main() -> int:
                      f"calls an opaque expert op: {res['inductor_calls_opaque_op']}")
         print(f"{'PASS' if res['ok'] else 'FAIL'}  {name}: {errs or res.get('error')}{sync}", flush=True)
     passed = sum(c["ok"] for c in doc["checks"])
-    print(f"gpu_check: {passed} passed, {len(doc['checks']) - passed} failed")
+    print(f"experts_loss_check: {passed} passed, {len(doc['checks']) - passed} failed")
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     return 0 if passed == len(doc["checks"]) else 1

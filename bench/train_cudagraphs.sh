@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Does `grapefx train` give the same run with Inductor's CUDA graphs, and how much faster? One device
-# command on nvidia-h100-x2 (under 10 minutes). bench-small is trained 40 steps on a synthetic corpus
-# (byte tokenizer; validation at steps 20 and 40) once without CUDA graphs and once with
-# --set compile.inductor_options={triton.cudagraphs: true}, at two batch layouts in parallel:
+# command on two cards (nvidia-h200-x2 or -h100-x2; under 10 minutes). bench-small is trained 40 steps
+# on a synthetic corpus (byte tokenizer; validation at steps 20 and 40) once without CUDA graphs and
+# once with --set compile.inductor_options={triton.cudagraphs: true}, at two batch layouts in parallel:
 #   GPU 0  one micro-batch of 8 x 2048 per step
-#   GPU 1  two accumulated micro-batches of 8 x 2048 per step (gradients leave CUDA-graph memory between them)
+#   GPU 1  two accumulated micro-batches of 8 x 2048 per step (gradients leave CUDA-graph memory once a step)
 # The loss at every logged step, the validation losses and tokens/s (windows after the first, which
 # holds the compile) side by side in $OUT/train_cudagraphs_accum{1,2}.json; the table prints last.
-# With ATTENTION=1 GPU 0 runs bench/attention_check_and_bench.py alone instead of the accum-1 pair.
-# Run from the repository root: bash bench/run_train_cudagraphs.sh
-source "$(dirname "$0")/x2_preamble.sh"
+# Run from the repository root: bash bench/train_cudagraphs.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+W=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
 python3 bench/synthetic_corpus.py "$W/corpus"
 
 train() {   # train NAME GLOBAL ARGS...: 40 steps of bench-small, metrics to $OUT/NAME.metrics.jsonl
@@ -59,15 +65,9 @@ for name in ("plain", "cudagraphs"):
 print(f"accum {a}: max |loss diff| {doc['max_abs_loss_diff']}  val diffs {doc['val_loss_diff']}  speedup {doc['speedup']}")
 PY
 }
-if [ "${ATTENTION:-0}" = 1 ]; then
-  attention_half
-  first=$attn
-else
-  CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=$W/inductor0 pair 1 > "$W/accum1.log" 2>&1 &
-  first=$!
-fi
+CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=$W/inductor0 pair 1 > "$W/accum1.log" 2>&1 &
+first=$!
 CUDA_VISIBLE_DEVICES=1 TORCHINDUCTOR_CACHE_DIR=$W/inductor1 pair 2 > "$W/accum2.log" 2>&1
 wait $first
 cat "$W/accum1.log" "$W/accum2.log" 2>/dev/null
-[ "${ATTENTION:-0}" = 1 ] && tail -n 48 "$W/attention/attention.log"
 echo "all: $(( $(date +%s) - start )) s"

@@ -1,6 +1,6 @@
 """Fused attention kernels on one GPU: correctness, then the issue-7 microbenchmark. One command:
 
-    python3 bench/attention_check_and_bench.py $OUT/attention.json
+    python3 bench/attention.py $OUT/attention.json
 
 1. Version check: torch >= 2.11, triton, a CUDA GPU (exit 2 otherwise). Prints torch, triton, GPU.
 2. Compile ahead: worker processes run every planned kernel configuration and FlexAttention graph
@@ -527,8 +527,9 @@ def sweep_case(shape, kind, rec, deadline):
                     bwd_ms=bench_ms(bwd), fwdbwd_ms=bench_ms(fwd_bwd), literal=repr(best))
     # the op path with the best configuration in place of the default
     key = (shape["D"] <= 64, kind == "local")
-    old = ka.DEFAULT_CONFIGS[key]
-    ka.DEFAULT_CONFIGS[key] = best
+    table = ka.tile_table(torch.cuda.get_device_capability())
+    old = table[key]
+    table[key] = best
     try:
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         th = theta.detach().requires_grad_() if theta is not None else None
@@ -536,7 +537,7 @@ def sweep_case(shape, kind, rec, deadline):
         op_fwd = lambda: torch.ops.grapefx.attention(*leaves, th, slopes, window, scale)
         best_rec["op_fwdbwd_ms"] = bench_ms(lambda: op_fwd().backward(go), grad_to_none=gtn)
     finally:
-        ka.DEFAULT_CONFIGS[key] = old
+        table[key] = old
     rec["impl"]["ours_best"] = best_rec
     log(f"  ours best: {best_rec}")
     for r in rows["fwd"] + rows["bwd"]:
