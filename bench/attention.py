@@ -27,6 +27,7 @@ step; the short table is printed last. Budget: config sweeps stop at --deadline 
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -89,14 +90,18 @@ def sweep_configs(kind: str, D: int):
     window, T = (WINDOW, 4096) if kind == "local" else (0, 4096)
     base = default_config(D, window, T)
     # around the defaults (the earlier runs' winners, bench/RESULTS.md): stages, tile shapes, warps
-    if kind == "local":
-        fwd = [Tiles(64, 64, 4, 3, True), Tiles(128, 64, 4, 3, True), Tiles(128, 32, 8, 3, True),
-               Tiles(64, 32, 4, 3, True)]
-        bwd = [(Tiles(32, 64, 4, 2, True), Tiles(64, 64, 4, 2, True), False),
+    if kind == "local":   # rotation: also with cos/sin read from the per-call table (table=True)
+        tab = lambda t: dataclasses.replace(t, table=True)
+        fwd = [tab(base.fwd), Tiles(64, 64, 4, 3, True), Tiles(128, 64, 4, 3, True), Tiles(128, 32, 8, 3, True),
+               Tiles(64, 32, 4, 3, True), Tiles(128, 64, 8, 3, True, True), Tiles(64, 32, 4, 3, True, True)]
+        bwd = [(tab(base.dkdv), tab(base.dq), base.atomic_dq),
+               (tab(base.dkdv), tab(base.dq), True),
+               (Tiles(32, 64, 4, 2, True), Tiles(64, 64, 4, 2, True), False),
                (Tiles(64, 64, 4, 3, True), Tiles(64, 64, 4, 3, True), False),
                (Tiles(32, 64, 4, 3, True), Tiles(64, 32, 4, 3, True), False),
                (Tiles(32, 64, 4, 3, True), Tiles(64, 64, 4, 3, True), True),
-               (Tiles(32, 128, 4, 3, True), Tiles(128, 64, 8, 3, True), False)]
+               (Tiles(32, 128, 4, 3, True), Tiles(128, 64, 8, 3, True), False),
+               (Tiles(64, 128, 4, 3, True, True), Tiles(64, 64, 4, 3, True, True), False)]
     else:
         fwd = [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 4), Tiles(128, 32, 4, 3)]
         bwd = [(Tiles(32, 64, 4, 2), Tiles(64, 64, 4, 2), False),
@@ -112,7 +117,8 @@ def sweep_configs(kind: str, D: int):
 
 
 def cfg_str(cfg, part: str) -> str:
-    t = lambda x: f"{x.block_m}x{x.block_n}/w{x.num_warps}/s{x.num_stages}{'/1loop' if x.one_loop else ''}"
+    t = lambda x: (f"{x.block_m}x{x.block_n}/w{x.num_warps}/s{x.num_stages}{'/1loop' if x.one_loop else ''}"
+                   f"{'/table' if x.table else ''}")
     if part == "fwd":
         return t(cfg.fwd)
     return f"dkdv {t(cfg.dkdv)} + " + ("atomic dq" if cfg.atomic_dq else f"dq {t(cfg.dq)}")

@@ -29,7 +29,7 @@ from torch import nn
 
 from spec.schema import GrapeM, Spec, Schedule
 
-__all__ = ["decays", "param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
+__all__ = ["decays", "param_groups", "build_optimizer", "clip_gradients", "lr_factor", "build_scheduler"]
 
 
 def _grape_m_of(spec: Spec, name: str) -> GrapeM | None:
@@ -74,6 +74,22 @@ def build_optimizer(model: nn.Module, spec: Spec) -> torch.optim.AdamW:
     fused = bool(params) and all(p.is_cuda for p in params) and not _sharded(params)
     return torch.optim.AdamW(param_groups(model, spec), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              **({"fused": True} if fused else {}))
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, parameters, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients by min(1, max_norm / (norm + 1e-6)) (``torch.nn.utils.clip_grads_with_norm_``'s
+    rule) for the next ``optimizer.step()``.
+
+    A fused AdamW divides every gradient by its ``grad_scale`` inside its own kernel (the hook
+    ``torch.amp.GradScaler`` uses), so there the scale max(1, (norm + 1e-6) / max_norm) is handed to
+    it and no separate pass reads and writes the gradients; elsewhere they are scaled in place.
+    The two differ only in rounding (a division against a multiplication). ``norm`` stays on the
+    device either way.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.grad_scale = ((norm.detach().float() + 1e-6) / max_norm).clamp_min(1.0)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
 
 
 def _sharded(params: list[torch.Tensor]) -> bool:

@@ -63,7 +63,7 @@ from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
 from runtime.distributed import DataParallel, grad_norm
 from runtime.metrics import MetricsLogger, plot_loss
-from runtime.optim import build_optimizer, build_scheduler
+from runtime.optim import build_optimizer, build_scheduler, clip_gradients
 from runtime.rng import rng_state, seed_all, set_rng_state
 from runtime.run_folder import record_run
 from runtime.world import World
@@ -237,7 +237,7 @@ class Trainer:
         sums = self.world.all_reduce(sums)                                    # global token-weighted means
         norm_t = grad_norm(self.model.parameters())                           # global (all ranks' gradients)
         if self.spec.train.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.spec.train.grad_clip, norm_t)
+            clip_gradients(self.optimizer, self.model.parameters(), self.spec.train.grad_clip, norm_t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

@@ -3,7 +3,9 @@
 One kernel family, specialised by constexpr flags:
 - ``ROTATE``: GRAPE-M rotation of q and k in-kernel from fp32 ``theta`` (half-split pairs,
   angle = fl32(n * theta_j), the rotated vector rounded to the input dtype before the dot, exactly
-  as ``grape_m_rotate`` followed by attention).
+  as ``grape_m_rotate`` followed by attention). cos and sin are evaluated per tile (``_sincos``)
+  or, with ``TABLE``, read from a (rows, 2, HALF) fp32 table the wrapper computes once per call
+  (``Theta`` then points at the table): loads in place of ~30 instructions per angle.
 - ``ALIBI``: score += -slope_h * (i - j) in fp32 after the 1/sqrt(D) scaling.
 - ``WINDOW``: query i sees keys i-W+1..i (W keys counting itself); off means full causal.
 
@@ -69,10 +71,20 @@ def _sincos(x):
 
 
 @triton.jit
-def _cos_sin_tile(pos, theta):
-    """cos, sin of angle[n, j] = fl32(pos[n] * theta[j]): pos (R,) int32, theta (HALF,) fp32 -> (R, HALF)."""
-    angle = pos.to(tl.float32)[:, None] * theta[None, :]
-    return _sincos(angle)
+def _cos_sin_tile(pos, theta, HALF: tl.constexpr):
+    """cos, sin of angle[n, j] = fl32(pos[n] * theta[j]) -> (R, HALF) each, for pos (R,) int32.
+
+    ``theta`` is either the frequencies (HALF,) fp32, evaluated here (``_sincos``), or a pointer to
+    the wrapper's table (rows, 2, HALF) fp32 of [cos | sin] per position (``TABLE`` kernels), read.
+    """
+    if theta.dtype.is_ptr():
+        ptr = theta + pos[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :]
+        c = tl.load(ptr)
+        s = tl.load(ptr + HALF)
+    else:
+        angle = pos.to(tl.float32)[:, None] * theta[None, :]
+        c, s = _sincos(angle)
+    return c, s
 
 
 @triton.jit
@@ -120,7 +132,7 @@ def _load_rotated(base, rows, row_ok, stride_t, theta, HALF: tl.constexpr, BOUND
     input dtype (the dot operands), as halves (R, HALF)."""
     x1, x2 = _load_halves(base, rows, row_ok, stride_t, HALF, BOUND)
     if ROTATE:
-        c, s = _cos_sin_tile(rows, theta)
+        c, s = _cos_sin_tile(rows, theta, HALF)
         r1, r2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c, s)
         x1 = r1.to(base.dtype.element_ty)
         x2 = r2.to(base.dtype.element_ty)
@@ -175,7 +187,7 @@ def _fwd(Q, K, V, Theta, Slopes, Out, Lse,
          sq_b, sq_h, sk_b, sk_h, stride_t, T, H, G, window, scale2, NB_WIN, NB_FULL,
          HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, ONE_LOOP: tl.constexpr,
-         DOT_PREC: tl.constexpr):
+         DOT_PREC: tl.constexpr, TABLE: tl.constexpr = False):
     D: tl.constexpr = 2 * HALF
     # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
     scale2 = tl.cast(scale2, tl.float32)
@@ -190,7 +202,7 @@ def _fwd(Q, K, V, Theta, Slopes, Out, Lse,
     q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     k_base = K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     v_base = V + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
-    theta = tl.load(Theta + tl.arange(0, HALF)) if ROTATE else None
+    theta = (Theta if TABLE else tl.load(Theta + tl.arange(0, HALF))) if ROTATE else None
     slope2 = tl.load(Slopes + h) * LOG2E if ALIBI else 0.0
 
     q1, q2 = _load_rotated(q_base, offs_m, row_ok, stride_t, theta, HALF, True, ROTATE)   # (BM, HALF) x2
@@ -289,7 +301,7 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
               HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr,
               NEED_DTHETA: tl.constexpr, NEED_DSLOPES: tl.constexpr, ONE_LOOP: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, TABLE: tl.constexpr = False):
     D: tl.constexpr = 2 * HALF
     # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
     scale, scale2 = tl.cast(scale, tl.float32), tl.cast(scale2, tl.float32)
@@ -301,7 +313,7 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
     offs_n = n0 + tl.arange(0, BLOCK_N)
     key_ok = offs_n < T
     cols_h = tl.arange(0, HALF)
-    theta = tl.load(Theta + cols_h) if ROTATE else None
+    theta = (Theta if TABLE else tl.load(Theta + cols_h)) if ROTATE else None
     k_off = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     # the rotated k tile as the dots read it; its fp32 rotation and cos/sin are rebuilt after the
     # loop (keeping them live through it costs 64 registers a thread and spills)
@@ -350,7 +362,7 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
     dk1 = dk1 * scale                                            # dL/d(rotated k), fp32
     dk2 = dk2 * scale
     if ROTATE:
-        ck, sk = _cos_sin_tile(offs_n, theta)
+        ck, sk = _cos_sin_tile(offs_n, theta, HALF)
         if NEED_DTHETA:
             x1, x2 = _load_halves(K + k_off, offs_n, key_ok, stride_t, HALF, True)
             kr1, kr2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), ck, sk)
@@ -399,7 +411,7 @@ def _dq_store(dq1, dq2, Q, DQ, DThetaQ, q_off, offs_m, row_ok, stride_t, theta, 
     cols_h = tl.arange(0, HALF)
     if ROTATE:
         q1, q2 = _load_halves(Q + q_off, offs_m, row_ok, stride_t, HALF, True)
-        c, s = _cos_sin_tile(offs_m, theta)
+        c, s = _cos_sin_tile(offs_m, theta, HALF)
         if NEED_DTHETA:
             r1, r2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), c, s)
             n = offs_m.to(tl.float32)[:, None]
@@ -416,7 +428,7 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
             sq_b, sq_h, sk_b, sk_h, stride_t, T, H, G, window, scale, scale2, NB_WIN, NB_FULL,
             HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, NEED_DTHETA: tl.constexpr,
-            ONE_LOOP: tl.constexpr, DOT_PREC: tl.constexpr):
+            ONE_LOOP: tl.constexpr, DOT_PREC: tl.constexpr, TABLE: tl.constexpr = False):
     D: tl.constexpr = 2 * HALF
     # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
     scale, scale2 = tl.cast(scale, tl.float32), tl.cast(scale2, tl.float32)
@@ -431,7 +443,7 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
     q_off = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     k_base = K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     v_base = V + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
-    theta = tl.load(Theta + tl.arange(0, HALF)) if ROTATE else None
+    theta = (Theta if TABLE else tl.load(Theta + tl.arange(0, HALF))) if ROTATE else None
     slope2 = tl.load(Slopes + h) * LOG2E if ALIBI else 0.0
 
     q1, q2 = _load_rotated(Q + q_off, offs_m, row_ok, stride_t, theta, HALF, True, ROTATE)
@@ -464,7 +476,8 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
 
 @triton.jit
 def _bwd_dq_finish(Q, DQacc, Theta, DQ, DThetaQ, sq_b, sq_h, stride_t, T, H, scale,
-                   HALF: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, NEED_DTHETA: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_M: tl.constexpr, ROTATE: tl.constexpr, NEED_DTHETA: tl.constexpr,
+                   TABLE: tl.constexpr = False):
     """ATOMIC_DQ: dq = R^T (scale * accumulator), cast; the q-side dtheta partial."""
     D: tl.constexpr = 2 * HALF
     # float arguments arrive as fp64 when Inductor launches the kernel (torch.compile), as fp32 otherwise
@@ -476,7 +489,7 @@ def _bwd_dq_finish(Q, DQacc, Theta, DQ, DThetaQ, sq_b, sq_h, stride_t, T, H, sca
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < T
     q_off = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-    theta = tl.load(Theta + tl.arange(0, HALF)) if ROTATE else None
+    theta = (Theta if TABLE else tl.load(Theta + tl.arange(0, HALF))) if ROTATE else None
     dq1, dq2 = _load_halves(DQacc + bh.to(tl.int64) * T * D, offs_m, row_ok, D, HALF, True)
     _dq_store(dq1 * scale, dq2 * scale, Q, DQ, DThetaQ, q_off, offs_m, row_ok, stride_t, theta, pid_m, bh,
               tl.cdiv(T, BLOCK_M), HALF, ROTATE, NEED_DTHETA)

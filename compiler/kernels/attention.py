@@ -42,12 +42,15 @@ class Tiles:
     ``one_loop``: walk the visible tiles in one masked loop instead of three phases (window edge /
     fully visible / diagonal) of which only the edges are masked; fewer, longer loops pipeline
     better when a row sees only a few tiles (sliding windows).
+    ``table``: with rotation, read cos and sin from a per-call table (``rotation_table``) instead of
+    evaluating them for every tile the kernel visits.
     """
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     one_loop: bool = False
+    table: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class AttnConfig:
             for size in (t.block_m, t.block_n):
                 if size < 16 or size & (size - 1):
                     raise ValueError(f"AttnConfig: tile sizes must be powers of two >= 16, got {t}")
+                if t.table and size > TABLE_PAD:
+                    raise ValueError(f"AttnConfig: tiles reading the rotation table are at most {TABLE_PAD} "
+                                     f"rows (its padding), got {t}")
 
 
 # Launch shapes per GPU family, keyed by (D <= 64, windowed). Hopper (compute capability 9.x: H100,
@@ -180,14 +186,16 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
     windowed = _windowed(window, T)
     nb_win = _cdiv(window - 1, t.block_n) if windowed else 0             # key tiles before the diagonal in the window
     nb_full = max(0, (window - t.block_m) // t.block_n) if windowed else 0   # ... of which every pair is visible
+    table = rotation_table(theta, T) if theta is not None and t.table else None
     with _device(q):
         launch(tk._fwd)[(_cdiv(T, t.block_m), B * Hq)](
-            q, k, v, _or(theta, lse), _or(slopes, lse), out, lse,
+            q, k, v, _theta_arg(theta, table, t.table, lse), _or(slopes, lse), out, lse,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
             scale * LOG2E, nb_win, nb_full,
             HALF=D // 2, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
             ROTATE=theta is not None, ALIBI=slopes is not None, WINDOW=windowed, ONE_LOOP=t.one_loop,
-            DOT_PREC=_dot_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+            DOT_PREC=_dot_precision(q.dtype), TABLE=t.table and theta is not None,
+            num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
 
@@ -225,35 +233,59 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     dtheta_q = torch.empty(B * Hq, n_q, half, **f32) if need_dtheta else delta
     dslopes_part = torch.empty(B * Hq, n_kv, **f32) if need_dslopes else delta
     dq_acc = torch.zeros(B, Hq, T, D, **f32) if cfg.atomic_dq else delta         # fp32 dL/d(rotated q) / scale
-    theta_arg, slopes_arg = _or(theta, delta), _or(slopes, delta)
+    slopes_arg = _or(slopes, delta)
+    table = rotation_table(theta, T) if rotate and (tkv.table or tq.table) else None
     # q tiles of the dkdv sweep after the diagonal whose every (query, key) pair is in the window
     n_full_q = max(0, (window - tkv.block_n - tkv.block_m) // tkv.block_m + 1) if windowed else 0
     with _device(q):
         launch(tk._bwd_delta)[(_cdiv(T, 64), B * Hq)](
             out, grad_out, delta, q.stride(0), q.stride(1), q.stride(2), T, Hq, D=D, BLOCK_M=64, num_warps=4)
         launch(tk._bwd_dkdv)[(n_kv, B * Hkv)](
-            q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dk, dv, dq_acc, dtheta_k, dslopes_part,
+            q, k, v, grad_out, lse, delta, _theta_arg(theta, table, tkv.table, delta), slopes_arg, dk, dv, dq_acc,
+            dtheta_k, dslopes_part,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hkv, Hq // Hkv, window,
             scale, scale2, n_full_q,
             HALF=half, BLOCK_M=tkv.block_m, BLOCK_N=tkv.block_n, ATOMIC_DQ=cfg.atomic_dq,
             NEED_DTHETA=need_dtheta, NEED_DSLOPES=need_dslopes, ONE_LOOP=tkv.one_loop, **common,
-            num_warps=tkv.num_warps, num_stages=tkv.num_stages)
+            TABLE=tkv.table and rotate, num_warps=tkv.num_warps, num_stages=tkv.num_stages)
         if cfg.atomic_dq:
             launch(tk._bwd_dq_finish)[(n_q, B * Hq)](
-                q, dq_acc, theta_arg, dq, dtheta_q, q.stride(0), q.stride(1), q.stride(2), T, Hq, scale,
-                HALF=half, BLOCK_M=tq.block_m, ROTATE=rotate, NEED_DTHETA=need_dtheta, num_warps=tq.num_warps)
+                q, dq_acc, _theta_arg(theta, table, tq.table, delta), dq, dtheta_q, q.stride(0), q.stride(1),
+                q.stride(2), T, Hq, scale, HALF=half, BLOCK_M=tq.block_m, ROTATE=rotate, NEED_DTHETA=need_dtheta,
+                TABLE=tq.table and rotate, num_warps=tq.num_warps)
         else:
             nb_win = _cdiv(window - 1, tq.block_n) if windowed else 0
             nb_full = max(0, (window - tq.block_m) // tq.block_n) if windowed else 0
             launch(tk._bwd_dq)[(n_q, B * Hq)](
-                q, k, v, grad_out, lse, delta, theta_arg, slopes_arg, dq, dtheta_q,
+                q, k, v, grad_out, lse, delta, _theta_arg(theta, table, tq.table, delta), slopes_arg, dq, dtheta_q,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
                 scale, scale2, nb_win, nb_full,
                 HALF=half, BLOCK_M=tq.block_m, BLOCK_N=tq.block_n, NEED_DTHETA=need_dtheta, ONE_LOOP=tq.one_loop,
-                **common, num_warps=tq.num_warps, num_stages=tq.num_stages)
+                **common, TABLE=tq.table and rotate, num_warps=tq.num_warps, num_stages=tq.num_stages)
     dtheta = dtheta_k.sum((0, 1)) + dtheta_q.sum((0, 1)) if need_dtheta else None             # (D/2,)
     dslopes = dslopes_part.view(B, Hq, n_kv).sum((0, 2)) if need_dslopes else None             # (Hq,)
     return dq, dk, dv, dtheta, dslopes
+
+
+def rotation_table(theta: Tensor, T: int) -> Tensor:
+    """(T + TABLE_PAD, 2, D/2) fp32: [cos | sin] of angle[n, j] = fl32(n * theta_j) per position n.
+
+    The kernels index it by row without a bound check: rows up to the last tile's end (< T + 128
+    for tiles of at most 128 rows) must exist, hence the padding.
+    """
+    pos = torch.arange(T + TABLE_PAD, device=theta.device, dtype=torch.float32)
+    angle = pos[:, None] * theta.float()[None, :]                                # (T + pad, D/2)
+    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1).contiguous()
+
+
+TABLE_PAD = 256
+
+
+def _theta_arg(theta: Optional[Tensor], table: Optional[Tensor], use_table: bool, placeholder: Tensor) -> Tensor:
+    """What a kernel's ``Theta`` points at: the frequencies, the cos/sin table (``TABLE``), or a placeholder."""
+    if theta is None:
+        return placeholder
+    return table if use_table else theta.contiguous()
 
 
 def _or(x: Optional[Tensor], placeholder: Tensor) -> Tensor:
@@ -308,5 +340,6 @@ def flops(B: int, Hq: int, T: int, D: int, window: int) -> float:
     return 4.0 * B * Hq * D * pairs
 
 
-__all__ = ["AttnConfig", "Tiles", "HOPPER", "OTHER", "TILE_TABLES", "tile_table", "FP32_CONFIG", "default_config", "supports", "attention_fwd",
+__all__ = ["AttnConfig", "Tiles", "HOPPER", "OTHER", "TILE_TABLES", "tile_table", "FP32_CONFIG", "default_config",
+           "rotation_table", "supports", "attention_fwd",
            "attention_bwd", "cuda_forward", "cuda_backward", "flops"]

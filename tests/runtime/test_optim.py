@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compiler.lower import lower
-from runtime.optim import build_optimizer, build_scheduler, decays, lr_factor
+from runtime.optim import build_optimizer, build_scheduler, clip_gradients, decays, lr_factor
 from spec.schema import Schedule
 
 
@@ -56,6 +56,7 @@ def test_optimizer_groups_carry_the_decay(tiny_spec):
     opt = build_optimizer(lower(spec), spec)
     groups = {g["name"]: g["weight_decay"] for g in opt.param_groups}
     assert groups == {"decay": 0.1, "no_decay": 0.0}
+    assert not opt.defaults["fused"]                 # fused only for CUDA parameters (CPU keeps foreach)
 
 
 @pytest.mark.parametrize("taken, factor", [
@@ -86,3 +87,18 @@ def test_scheduler_sets_the_lr_of_each_step(tiny_spec):
         sched.step()
     assert lrs[0] == pytest.approx(0.25e-3) and lrs[3] == pytest.approx(1e-3) and lrs[11] == pytest.approx(1e-4)
     assert torch.tensor(lrs[4:]).diff().le(0).all()   # non-increasing after the warmup
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_clipping_scales_the_gradient_by_hand(fused):
+    # g = (3, 4): norm 5, clipped to norm 1 -> (0.6, 0.8). AdamW's first step with lr 1, eps 1 and
+    # no decay moves p by -g_hat / (|g_hat| + 1): -(0.6 / 1.6, 0.8 / 1.8) = -(0.375, 0.4444...);
+    # unclipped it would be -(0.75, 0.8). The fused optimizer clips inside its kernel (grad_scale).
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    opt = torch.optim.AdamW([p], lr=1.0, eps=1.0, weight_decay=0.0, **({"fused": True} if fused else {}))
+    norm = torch.nn.utils.get_total_norm([p.grad])
+    clip_gradients(opt, [p], 1.0, norm)
+    opt.step()
+    torch.testing.assert_close(p.detach(), -torch.tensor([0.6 / 1.6, 0.8 / 1.8]), rtol=1e-5, atol=1e-6)
+    assert hasattr(opt, "grad_scale") == fused

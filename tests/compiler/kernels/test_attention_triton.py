@@ -8,7 +8,8 @@ imported) when triton is installed, on the GPU when there is one; skipped where 
 so every phase of the tile loops runs (window-edge tiles, fully visible tiles, diagonal tiles).
 Tile configurations: "small" (16-row tiles, three-phase loops), "mixed" (q and k/v tiles of
 different sizes), "atomic" (dq accumulated by atomics in the dkdv kernel), "one_loop" (one masked
-loop per kernel), "default" (the H100 defaults). fp16 stands in for bf16: the interpreter's dot
+loop per kernel), "default" (Hopper's defaults), "table" / "table_atomic" (cos and sin read from the
+wrapper's per-call table). fp16 stands in for bf16: the interpreter's dot
 mishandles bf16 operands.
 """
 
@@ -49,6 +50,11 @@ CONFIGS = {
     "mixed": AttnConfig(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1)),
     "atomic": AttnConfig(fwd=Tiles(32, 16, 4, 1), dkdv=Tiles(16, 32, 4, 1), dq=Tiles(32, 16, 4, 1), atomic_dq=True),
     "default": None,
+    # cos/sin read from the wrapper's table; the forward in one loop, dkdv and dq in three phases
+    "table": AttnConfig(fwd=Tiles(32, 16, 4, 1, True, True), dkdv=Tiles(16, 32, 4, 1, False, True),
+                        dq=Tiles(32, 16, 4, 1, False, True)),
+    "table_atomic": AttnConfig(fwd=Tiles(16, 16, 4, 1, False, True), dkdv=Tiles(16, 32, 4, 1, True, True),
+                               dq=Tiles(32, 16, 4, 1, False, True), atomic_dq=True),
 }
 
 
@@ -113,6 +119,9 @@ CASES = [
     (37, 16, 2, 1, 1, True, True, torch.float32, "one_loop"),
     (70, 32, 4, 2, 8, True, True, torch.float16, "one_loop"),
     (70, 32, 4, 2, 0, False, True, torch.float16, "atomic"),
+    (70, 16, 4, 2, 20, True, True, torch.float32, "table"),
+    (37, 32, 2, 1, 8, True, False, torch.float32, "table_atomic"),
+    (70, 32, 4, 2, 8, True, False, torch.float16, "table"),
 ]
 
 
