@@ -103,12 +103,17 @@ def sweep_configs(kind: str, D: int):
                (Tiles(32, 128, 4, 3, True), Tiles(128, 64, 8, 3, True), False),
                (Tiles(64, 128, 4, 3, True, True), Tiles(64, 64, 4, 3, True, True), False)]
     else:
-        fwd = [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 4), Tiles(128, 32, 4, 3)]
+        # plus the shapes of Triton's own Hopper attention tutorial (128-row q tiles, 32 x 128 dkdv)
+        fwd = [Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 4), Tiles(128, 32, 4, 3),
+               Tiles(128, 64, 4, 3), Tiles(128, 128, 8, 3)]
         bwd = [(Tiles(32, 64, 4, 2), Tiles(64, 64, 4, 2), False),
                (Tiles(32, 64, 4, 3), Tiles(64, 64, 4, 3), False),
                (Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3), False),
                (Tiles(32, 64, 4, 4), Tiles(64, 64, 4, 4), False),
-               (Tiles(64, 128, 8, 3), Tiles(128, 64, 8, 3), False)]
+               (Tiles(64, 128, 8, 3), Tiles(128, 64, 8, 3), False),
+               (Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3), False),
+               (Tiles(32, 128, 4, 4), Tiles(128, 32, 4, 4), False),
+               (Tiles(32, 64, 4, 3), Tiles(64, 64, 4, 3), True)]
     fwd_cfgs = [base] + [AttnConfig(fwd=t, dkdv=base.dkdv, dq=base.dq, atomic_dq=base.atomic_dq)
                          for t in fwd if t != base.fwd]
     bwd_cfgs = [base] + [AttnConfig(fwd=base.fwd, dkdv=a, dq=b, atomic_dq=c) for a, b, c in bwd
