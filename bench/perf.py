@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))          # spec (MFU of the training runs)
 PHASES = ("attention", "check", "bench", "accum", "train", "small", "train-small")
 BASELINE, SMALL, TINY = "examples/baseline.yaml", "examples/bench-small.yaml", "examples/tiny.yaml"
 # a training run logs every LOG steps; steady state is the mean over the windows after the first
