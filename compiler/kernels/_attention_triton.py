@@ -184,7 +184,7 @@ def _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_t, theta, slope2, o
 
 @triton.jit
 def _fwd(Q, K, V, Theta, Slopes, Out, Lse,
-         sq_b, sq_h, sk_b, sk_h, stride_t, T, H, G, window, scale2, NB_WIN, NB_FULL,
+         sq_b, sq_h, sk_b, sk_h, stride_tq, stride_tk, T, H, G, window, scale2, NB_WIN, NB_FULL,
          HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, ONE_LOOP: tl.constexpr,
          DOT_PREC: tl.constexpr, TABLE: tl.constexpr = False):
@@ -205,32 +205,32 @@ def _fwd(Q, K, V, Theta, Slopes, Out, Lse,
     theta = (Theta if TABLE else tl.load(Theta + tl.arange(0, HALF))) if ROTATE else None
     slope2 = tl.load(Slopes + h) * LOG2E if ALIBI else 0.0
 
-    q1, q2 = _load_rotated(q_base, offs_m, row_ok, stride_t, theta, HALF, True, ROTATE)   # (BM, HALF) x2
+    q1, q2 = _load_rotated(q_base, offs_m, row_ok, stride_tq, theta, HALF, True, ROTATE)   # (BM, HALF) x2
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     lo = tl.maximum(m0 - NB_WIN * BLOCK_N, 0) if WINDOW else 0
     hi = tl.minimum(m0 + BLOCK_M, T)
     if ONE_LOOP:      # one pipelined loop, every tile masked (few tiles per row: sliding windows)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_t, theta, slope2, offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_tk, theta, slope2, offs_m,
                                    lo, hi, T, window, scale2, HALF, D, BLOCK_N, True, WINDOW, True,
                                    ROTATE, ALIBI, DOT_PREC)
     else:             # window-edge tiles (masked), fully visible tiles (no mask), diagonal tiles (masked)
         full_lo = tl.maximum(m0 - NB_FULL * BLOCK_N, 0) if WINDOW else 0
         if WINDOW:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_t, theta, slope2, offs_m,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_tk, theta, slope2, offs_m,
                                        lo, full_lo, T, window, scale2, HALF, D, BLOCK_N, False, True, False,
                                        ROTATE, ALIBI, DOT_PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_t, theta, slope2, offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_tk, theta, slope2, offs_m,
                                    full_lo, m0, T, window, scale2, HALF, D, BLOCK_N, False, False, False,
                                    ROTATE, ALIBI, DOT_PREC)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_t, theta, slope2, offs_m,
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, stride_tk, theta, slope2, offs_m,
                                    m0, hi, T, window, scale2, HALF, D, BLOCK_N, True, WINDOW, True,
                                    ROTATE, ALIBI, DOT_PREC)
     out = acc / l_i[:, None]
     cols = tl.arange(0, D)
     o_base = Out + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
-    tl.store(o_base + offs_m[:, None] * stride_t + cols[None, :], out.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None] * stride_tq + cols[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
 
@@ -297,7 +297,7 @@ def _dkdv_tiles(dk1, dk2, dv, dsl, k1, k2, v, q_base, do_base, lse_base, delta_b
 
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DSlopes,
-              sq_b, sq_h, sk_b, sk_h, stride_t, T, H, Hkv, G, window, scale, scale2, N_FULL_Q,
+              sq_b, sq_h, sk_b, sk_h, stride_tq, stride_tk, T, H, Hkv, G, window, scale, scale2, N_FULL_Q,
               HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr,
               NEED_DTHETA: tl.constexpr, NEED_DSLOPES: tl.constexpr, ONE_LOOP: tl.constexpr,
@@ -317,8 +317,8 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
     k_off = b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
     # the rotated k tile as the dots read it; its fp32 rotation and cos/sin are rebuilt after the
     # loop (keeping them live through it costs 64 registers a thread and spills)
-    k1, k2 = _load_rotated(K + k_off, offs_n, key_ok, stride_t, theta, HALF, True, ROTATE)   # (BN, HALF) x2
-    v = _load_rows(V + k_off, offs_n, key_ok, stride_t, D, True)                         # (BN, D)
+    k1, k2 = _load_rotated(K + k_off, offs_n, key_ok, stride_tk, theta, HALF, True, ROTATE)   # (BN, HALF) x2
+    v = _load_rows(V + k_off, offs_n, key_ok, stride_tk, D, True)                         # (BN, D)
 
     diag_end = tl.minimum(n0 + BLOCK_N, T)
     full_end = tl.minimum(n0 + BLOCK_N + N_FULL_Q * BLOCK_M, T) if WINDOW else T
@@ -339,21 +339,21 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
         dsl = tl.zeros([BLOCK_N], dtype=tl.float32)
         if ONE_LOOP:
             dk1, dk2, dv, dsl = _dkdv_tiles(dk1, dk2, dv, dsl, k1, k2, v, q_base, do_base, lse_base, delta_base,
-                                            dqa_base, stride_t, theta, slope2, offs_n, n0,
+                                            dqa_base, stride_tq, theta, slope2, offs_n, n0,
                                             q_end, T, window, scale2, HALF, D, BLOCK_M, True,
                                             WINDOW, ROTATE, ALIBI, ATOMIC_DQ, NEED_DSLOPES, DOT_PREC)
         else:
             dk1, dk2, dv, dsl = _dkdv_tiles(dk1, dk2, dv, dsl, k1, k2, v, q_base, do_base, lse_base, delta_base,
-                                            dqa_base, stride_t, theta, slope2, offs_n, n0, diag_end, T, window,
+                                            dqa_base, stride_tq, theta, slope2, offs_n, n0, diag_end, T, window,
                                             scale2, HALF, D, BLOCK_M, True, WINDOW, ROTATE, ALIBI, ATOMIC_DQ,
                                             NEED_DSLOPES, DOT_PREC)
             dk1, dk2, dv, dsl = _dkdv_tiles(dk1, dk2, dv, dsl, k1, k2, v, q_base, do_base, lse_base, delta_base,
-                                            dqa_base, stride_t, theta, slope2, offs_n, n0 + BLOCK_N, full_end, T,
+                                            dqa_base, stride_tq, theta, slope2, offs_n, n0 + BLOCK_N, full_end, T,
                                             window, scale2, HALF, D, BLOCK_M, False, False, ROTATE, ALIBI,
                                             ATOMIC_DQ, NEED_DSLOPES, DOT_PREC)
             if WINDOW:
                 dk1, dk2, dv, dsl = _dkdv_tiles(dk1, dk2, dv, dsl, k1, k2, v, q_base, do_base, lse_base,
-                                                delta_base, dqa_base, stride_t, theta, slope2, offs_n, full_end,
+                                                delta_base, dqa_base, stride_tq, theta, slope2, offs_n, full_end,
                                                 q_end, T, window, scale2, HALF, D, BLOCK_M, False, True, ROTATE,
                                                 ALIBI, ATOMIC_DQ, NEED_DSLOPES, DOT_PREC)
         if NEED_DSLOPES:
@@ -364,17 +364,17 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, Theta, Slopes, DK, DV, DQacc, DThetaK, DS
     if ROTATE:
         ck, sk = _cos_sin_tile(offs_n, theta, HALF)
         if NEED_DTHETA:
-            x1, x2 = _load_halves(K + k_off, offs_n, key_ok, stride_t, HALF, True)
+            x1, x2 = _load_halves(K + k_off, offs_n, key_ok, stride_tk, HALF, True)
             kr1, kr2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), ck, sk)
             n = offs_n.to(tl.float32)[:, None]                   # rows past T have k = 0: they add 0
             part = tl.sum(n * (dk2 * kr1 - dk1 * kr2), 0)        # (HALF,)
             tl.store(DThetaK + (bhk.to(tl.int64) * tl.cdiv(T, BLOCK_N) + pid_n) * HALF + cols_h, part)
         dk1, dk2 = _unrotate(dk1, dk2, ck, sk)
-    ptr = offs_n[:, None] * stride_t + cols_h[None, :]
+    ptr = offs_n[:, None] * stride_tk + cols_h[None, :]
     tl.store(DK + k_off + ptr, dk1.to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DK + k_off + ptr + HALF, dk2.to(DK.dtype.element_ty), mask=key_ok[:, None])
     cols = tl.arange(0, D)
-    tl.store(DV + k_off + offs_n[:, None] * stride_t + cols[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + k_off + offs_n[:, None] * stride_tk + cols[None, :], dv.to(DV.dtype.element_ty),
              mask=key_ok[:, None])
 
 
@@ -425,7 +425,7 @@ def _dq_store(dq1, dq2, Q, DQ, DThetaQ, q_off, offs_m, row_ok, stride_t, theta, 
 
 @triton.jit
 def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
-            sq_b, sq_h, sk_b, sk_h, stride_t, T, H, G, window, scale, scale2, NB_WIN, NB_FULL,
+            sq_b, sq_h, sk_b, sk_h, stride_tq, stride_tk, T, H, G, window, scale, scale2, NB_WIN, NB_FULL,
             HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             ROTATE: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, NEED_DTHETA: tl.constexpr,
             ONE_LOOP: tl.constexpr, DOT_PREC: tl.constexpr, TABLE: tl.constexpr = False):
@@ -446,8 +446,8 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
     theta = (Theta if TABLE else tl.load(Theta + tl.arange(0, HALF))) if ROTATE else None
     slope2 = tl.load(Slopes + h) * LOG2E if ALIBI else 0.0
 
-    q1, q2 = _load_rotated(Q + q_off, offs_m, row_ok, stride_t, theta, HALF, True, ROTATE)
-    do = _load_rows(DO + q_off, offs_m, row_ok, stride_t, D, True)
+    q1, q2 = _load_rotated(Q + q_off, offs_m, row_ok, stride_tq, theta, HALF, True, ROTATE)
+    do = _load_rows(DO + q_off, offs_m, row_ok, stride_tq, D, True)
     lse2 = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     dq1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
@@ -455,22 +455,22 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, Theta, Slopes, DQ, DThetaQ,
     lo = tl.maximum(m0 - NB_WIN * BLOCK_N, 0) if WINDOW else 0
     hi = tl.minimum(m0 + BLOCK_M, T)
     if ONE_LOOP:
-        dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_t, theta, slope2, offs_m,
+        dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_tk, theta, slope2, offs_m,
                              lo, hi, T, window, scale2, HALF, D, BLOCK_N, True, WINDOW, True, ROTATE, ALIBI,
                              DOT_PREC)
     else:
         full_lo = tl.maximum(m0 - NB_FULL * BLOCK_N, 0) if WINDOW else 0
         if WINDOW:
-            dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_t, theta, slope2,
+            dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_tk, theta, slope2,
                                  offs_m, lo, full_lo, T, window, scale2, HALF, D, BLOCK_N, False, True, False,
                                  ROTATE, ALIBI, DOT_PREC)
-        dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_t, theta, slope2, offs_m,
+        dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_tk, theta, slope2, offs_m,
                              full_lo, m0, T, window, scale2, HALF, D, BLOCK_N, False, False, False, ROTATE, ALIBI,
                              DOT_PREC)
-        dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_t, theta, slope2, offs_m,
+        dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, stride_tk, theta, slope2, offs_m,
                              m0, hi, T, window, scale2, HALF, D, BLOCK_N, True, WINDOW, True, ROTATE, ALIBI,
                              DOT_PREC)
-    _dq_store(dq1 * scale, dq2 * scale, Q, DQ, DThetaQ, q_off, offs_m, row_ok, stride_t, theta, pid_m, bh,
+    _dq_store(dq1 * scale, dq2 * scale, Q, DQ, DThetaQ, q_off, offs_m, row_ok, stride_tq, theta, pid_m, bh,
               tl.cdiv(T, BLOCK_M), HALF, ROTATE, NEED_DTHETA)
 
 

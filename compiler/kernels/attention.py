@@ -10,6 +10,10 @@ rotates q and k at positions 0..T-1 (GRAPE-M, half-split pairs); ``slopes`` (Hq,
 -slopes[h] * (i - j) after the scaling. lse is the natural-log logsumexp (B, Hq, T) fp32.
 dtheta (D/2,) and dslopes (Hq,) are fp32, or None when theta / slopes is None (or not asked for).
 
+q, k, v may be strided views, e.g. (B, T, H, D) projections seen as (B, H, T, D): the kernels read
+them where they are (any batch, head and row strides, the last dim contiguous) and write out, dq,
+dk, dv in the same layouts, so neither side of the op copies (``_dense``, ``_like``).
+
 Supported here: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``), dtype bf16, fp16 or
 fp32 (fp32 dots in IEEE precision, not tf32), D in {32, 64, 128} (D = 16 also under the
 interpreter), theta and slopes fp32. ``supports(...)`` says whether a call qualifies;
@@ -175,8 +179,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
     tk = _kernels()
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)                                                   # (B, Hq, T, D)
+    q, k = _dense(q), _dense(k)
+    v = _like(v, k)
+    out = torch.empty_like(q)                                                   # (B, Hq, T, D), q's layout
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)           # (B, Hq, T)
     if out.numel() == 0:
         return out, lse
@@ -190,7 +195,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], slop
     with _device(q):
         launch(tk._fwd)[(_cdiv(T, t.block_m), B * Hq)](
             q, k, v, _theta_arg(theta, table, t.table, lse), _or(slopes, lse), out, lse,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), k.stride(2), T, Hq, Hq // Hkv, window,
             scale * LOG2E, nb_win, nb_full,
             HALF=D // 2, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
             ROTATE=theta is not None, ALIBI=slopes is not None, WINDOW=windowed, ONE_LOOP=t.one_loop,
@@ -208,9 +213,10 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     tk = _kernels()
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    q, k, v, out, grad_out = (x.contiguous() for x in (q, k, v, out, grad_out))
+    q, k = _dense(q), _dense(k)
+    v, out, grad_out = _like(v, k), _like(out, q), _like(grad_out, q)
     lse = lse.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)   # the inputs' layouts
     rotate, alibi = theta is not None, slopes is not None
     need_dtheta, need_dslopes = bool(need_dtheta and rotate), bool(need_dslopes and alibi)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -243,8 +249,8 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         launch(tk._bwd_dkdv)[(n_kv, B * Hkv)](
             q, k, v, grad_out, lse, delta, _theta_arg(theta, table, tkv.table, delta), slopes_arg, dk, dv, dq_acc,
             dtheta_k, dslopes_part,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hkv, Hq // Hkv, window,
-            scale, scale2, n_full_q,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), k.stride(2), T, Hq, Hkv, Hq // Hkv,
+            window, scale, scale2, n_full_q,
             HALF=half, BLOCK_M=tkv.block_m, BLOCK_N=tkv.block_n, ATOMIC_DQ=cfg.atomic_dq,
             NEED_DTHETA=need_dtheta, NEED_DSLOPES=need_dslopes, ONE_LOOP=tkv.one_loop, **common,
             TABLE=tkv.table and rotate, num_warps=tkv.num_warps, num_stages=tkv.num_stages)
@@ -258,13 +264,32 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             nb_full = max(0, (window - tq.block_m) // tq.block_n) if windowed else 0
             launch(tk._bwd_dq)[(n_q, B * Hq)](
                 q, k, v, grad_out, lse, delta, _theta_arg(theta, table, tq.table, delta), slopes_arg, dq, dtheta_q,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), T, Hq, Hq // Hkv, window,
-                scale, scale2, nb_win, nb_full,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(2), k.stride(2), T, Hq, Hq // Hkv,
+                window, scale, scale2, nb_win, nb_full,
                 HALF=half, BLOCK_M=tq.block_m, BLOCK_N=tq.block_n, NEED_DTHETA=need_dtheta, ONE_LOOP=tq.one_loop,
                 **common, TABLE=tq.table and rotate, num_warps=tq.num_warps, num_stages=tq.num_stages)
     dtheta = dtheta_k.sum((0, 1)) + dtheta_q.sum((0, 1)) if need_dtheta else None             # (D/2,)
     dslopes = dslopes_part.view(B, Hq, n_kv).sum((0, 2)) if need_dslopes else None             # (Hq,)
     return dq, dk, dv, dtheta, dslopes
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when its elements fill their span without gaps, the last dim contiguous (then
+    ``empty_like(x)`` has x's strides, and the kernels index an output with its input's strides);
+    else a contiguous copy. A (B, T, H, D) projection viewed as (B, H, T, D) passes as it is."""
+    if x.stride(-1) == 1:
+        expected = 1
+        for size, stride in sorted(((n, st) for n, st in zip(x.shape, x.stride()) if n != 1), key=lambda p: p[1]):
+            if stride != expected:
+                return x.contiguous()
+            expected *= size
+        return x
+    return x.contiguous()
+
+
+def _like(x: Tensor, ref: Tensor) -> Tensor:
+    """x in the memory layout of ``ref`` (same shape, ``_dense``): itself when the strides agree, else a copy."""
+    return x if x.stride() == ref.stride() else torch.empty_like(ref).copy_(x)
 
 
 def rotation_table(theta: Tensor, T: int) -> Tensor:
@@ -317,9 +342,10 @@ class _device:
 # Python bodies, the kernels launched directly.
 
 def cuda_forward(q, k, v, theta, slopes, window, scale):
-    """Opaque-path forward: the kernels where ``supports``, else the op's reference."""
+    """Opaque-path forward: the kernels where ``supports``, else the op's reference. Contiguous
+    inputs, so the outputs are contiguous as the opaque op's fake implementation says."""
     if supports(q, k, v, theta, slopes):
-        return attention_fwd(q, k, v, theta, slopes, window, scale)
+        return attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), theta, slopes, window, scale)
     from compiler.ops.attention import _forward_ref
     return _forward_ref(q, k, v, theta, slopes, window, scale)
 
@@ -327,7 +353,7 @@ def cuda_forward(q, k, v, theta, slopes, window, scale):
 def cuda_backward(grad_out, q, k, v, out, lse, theta, slopes, window, scale):
     """Opaque-path backward; takes the same branch as ``cuda_forward`` for the same inputs."""
     if supports(q, k, v, theta, slopes):
-        return attention_bwd(grad_out, q, k, v, out, lse, theta, slopes, window, scale)
+        return attention_bwd(*(x.contiguous() for x in (grad_out, q, k, v, out)), lse, theta, slopes, window, scale)
     from compiler.ops.attention import _backward_ref
     return _backward_ref(grad_out, q, k, v, out, lse, theta, slopes, window, scale)
 

@@ -58,8 +58,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, theta, slopes, out, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dq, dk, dv, dtheta, dslopes = attention_triton_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, theta, slopes, ctx.window, ctx.scale,
+    dq, dk, dv, dtheta, dslopes = attention_triton_bwd(                # grad_out in out's layout: no copy
+        grad_out, q, k, v, out, lse, theta, slopes, ctx.window, ctx.scale,
         theta is not None and needs[3], slopes is not None and needs[4])
     return (dq, dk, dv, dtheta if theta is not None and needs[3] else None,
             dslopes if slopes is not None and needs[4] else None, None, None)

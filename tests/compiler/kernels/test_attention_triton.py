@@ -162,6 +162,30 @@ def test_forward_and_gradients_match_dense_reference(T, D, Hq, Hkv, window, rota
         assert dslopes is None
 
 
+@pytest.mark.parametrize("rotate, alibi, window", [(True, False, 8), (False, True, 0)])
+def test_projection_layouts_are_read_in_place_and_kept(rotate, alibi, window):
+    """q, k as (B, T, H, D) projections viewed as (B, H, T, D), v contiguous: the same numbers as with
+    contiguous inputs, and out / dq in q's layout, dk / dv in k's (no copies on either side)."""
+    g = torch.Generator().manual_seed(5)
+    B, T, Hq, Hkv, D = 2, 37, 4, 2, 16
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE)
+    q, k = rand(B, T, Hq, D).transpose(1, 2), rand(B, T, Hkv, D).transpose(1, 2)
+    v, go = rand(B, Hkv, T, D), rand(B, T, Hq, D).transpose(1, 2)
+    theta = (torch.rand(D // 2, generator=g) + 0.1).to(DEVICE) if rotate else None
+    slopes = (torch.rand(Hq, generator=g) * 0.5).to(DEVICE) if alibi else None
+    cfg = CONFIGS["small"]
+    out, lse = attention_fwd(q, k, v, theta, slopes, window, 0.25, cfg)
+    grads = attention_bwd(go, q, k, v, out, lse, theta, slopes, window, 0.25, cfg)
+    c = lambda x: x.contiguous()
+    out_c, lse_c = attention_fwd(c(q), c(k), v, theta, slopes, window, 0.25, cfg)
+    grads_c = attention_bwd(c(go), c(q), c(k), v, out_c, lse_c, theta, slopes, window, 0.25, cfg)
+    assert out.stride() == q.stride() and grads[0].stride() == q.stride()
+    assert grads[1].stride() == k.stride() and grads[2].stride() == k.stride()
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for a, b in zip(grads, grads_c):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_gradients_not_asked_for_are_none():
     q = torch.randn(1, 2, 20, 16).to(DEVICE)
     k, v = torch.randn(1, 1, 20, 16).to(DEVICE), torch.randn(1, 1, 20, 16).to(DEVICE)
