@@ -28,7 +28,7 @@ itself and every finished phase's JSON is kept:
 Writes into DIR (default $OUT, else ./perf-out), at most 8 files: perf.json (versions, each phase's
 status, seconds and headline figures, the best tiles), perf.log (every phase's output), attention.json,
 bench_baseline.json, bench_small.json, kernels.md (the kernel-group tables), train.json (every
-training run's metrics lines), check.json. ``--quick`` runs every phase but attention on CPU on a tiny spec
+training run's metrics lines), check.json. ``--report DIR`` prints a finished run's figures as Markdown. ``--quick`` runs every phase but attention on CPU on a tiny spec
 (eager, a few steps): it checks the plumbing, not the speed. ``--dry-run`` prints the commands.
 """
 
@@ -262,6 +262,45 @@ def _attention_summary(attention: dict) -> dict:
             "failed": [c.get("case") for c in checks if not c.get("passed")]}
 
 
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def report(doc: dict) -> str:
+    """perf.json as Markdown: the benches' ways, the training runs, the attention table."""
+    env, ph = doc.get("env", {}), doc.get("phases", {})
+    out = [f"{env.get('device')}, torch {env.get('torch')}, Triton {env.get('triton')}, {doc.get('started')}", ""]
+    for name in ("bench", "small"):
+        rec = ph.get(name) or {}
+        if not rec.get("ways"):
+            continue
+        out += [f"`{name}` (peak {_f(rec.get('peak_tflops'), '.0f')} TFLOP/s): ratios "
+                + ", ".join(f"{k} {v:.2f}" for k, v in rec.get("ratios", {}).items()), "",
+                "| way | tok/s | ms/step | MFU | peak GiB | cold s | warm s | loss@1 |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {w} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('step_ms'), '.1f')} | "
+                f"{_f(r.get('mfu_measured'), '.1%')} | {_f(r.get('peak_memory_gib'), '.1f')} | "
+                f"{_f(r.get('compile_cold_s'), '.0f')} | {_f(r.get('compile_warm_s'), '.0f')} | {_f(r.get('loss_step1'), '.4f')} |"
+                for w, r in rec["ways"].items()]
+        out.append("")
+    out += ["| training run | status | steady tok/s | MFU | vs bench | peak GiB | optimizer share |", "|---|---|---|---|---|---|---|"]
+    for name in ("accum", "train", "train-small"):
+        r = ph.get(name) or {}
+        out.append(f"| {name} | {r.get('status', 'not run')} | {_f(r.get('tokens_per_s'), ',.0f')} | "
+                   f"{_f(r.get('mfu_measured'), '.1%')} | {_f(r.get('train_over_bench'), '.1%')} | "
+                   f"{_f(r.get('peak_memory_gib'), '.1f')} | {_f(r.get('optimizer_share'), '.1%')} |")
+    att = ph.get("attention") or {}
+    if att.get("fwdbwd_ms"):
+        keys = ("ours", "ours_best", "ours_compiled", "flex", "sdpa_cudnn_causal", "sdpa_flash_causal")
+        out += ["", f"attention fwd+bwd ms ({att.get('correctness')})", "",
+                "| case | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        out += [f"| {case} | " + " | ".join(_f(row.get(k), ".3f") for k in keys) + " |"
+                for case, row in att["fwdbwd_ms"].items()]
+    for case, t in (doc.get("tiles") or {}).items():
+        out.append(f"- tiles {case}: best {t.get('best')} {_f(t.get('best_fwdbwd_ms'), '.3f')} ms "
+                   f"(default {_f(t.get('default_fwdbwd_ms'), '.3f')} ms)")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "perf-out"))
@@ -269,7 +308,11 @@ def main() -> int:
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, from {', '.join(PHASES)}")
     ap.add_argument("--quick", action="store_true", help="CPU plumbing check on examples/tiny.yaml (no attention)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--report", metavar="DIR", help="print DIR/perf.json's figures as Markdown tables and exit")
     args = ap.parse_args()
+    if args.report:
+        print(report(json.loads((Path(args.report) / "perf.json").read_text())))
+        return 0
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
@@ -355,8 +398,8 @@ def main() -> int:
         attn = (*start_attention(0, limit, max(60, limit - 150)), time.time())
     if attn is not None:
         _finish_attention(r, attn[0], attn_log, attn[1], attn[2])
-    r.say("summary:\n" + json.dumps({k: v for k, v in r.doc["phases"].items()}, indent=1, default=str))
     r.save()
+    r.say("report (bench/perf.py --report DIR prints it again):\n" + report(r.doc))
     shutil.rmtree(r.work, ignore_errors=True)
     return 0
 
