@@ -9,7 +9,8 @@
 4. Correctness of the default configurations against a dense fp32 reference (autograd through
    rotation, mask, bias and softmax) on bf16 and fp32 inputs: out and every gradient (dq, dk, dv,
    dtheta, dslopes) by ||got - ref|| / ||ref||; T not a multiple of any tile, W >= T, Hq/Hkv in
-   {12/4, 16/4, 8/1}, D 64 and 128; through the kernels' wrappers and through
+   {12/4, 16/4, 8/1}, D 64 and 128, two cases with q, k, v in the projections' (B, T, H, D) layout;
+   through the kernels' wrappers and through
    torch.ops.grapefx.attention (the op must reach the kernels: same numbers), and on two cases the
    op under torch.compile (same numbers, and Inductor's code launches the kernels). Outputs are
    allocated over NaN-poisoned memory so an unwritten element fails the check.
@@ -58,11 +59,11 @@ FP32_TOL = {name: 1e-4 for name in BF16_TOL}
 # match), one odd T for the other specialisation.
 CHECK_CASES = [
     dict(name="local D64 12/4 T1008 W128", B=2, Hq=12, Hkv=4, T=1008, D=64, window=128, rotate=True, alibi=False,
-         compiled=True),
+         compiled=True, projection=True),
     dict(name="local D128 16/4 T784 W128", B=2, Hq=16, Hkv=4, T=784, D=128, window=128, rotate=True, alibi=False),
     dict(name="rotate D64 8/1 T528 W>=T", B=2, Hq=8, Hkv=1, T=528, D=64, window=600, rotate=True, alibi=False),
     dict(name="global D64 12/4 T1008 alibi", B=2, Hq=12, Hkv=4, T=1008, D=64, window=0, rotate=False, alibi=True,
-         compiled=True),
+         compiled=True, projection=True),
     dict(name="global D128 16/4 T784 alibi", B=2, Hq=16, Hkv=4, T=784, D=128, window=0, rotate=False, alibi=True),
     dict(name="global D128 8/1 T528 alibi", B=2, Hq=8, Hkv=1, T=528, D=128, window=0, rotate=False, alibi=True),
     dict(name="all flags D64 8/1 T999 W100", B=2, Hq=8, Hkv=1, T=999, D=64, window=100, rotate=True, alibi=True),
@@ -359,6 +360,8 @@ def check_case(case):
     q, k, v, theta, slopes = make_inputs(B, Hq, Hkv, T, D, case["rotate"], case["alibi"], dtype, seed=T + D,
                                          jitter=True)
     go = torch.randn(B, Hq, T, D, device=DEVICE, dtype=torch.float32).to(dtype)
+    if case.get("projection"):   # as the model passes them: (B, T, H, D) projections seen as (B, H, T, D)
+        q, k, v, go = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, go))
     # fp32 reference with autograd
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
     th = theta.detach().clone().requires_grad_() if theta is not None else None
@@ -535,7 +538,8 @@ def sweep_case(shape, kind, rec, deadline):
     best = ka.AttnConfig(fwd=bf["cfg"].fwd, dkdv=bb["cfg"].dkdv, dq=bb["cfg"].dq, atomic_dq=bb["cfg"].atomic_dq)
     fwd, bwd, fwd_bwd, _ = ours_fns(q, k, v, theta, slopes, window, scale, best, go)
     best_rec = dict(config=cfg_str(best, "fwd") + " | " + cfg_str(best, "bwd"), fwd_ms=bench_ms(fwd),
-                    bwd_ms=bench_ms(bwd), fwdbwd_ms=bench_ms(fwd_bwd), literal=repr(best))
+                    bwd_ms=bench_ms(bwd), fwdbwd_ms=bench_ms(fwd_bwd), literal=repr(best),
+                    tiles=ka.tile_literal(best), tile_key=ka.tile_key(shape["D"] <= 64, kind == "local"))
     # the op path with the best configuration in place of the default
     key = (shape["D"] <= 64, kind == "local")
     table = ka.tile_table(torch.cuda.get_device_capability())
@@ -586,7 +590,7 @@ def _warm(job):
         return job["name"], f"error {e!r}"[:300], time.time() - t0
 
 
-def prewarm_jobs():
+def prewarm_jobs(sweep_dims=(64, 128)):
     jobs = []
     for c in CHECK_CASES:
         shape = dict(B=c["B"], T=c["T"], Hq=c["Hq"], Hkv=c["Hkv"], D=c["D"])
@@ -596,6 +600,8 @@ def prewarm_jobs():
     for shape in SHAPES:
         for kind in KINDS:
             fwd_cfgs, bwd_cfgs = sweep_configs(kind, shape["D"])
+            if shape["D"] not in sweep_dims:           # timed with the default only
+                fwd_cfgs, bwd_cfgs = fwd_cfgs[:1], bwd_cfgs[:1]
             tag = f"{kind} D{shape['D']}"
             jobs.append(dict(name=f"flex {tag}", what="flex", shape=shape, kind=kind))
             for i, cfg in enumerate(fwd_cfgs + bwd_cfgs[1:]):   # the default (#0) also runs as the op does
@@ -604,9 +610,9 @@ def prewarm_jobs():
     return jobs
 
 
-def prewarm(timeout_s: float):
+def prewarm(timeout_s: float, sweep_dims=(64, 128)):
     import multiprocessing as mp
-    jobs = prewarm_jobs()
+    jobs = prewarm_jobs(sweep_dims)
     n = max(1, min(len(jobs), (os.cpu_count() or 4) - 2, 12))
     log(f"compiling ahead: {len(jobs)} jobs on {n} processes")
     ctx = mp.get_context("spawn")
@@ -665,11 +671,28 @@ def table(res) -> str:
     return "\n".join(lines)
 
 
+def write_tiles(res, path):
+    """The sweep's best configuration per case where it beat the default's fwd+bwd, as a tuned-tiles file."""
+    versions = res.get("versions") or {}
+    configs = {}
+    for rec in res.get("bench", {}).values():
+        best, ours = rec.get("impl", {}).get("ours_best"), rec.get("impl", {}).get("ours")
+        if best and ours and best["fwdbwd_ms"] < ours["fwdbwd_ms"]:
+            configs[best["tile_key"]] = best["tiles"]
+    with open(path, "w") as f:
+        json.dump({"capability": versions.get("capability"), "device": versions.get("device"), "configs": configs},
+                  f, indent=1)
+    log(f"tuned tiles for {sorted(configs) or 'no case (the defaults won)'} -> {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", nargs="?", default=os.path.join(os.environ.get("OUT", "."), "attention.json"))
     ap.add_argument("--no-prewarm", action="store_true")
     ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which config sweeps stop")
+    ap.add_argument("--tiles-out", help="write the sweep's winners (where faster than the defaults) as a tuned-tiles "
+                                        "file for $GRAPEFX_ATTENTION_TILES")
+    ap.add_argument("--sweep-dims", default="64,128", help="head dims whose cases are swept (default 64,128)")
     args = ap.parse_args()
     res = dict(versions=version_check(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -686,9 +709,10 @@ def main():
     res["op_hook"] = None if hooked is None else [f.__module__ + "." + f.__name__ for f in hooked]
     log(f"op hook: {res['op_hook']}")
 
+    sweep_dims = {int(d) for d in args.sweep_dims.split(",") if d}
     if not args.no_prewarm:
         try:
-            res["prewarm"] = prewarm(timeout_s=min(240.0, args.deadline / 2))
+            res["prewarm"] = prewarm(timeout_s=min(240.0, args.deadline / 2), sweep_dims=sweep_dims)
         except Exception:
             res["prewarm"] = dict(error=traceback.format_exc())
         save()
@@ -736,6 +760,8 @@ def main():
         for kind in KINDS:
             name = next(n for n, r in res["bench"].items() if r["shape"] == shape and r["kind"] == kind)
             rec = res["bench"][name]
+            if shape["D"] not in sweep_dims:
+                continue
             log(f"sweep {name}")
             try:
                 sweep_case(shape, kind, rec, args.deadline)
@@ -756,6 +782,8 @@ def main():
             if req:
                 rec["target"] = dict(required=req, achieved=flex / ours, met=flex / ours >= req)
     save()
+    if args.tiles_out:
+        write_tiles(res, args.tiles_out)
     print(table(res), flush=True)
     log(f"wrote {args.out}")
 

@@ -8,22 +8,23 @@ Run from the repository root with the prepared corpus beside it (the GPU machine
 a time limit taken from what is left of ``--budget`` (default 530 s), so a slow phase costs only
 itself and every finished phase's JSON is kept:
 
-    attention    bench/attention.py: kernel correctness against a dense fp32 reference, the timing
-                 table (ours, FlexAttention, cuDNN / flash SDPA causal without bias; D 64 and 128)
-                 and the tile sweep (fastest launch shapes, ``tiles`` in perf.json). With two or
-                 more GPUs it runs on the last one from the start while the other phases use the
-                 first (run everything in one command on two cards); on one card it runs last,
-                 with the time left.
-    check        bench/experts_loss_check.py: the expert and loss kernels against fp32 references
+    attention    bench/attention.py: kernel correctness against a dense fp32 reference (two cases in
+                 the projections' layout), the timing table (ours, FlexAttention, cuDNN / flash SDPA
+                 causal without bias; D 64 and 128) and the tile sweep at D 64 (fastest launch shapes:
+                 ``tiles`` in perf.json). On one card it runs first and writes the winners as a
+                 tuned-tiles file, which the later phases then use ($GRAPEFX_ATTENTION_TILES; its
+                 content is ``tuned_tiles`` in perf.json); with two or more cards it runs on the last
+                 one alongside the other phases (on the first), and the benches keep the defaults.
     bench        grapefx bench examples/baseline.yaml --set train.global_batch=4, ways grapefx,
                  reference and flex, profiled by kernel group
+    train        grapefx train examples/baseline.yaml --set train.global_batch=4: steady tokens/s
+                 against the bench's grapefx way (one micro-batch per step both)
     accum        grapefx train examples/baseline.yaml as configured (global_batch 64 = 16 micro-batches
                  of 4 x 4096): tokens/s and MFU over optimizer steps 2.., and the optimizer's share of
                  the step (the optimizer's kernel time per step from the bench profile / step time)
-    train        grapefx train examples/baseline.yaml --set train.global_batch=4: steady tokens/s
-                 against the bench's grapefx way (one micro-batch per step both)
-    small        grapefx bench examples/bench-small.yaml (grapefx, reference, flex)
+    small        grapefx bench examples/bench-small.yaml (grapefx, reference)
     train-small  grapefx train examples/bench-small.yaml: steady tokens/s against that bench
+    check        bench/experts_loss_check.py: the expert and loss kernels against fp32 references
 
 Writes into DIR (default $OUT, else ./perf-out), at most 8 files: perf.json (versions, each phase's
 status, seconds and headline figures, the best tiles), perf.log (every phase's output), attention.json,
@@ -50,12 +51,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))          # spec (MFU of the training runs)
-PHASES = ("attention", "check", "bench", "accum", "train", "small", "train-small")
+PHASES = ("attention", "bench", "train", "accum", "small", "train-small", "check")
 BASELINE, SMALL, TINY = "examples/baseline.yaml", "examples/bench-small.yaml", "examples/tiny.yaml"
 # a training run logs every LOG steps; steady state is the mean over the windows after the first
 # (which holds the compile); seconds a phase may take at most (the budget may cut it shorter)
-PLAN = {"attention": 330, "check": 60, "bench": 200, "accum": 110, "train": 90, "small": 120, "train-small": 80}
-TRAIN_STEPS = {"accum": (5, 1), "train": (60, 10), "train-small": (160, 20)}   # steps, log_every
+PLAN = {"attention": 220, "bench": 130, "train": 60, "accum": 50, "small": 80, "train-small": 45, "check": 40}
+TRAIN_STEPS = {"accum": (5, 1), "train": (100, 20), "train-small": (160, 20)}   # steps, log_every
 
 
 class Run:
@@ -147,7 +148,7 @@ class Run:
         quick = ["--steps", "2", "--warmup", "1", "--ways", "eager",
                  "--set", "train.micro_batch=2", "--set", "data.seq_len=64"] if self.args.quick else []
         cmd = [sys.executable, "-m", "runtime.cli", "bench", self.spec(spec), "--out", str(out), "--profile", str(prof),
-               "--time-budget", str(max(10, int(limit - 70)))] + (quick or extra)
+               "--time-budget", str(max(10, int(limit - 40)))] + (quick or extra)
         status, _ = self.wait(self.spawn(cmd, gpu=0), limit)
         rec = {"status": "ok" if status == 0 else f"exit {status}" if status is not None else "cut off"}
         if (prof / "kernels.md").is_file():
@@ -334,18 +335,32 @@ def main() -> int:
     r.say(f"versions: {r.doc['env']}")
     r.save()
 
-    # attention: on its own card from the start when there are two; on one card last, with what is left
-    attn_log = r.work / "attention.log"
+    # attention: on its own card alongside the rest when there are two; on one card first, and the
+    # later phases run with the launch shapes its sweep found fastest (the tuned-tiles file)
+    attn_log, tiles = r.work / "attention.log", r.work / "tiles.json"
 
     def start_attention(gpu: int, limit: float, deadline: float) -> tuple[subprocess.Popen, float]:
-        cmd = [sys.executable, "bench/attention.py", str(r.out / "attention.json"), "--deadline", str(int(deadline))]
+        cmd = [sys.executable, "bench/attention.py", str(r.out / "attention.json"), "--deadline", str(int(deadline)),
+               "--sweep-dims", "64", "--tiles-out", str(tiles)]
         r.doc["phases"]["attention"] = {"gpu": gpu, "limit_s": round(limit)}
         return r.spawn(cmd, gpu=gpu, log=attn_log), limit
 
     attn = None
     if "attention" in phases and r.gpus >= 2:
-        limit = min(PLAN["attention"] + 120, r.left() - 15)
+        limit = min(PLAN["attention"] + 230, r.left() - 15)
         attn = (*start_attention(r.gpus - 1, limit, limit - 100), time.time())
+    elif "attention" in phases and r.gpus == 0:
+        r.doc["phases"]["attention"] = {"status": "skipped", "reason": "no GPU"}
+    elif "attention" in phases:
+        limit = min(PLAN["attention"], r.left() - 15)
+        p, limit = start_attention(0, limit, limit - 25)
+        _finish_attention(r, p, attn_log, limit, time.time())
+        if tiles.is_file():
+            r.doc["tuned_tiles"] = json.loads(tiles.read_text())
+            if r.doc["tuned_tiles"].get("configs"):
+                r.env["GRAPEFX_ATTENTION_TILES"] = str(tiles)
+                r.say(f"the following phases use the tuned tiles {r.doc['tuned_tiles']['configs']}")
+        r.save()
 
     if "check" in phases and not args.quick:
         def check(s):
@@ -381,7 +396,7 @@ def main() -> int:
     small_rec: dict = {}
     if "small" in phases:
         r.phase("small", lambda s: small_rec.update(r.grapefx_bench(
-            SMALL, "bench_small", s, ["--ways", "grapefx,reference,flex", "--steps", "10", "--warmup", "3",
+            SMALL, "bench_small", s, ["--ways", "grapefx,reference", "--steps", "10", "--warmup", "3",
                                       "--warm-compile", "grapefx"])) or small_rec)
     if "train-small" in phases:
         def train_small(s):
@@ -393,11 +408,10 @@ def main() -> int:
             return rec
         r.phase("train-small", train_small)
 
-    if "attention" in phases and attn is None and r.left() > 60:
-        limit = r.left() - 15
-        attn = (*start_attention(0, limit, max(60, limit - 150)), time.time())
     if attn is not None:
         _finish_attention(r, attn[0], attn_log, attn[1], attn[2])
+        if tiles.is_file():
+            r.doc["tuned_tiles"] = json.loads(tiles.read_text())
     r.save()
     r.say("report (bench/perf.py --report DIR prints it again):\n" + report(r.doc))
     shutil.rmtree(r.work, ignore_errors=True)

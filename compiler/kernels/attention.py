@@ -24,14 +24,18 @@ reference. Launches go through ``compiler.kernels.launch``, so the same wrappers
 Importing this module needs no triton: the kernels are imported on the first launch.
 """
 
+import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from compiler.kernels import launch
+from spec.errors import GrapefxError
 
 LOG2E = 1.4426950408889634
 KERNEL_HEAD_DIMS = (32, 64, 128)        # D/2 must be a power of two and >= 16 (tensor-core dot depth)
@@ -111,9 +115,54 @@ OTHER = {key: AttnConfig(*(Tiles(t.block_m, t.block_n, t.num_warps, min(t.num_st
 TILE_TABLES = {9: HOPPER}                # compute capability major -> table; anything else: OTHER
 
 
+TUNED_ENV = "GRAPEFX_ATTENTION_TILES"   # a JSON file of tuned launch shapes (bench/attention.py --tiles-out)
+
+
 def tile_table(capability: tuple[int, int]) -> dict:
-    """The launch-shape table for a device of compute ``capability`` (major, minor)."""
-    return TILE_TABLES.get(capability[0], OTHER)
+    """The launch-shape table for a device of compute ``capability`` (major, minor): the family's
+    built-in table, with the entries of the tuned-tiles file named by $GRAPEFX_ATTENTION_TILES for
+    this capability in place of the built-in ones (``tuned_tiles``)."""
+    table = TILE_TABLES.get(capability[0], OTHER)
+    path = os.environ.get(TUNED_ENV)
+    return {**table, **tuned_tiles(path, capability)} if path else table
+
+
+def tile_key(head_dim_le_64: bool, windowed: bool) -> str:
+    """The tuned-tiles file's name of a table entry: d64_local, d64_global, d128_local, d128_global."""
+    return f"d{64 if head_dim_le_64 else 128}_{'local' if windowed else 'global'}"
+
+
+@functools.lru_cache(maxsize=8)
+def tuned_tiles(path: str, capability: tuple[int, int]) -> dict:
+    """Launch shapes that a sweep measured fastest on this kind of device, read once per process:
+
+        {"capability": "9.0", "configs": {"d64_local": {"fwd": [block_m, block_n, warps, stages,
+         one_loop, table], "dkdv": [...], "dq": [...], "atomic_dq": false}, ...}}
+
+    (``bench/attention.py --tiles-out`` writes it). A file for another capability gives nothing;
+    one that does not parse, or a configuration ``AttnConfig.check`` refuses, is an error naming it.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("capability") != f"{capability[0]}.{capability[1]}":
+            return {}
+        keys = {tile_key(d, w): (d, w) for d in (True, False) for w in (True, False)}
+        out = {}
+        for name, c in doc["configs"].items():
+            cfg = AttnConfig(fwd=Tiles(*c["fwd"]), dkdv=Tiles(*c["dkdv"]), dq=Tiles(*c["dq"]),
+                             atomic_dq=bool(c.get("atomic_dq", False)))
+            cfg.check()
+            out[keys[name]] = cfg
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise GrapefxError(f"{TUNED_ENV}={path}: not a tuned-tiles file ({type(e).__name__}: {e}); write it with "
+                           "bench/attention.py --tiles-out, or unset the variable") from e
+
+
+def tile_literal(cfg: AttnConfig) -> dict:
+    """``cfg`` as an entry of the tuned-tiles file."""
+    t = lambda x: [x.block_m, x.block_n, x.num_warps, x.num_stages, x.one_loop, x.table]
+    return {"fwd": t(cfg.fwd), "dkdv": t(cfg.dkdv), "dq": t(cfg.dq), "atomic_dq": cfg.atomic_dq}
 
 
 def _windowed(window: int, T: int) -> bool:
@@ -367,5 +416,5 @@ def flops(B: int, Hq: int, T: int, D: int, window: int) -> float:
 
 
 __all__ = ["AttnConfig", "Tiles", "HOPPER", "OTHER", "TILE_TABLES", "tile_table", "FP32_CONFIG", "default_config",
-           "rotation_table", "supports", "attention_fwd",
+           "rotation_table", "TUNED_ENV", "tuned_tiles", "tile_key", "tile_literal", "supports", "attention_fwd",
            "attention_bwd", "cuda_forward", "cuda_backward", "flops"]

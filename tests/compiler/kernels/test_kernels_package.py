@@ -3,6 +3,7 @@ available, hooks into the ops (attention, experts, linear cross-entropy) only wh
 CUDA entry points hand every call they cannot take to the op's reference."""
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import compiler.kernels as kernels
 from compiler.kernels import attention as kattn
 from compiler.kernels import register as kregister
+from spec.errors import GrapefxError
 
 ops_attention = importlib.import_module("compiler.ops.attention")   # the package attribute is the op wrapper
 ops_experts = importlib.import_module("compiler.ops.experts")
@@ -111,3 +113,23 @@ def test_tiles_follow_the_device_family():
 def test_flops_count_visible_pairs(window, pairs):
     """T = 10: full causal sees 1 + 2 + ... + 10 pairs; a window of 3 sees 1, 2, 3, 3, ..., 3."""
     assert kattn.flops(1, 1, 10, 16, window) == 4 * 16 * pairs
+
+
+def test_tuned_tiles_file_replaces_the_entries_it_names(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")                                      # counts as Hopper (9.0)
+    tuned = kattn.AttnConfig(fwd=kattn.Tiles(64, 64, 4, 3, True, True), dkdv=kattn.Tiles(32, 128, 4, 3, True),
+                             dq=kattn.Tiles(128, 32, 4, 3, True), atomic_dq=True)
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"capability": "9.0", "configs": {"d64_local": kattn.tile_literal(tuned)}}))
+    monkeypatch.setenv(kattn.TUNED_ENV, str(path))
+    assert kattn.default_config(64, 128, 4096, device=cpu) == tuned
+    assert kattn.default_config(64, 0, 4096, device=cpu) == kattn.HOPPER[(True, False)]      # not in the file
+    other = tmp_path / "ampere.json"
+    other.write_text(json.dumps({"capability": "8.0", "configs": {"d64_local": kattn.tile_literal(tuned)}}))
+    monkeypatch.setenv(kattn.TUNED_ENV, str(other))
+    assert kattn.default_config(64, 128, 4096, device=cpu) == kattn.HOPPER[(True, True)]      # another card's
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"capability": "9.0", "configs": {"d64_local": {"fwd": [48, 32, 4, 3]}}}))
+    monkeypatch.setenv(kattn.TUNED_ENV, str(bad))
+    with pytest.raises(GrapefxError, match=r"GRAPEFX_ATTENTION_TILES=.*bad.json: not a tuned-tiles file .*--tiles-out"):
+        kattn.default_config(64, 128, 4096, device=cpu)
