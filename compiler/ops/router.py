@@ -4,8 +4,14 @@ The selection reads the *biased* choice scores ``s + b``; gates are gathered fro
 ``s`` by the caller, so nothing here needs a gradient.
 
 Ties go to the lower expert index, on every device: ``torch.topk`` promises no order among equal
-values, so the selection is a stable descending sort (equal scores keep their index order) and
-its first k columns. Group-limited routing: the E experts form ``num_groups`` contiguous groups
+values, so for fp32 scores it runs on int64 keys that cannot tie,
+
+    key = ordered(s) * 2^32 + (M - 1 - j)        ordered: the fp32 bits as an int32 in the order of
+                                                 the values (negatives' magnitude bits flipped; -0 as +0)
+
+(the larger score wins, and among equal scores the lower index j); other dtypes take a stable
+descending sort (equal scores keep their index order) and its first k columns. Both give the same
+indices; the sort of a whole (N, E) row costs several times the top-k on a GPU. Group-limited routing: the E experts form ``num_groups`` contiguous groups
 of E / num_groups; a group's score is the sum of its top ``k // group_topk`` scores; the best
 ``group_topk`` groups are kept (ties to the lower group index) and the others masked to -inf
 before the top-k.
@@ -34,8 +40,18 @@ def _check(scores: Tensor, k: int, num_groups: int, group_topk: int) -> None:
 
 
 def _topk_lower_index(x: Tensor, k: int) -> Tensor:
-    """Indices of the k largest entries of each row, ties to the lower index. (R, M) -> (R, k) int64."""
-    return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
+    """Indices of the k largest entries of each row, ties to the lower index. (R, M) -> (R, k) int64.
+
+    fp32: one ``torch.topk`` over tie-free int64 keys (module docstring); else a stable sort.
+    """
+    if x.dtype != torch.float32:
+        return torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
+    M = x.shape[-1]
+    bits = (x + 0.0).view(torch.int32)                                  # + 0.0: -0 becomes +0 (they tie)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)                        # int32, ordered like the values
+    rank = M - 1 - torch.arange(M, device=x.device, dtype=torch.int64)  # (M,) larger for lower indices
+    keys = (ordered.to(torch.int64) << 32) | rank                       # (R, M), all distinct in a row
+    return (M - 1) - (torch.topk(keys, k, dim=-1).values & 0xFFFFFFFF)
 
 
 @torch.library.custom_op("grapefx::router_topk", mutates_args=())
@@ -57,9 +73,10 @@ def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int)
         scores = grouped.masked_fill(~allowed[..., None], float("-inf")).reshape(N, E)       # (N, E)
     indices = _topk_lower_index(scores, k)                                                   # (N, k)
     flat = indices.reshape(-1)
-    if flat.is_cuda:   # CUDA bincount reads max() back to the host: a sync per MoE layer; exact in fp32 below 2^24
-        counts = torch.zeros(E, dtype=torch.float32, device=flat.device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.float32))
+    if flat.is_cuda:   # CUDA bincount reads max() back to the host (a sync per MoE layer), and an index_add_
+        # of N*k ones into E bins queues on E atomics; histc counts in shared memory. Bins [e, e+1) of
+        # [0, E): e * E / E is exact, so every id lands in its own bin; exact in fp32 below 2^24 per bin
+        counts = torch.histc(flat.to(torch.float32), bins=E, min=0, max=E)
     else:
         counts = torch.bincount(flat, minlength=E).to(torch.float32)                         # (E,)
     return indices, counts

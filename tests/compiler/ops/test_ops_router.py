@@ -27,6 +27,30 @@ def test_ties_in_wide_rows():
     assert idx.tolist() == [[0, 2, 6, 8, 12, 14]]
 
 
+def test_ties_signs_and_zeros_match_the_stable_sort():
+    # the fp32 path (top-k over tie-free int64 keys) against the rule's definition, a stable descending
+    # sort: scores drawn from few values (many ties), negatives, -0.0 next to +0.0, tiny and huge magnitudes
+    g = torch.Generator().manual_seed(3)
+    values = torch.tensor([-3.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.25000003, 7.0, 3e38, -3e38])
+    scores = values[torch.randint(0, len(values), (400, 64), generator=g)]
+    for k in (1, 6, 64):
+        idx, _ = router_topk(scores, k, 1, 1)
+        want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(idx, want)
+    idx, _ = router_topk(torch.tensor([[-0.0, 0.0, -0.0]]), 3, 1, 1)
+    assert idx.tolist() == [[0, 1, 2]]                               # -0 and +0 tie: index order
+
+
+@pytest.mark.parametrize("E", [64, 60, 7])
+def test_histc_bins_count_expert_ids_exactly(E):
+    # the CUDA counts use histc(ids, bins=E, min=0, max=E): id e lands in bin floor(e * E / E) = e
+    # (exact in fp32); checked here on the CPU kernel against bincount
+    ids = torch.randint(0, E, (5000,), generator=torch.Generator().manual_seed(E))
+    ids[:E] = torch.arange(E)                                        # every id, the last one included
+    got = torch.histc(ids.to(torch.float32), bins=E, min=0, max=E)
+    assert torch.equal(got, torch.bincount(ids, minlength=E).to(torch.float32))
+
+
 def test_distinct_scores_match_topk():
     torch.manual_seed(0)
     scores = torch.rand(50, 16)
