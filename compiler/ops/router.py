@@ -72,13 +72,11 @@ def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int)
         allowed = torch.zeros(N, num_groups, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
         scores = grouped.masked_fill(~allowed[..., None], float("-inf")).reshape(N, E)       # (N, E)
     indices = _topk_lower_index(scores, k)                                                   # (N, k)
-    flat = indices.reshape(-1)
-    if flat.is_cuda:   # CUDA bincount reads max() back to the host (a sync per MoE layer), and an index_add_
-        # of N*k ones into E bins queues on E atomics; histc counts in shared memory. Bins [e, e+1) of
-        # [0, E): e * E / E is exact, so every id lands in its own bin; exact in fp32 below 2^24 per bin
-        counts = torch.histc(flat.to(torch.float32), bins=E, min=0, max=E)
-    else:
-        counts = torch.bincount(flat, minlength=E).to(torch.float32)                         # (E,)
+    # counts by comparison: CUDA's bincount reads max() back to the host (a sync per MoE layer), and an
+    # index_add_ of N*k ones queues on E atomics; a (N*k, E) boolean sum does neither and is exact
+    flat = indices.reshape(-1)                                                               # (N*k,)
+    experts = torch.arange(E, device=flat.device)
+    counts = (flat[:, None] == experts).sum(0).to(torch.float32)                             # (E,)
     return indices, counts
 
 
