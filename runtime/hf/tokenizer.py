@@ -1,0 +1,64 @@
+"""The tokenizer of a run as ``tokenizer.json`` + ``tokenizer_config.json`` for ``AutoTokenizer``.
+
+Both kinds load as ``PreTrainedTokenizerFast`` (no custom code) and give grapefx's ids:
+
+- bpe: grapefx's own ``tokenizer.json``; the end-of-document token is its EOS and padding token.
+- byte: a byte-level BPE without merges whose 256 symbols are the bytes in GPT-2's byte-to-unicode
+  spelling, in byte order, so text -> its UTF-8 bytes as ids 0..255; id 256, end-of-document,
+  is spelled ``<|endoftext|>``.
+
+``split_special_tokens: true`` keeps grapefx's rule that text spelling a special token is encoded
+as plain text, never as the special id. No BOS is added (grapefx adds none).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_tokenizer", "byte_tokenizer", "TOKENIZER_FILES", "BYTE_EOD"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+BYTE_EOD = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the ByteLevel pre-tokenizer's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer():
+    """A ``tokenizers.Tokenizer`` equal to grapefx's byte tokenizer (ids 0..255 bytes, 256 end-of-document)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BYTE_EOD, special=True)])
+    assert tok.token_to_id(BYTE_EOD) == 256
+    return tok
+
+
+def write_tokenizer(tokenizer, folder: Path) -> None:
+    """Write ``TOKENIZER_FILES`` for grapefx ``tokenizer`` (kind byte or bpe) into ``folder``."""
+    from tokenizers import Tokenizer
+
+    if tokenizer.kind == "bpe":
+        tokenizer.save(folder / "tokenizer.json")
+        eod = Tokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(tokenizer.eod_id)
+    else:
+        byte_tokenizer().save(str(folder / "tokenizer.json"))
+        eod = BYTE_EOD
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod, "pad_token": eod,
+              "split_special_tokens": True, "clean_up_tokenization_spaces": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
