@@ -31,7 +31,7 @@ from runtime.hf.tokenizer import write_tokenizer
 from runtime.hf.weights import hf_state_dict
 from spec.errors import GrapefxError
 
-__all__ = ["write_hf", "modeling_version", "check_supported", "TEMPLATES", "HFWritten"]
+__all__ = ["TEMPLATES", "HFWritten", "check_supported", "modeling_version", "write_hf"]
 
 HERE = Path(__file__).parent
 TEMPLATES = ("configuration_grapefx.py", "modeling_grapefx.py")
@@ -40,7 +40,7 @@ TOKENIZER_KINDS = ("byte", "bpe")
 
 def modeling_version() -> str:
     """The ``MODELING_VERSION`` of the template (read as text: exporting needs no transformers)."""
-    m = re.search(r'^MODELING_VERSION = "(\w+)"$', (HERE / TEMPLATES[0]).read_text(), re.M)
+    m = re.search(r'^MODELING_VERSION = "(\w+)"$', (HERE / TEMPLATES[0]).read_text(), re.MULTILINE)
     return m.group(1)
 
 

@@ -16,7 +16,7 @@ from compiler.ops.alibi import alibi_slopes
 from spec.convert import yaml_key
 from spec.schema import Spec
 
-__all__ = ["unsupported", "hf_config"]
+__all__ = ["hf_config", "unsupported"]
 
 # the fields of each section the modeling file reads or may ignore (training-only)
 KNOWN = {

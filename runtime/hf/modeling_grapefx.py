@@ -57,7 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 
 from .configuration_grapefx import MODELING_VERSION, GrapefxConfig
 
@@ -434,4 +437,4 @@ class GrapefxForCausalLM(GrapefxPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
 
 
-__all__ = ["GrapefxForCausalLM", "GrapefxModel", "GrapefxPreTrainedModel", "MODELING_VERSION"]
+__all__ = ["MODELING_VERSION", "GrapefxForCausalLM", "GrapefxModel", "GrapefxPreTrainedModel"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["write_tokenizer", "byte_tokenizer", "TOKENIZER_FILES", "BYTE_EOD"]
+__all__ = ["BYTE_EOD", "TOKENIZER_FILES", "byte_tokenizer", "write_tokenizer"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BYTE_EOD = "<|endoftext|>"
