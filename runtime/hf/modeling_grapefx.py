@@ -335,8 +335,12 @@ class GrapefxPreTrainedModel(PreTrainedModel):
     config_class = GrapefxConfig
     base_model_prefix = "model"
     _no_split_modules = ["GrapefxBlock"]
-    _keep_in_fp32_modules = ["router", "grape_m", "alibi"]       # MATH.md §6: these stay fp32
     supports_gradient_checkpointing = False
+
+    def _keep_fp32(self):
+        """The router, GRAPE-M frequencies and ALiBi slope logits stay fp32 (MATH.md §6), where the model has them."""
+        names = {name.rsplit(".", 1)[-1] for name, _ in self.named_modules()}
+        self._keep_in_fp32_modules = [m for m in ("router", "grape_m", "alibi") if m in names]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -364,6 +368,7 @@ class GrapefxModel(GrapefxPreTrainedModel):
             self.grape_m = GrapeM(shared[0]["head_dim"])
         self.layers = nn.ModuleList(GrapefxBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = _Norm(config.hidden_size)
+        self._keep_fp32()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -410,6 +415,7 @@ class GrapefxForCausalLM(GrapefxPreTrainedModel, GenerationMixin):
         self.model = GrapefxModel(config)
         if not config.tied_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._keep_fp32()
         self.post_init()
 
     def get_input_embeddings(self):
