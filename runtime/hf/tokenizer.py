@@ -7,8 +7,11 @@ Both kinds load as ``PreTrainedTokenizerFast`` (no custom code) and give grapefx
   spelling, in byte order, so text -> its UTF-8 bytes as ids 0..255; id 256, end-of-document,
   is spelled ``<|endoftext|>``.
 
+Text starts after the end-of-document id, as every document does in training and as ``grapefx
+generate`` feeds a prompt: ``tokenizer(text)`` gives ``[eod] + ids`` (the end-of-document token is
+also the BOS token); ``tokenizer(text, add_special_tokens=False)`` gives grapefx's ``encode(text)``.
 ``split_special_tokens: true`` keeps grapefx's rule that text spelling a special token is encoded
-as plain text, never as the special id. No BOS is added (grapefx adds none).
+as plain text, never as the special id.
 """
 
 from __future__ import annotations
@@ -51,14 +54,17 @@ def byte_tokenizer():
 
 def write_tokenizer(tokenizer, folder: Path) -> None:
     """Write ``TOKENIZER_FILES`` for grapefx ``tokenizer`` (kind byte or bpe) into ``folder``."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, processors
 
     if tokenizer.kind == "bpe":
         tokenizer.save(folder / "tokenizer.json")
-        eod = Tokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(tokenizer.eod_id)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        eod = tok.id_to_token(tokenizer.eod_id)
     else:
-        byte_tokenizer().save(str(folder / "tokenizer.json"))
-        eod = BYTE_EOD
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod, "pad_token": eod,
+        tok, eod = byte_tokenizer(), BYTE_EOD
+    tok.post_processor = processors.TemplateProcessing(single=f"{eod} $A", pair=f"{eod} $A {eod} $B",
+                                                       special_tokens=[(eod, tokenizer.eod_id)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eod, "eos_token": eod, "pad_token": eod,
               "split_special_tokens": True, "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
