@@ -34,7 +34,8 @@ KNOWN = {
                "bias_freeze_after_steps", "bias_freeze_after_tokens", "bias_centering", "topk_scaling_factor",
                "num_groups", "group_topk", "pre_softmax", "dtype"},
 }
-VALUES = {"mechanism": ("gqa", "tpa"), "score_function": ("sigmoid", "softmax"), "head_factors": (None, "heads", "kv_groups")}
+VALUES = {"mechanism": ("gqa", "tpa"), "score_function": ("sigmoid", "softmax"),
+          "head_factors": (None, "heads", "kv_groups")}
 
 
 def _default(fl: dataclasses.Field):
