@@ -120,7 +120,8 @@ def test_the_graph_follows_the_documented_rules(tmp_path):
     assert sorted(graph.edges) == [("pkg", "pkg.a"), ("pkg.b", "pkg.c"), ("pkg.c", "pkg.d"), ("pkg.d", "pkg.b"),
                                    ("pkg.e", "pkg"), ("pkg.e", "pkg.a")]
     (cycle,) = [sorted_cycle(c) for c in nx.simple_cycles(graph)]
-    assert describe(cycle, graph, files, tmp_path) == "pkg.b (pkg/b.py:2) -> pkg.c (pkg/c.py:3) -> pkg.d (pkg/d.py:2) -> pkg.b"
+    assert describe(cycle, graph, files, tmp_path) == ("pkg.b (pkg/b.py:2) -> pkg.c (pkg/c.py:3) -> "
+                                                       "pkg.d (pkg/d.py:2) -> pkg.b")
 
 
 @pytest.mark.parametrize("module", sorted(module_files()))
