@@ -186,7 +186,7 @@ def graph_svg(gm: fx.GraphModule) -> str:
     order = {d: list(r) for d, r in rows.items()}
 
     def place():
-        for d, row in order.items():
+        for row in order.values():
             pos = 0.0
             for n in row:
                 x[n] = pos + width[n] / 2

@@ -1,5 +1,6 @@
 """runtime.bench.flex (the flex way of grapefx bench): the fused attention nodes swapped for
-FlexAttention (block masks, ALiBi score_mod, separate rotation) compute the same model. CPU: forward only (FlexAttention has no CPU backward)."""
+FlexAttention (block masks, ALiBi score_mod, separate rotation) compute the same model. CPU: forward
+only (FlexAttention has no CPU backward)."""
 
 import warnings
 from pathlib import Path
