@@ -1,10 +1,10 @@
 """Derived facts of a spec: per-layer table, parameter counts, training FLOPs per token, KV cache.
 
-Letters as in PLAN.md: C d_model, L layers, Hq query heads, Hkv kv heads, D head dim, W window,
+Letters: C d_model, L layers, Hq query heads, Hkv kv heads, D head dim, W window,
 E routed experts, K top-k, S shared experts, F expert hidden, Fd dense FFN hidden, V padded
 vocab, T training context (data.seq_len).
 
-Parameter counting follows the state-dict layout the lowering builds (PLAN.md "compiler (model)"):
+Parameter counting follows the state-dict layout the lowering builds (``compiler.lower``):
 
 - ``embed.weight`` V*C; ``lm_head.weight`` V*C unless tied; ``final_norm.weight`` C.
 - per layer: ``attn_norm`` C and ``ffn_norm`` C; attention GQA: wq C*Hq*D, wk and wv C*Hkv*D
@@ -29,7 +29,7 @@ the LM head; torchtitan's rule). Norm weights, GRAPE-M frequencies and ALiBi slo
 Attention: QK^T and AV each cost 2*Hq*D FLOPs per (query, key) pair in the forward, x3 for
 training; ctx = W keys on local layers and T/2 (the causal half) on global layers. TPA adds its
 per-token contraction 6*D*(R_Q*Hq + (R_K + R_V)*n).
-For bench-small (issue 7) this gives 813,662,208 = 813.7 MFLOP/token (BENCHMARKS.md: 813 M).
+For examples/bench-small.yaml this gives 813,662,208 = 813.7 MFLOP/token.
 
 KV cache: per layer and cached token GQA stores K and V, 2*Hkv*D values; TPA stores
 (R_K + R_V)*(n + D) (MATH.md §4); bytes = values * 2 in bf16 (4 in fp32, precision.compute).

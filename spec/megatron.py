@@ -7,14 +7,14 @@ Megatron defaults the recipe relied on, which ``grapefx from-megatron`` writes i
 Semantics, as Megatron (and the vpMoE fork that carries the GRAPE flags) runs them:
 
 - Layers are counted from 1. ``--window-size a,b`` (or ``(a,b)``) lets query i see keys
-  i-a..i+b: W = a + 1 keys including the current one (``127,0`` = the seed's W = 128); only
+  i-a..i+b: W = a + 1 keys including the current one (``127,0`` = the baseline's W = 128); only
   b = 0 (causal) is accepted. Without ``--window-size`` every layer is full attention.
 - ``--window-attn-skip-freq N``: layer l is full attention (global) iff l % N == 0. List form:
   one entry per layer, **1 = sliding window (local)**, 0 = full attention.
 - ``--no-rope-freq N``: layer l skips the rotation iff l % N == 0 (Megatron requires
-  L % N == 0). List form: **1 = skip the rotation** (the global layers in the seed's design).
+  L % N == 0). List form: **1 = skip the rotation** (the global layers, by the position rule).
   The two list forms have *opposite polarity*: the same list passed to both flags inverts the
-  plan; the importer detects a recipe whose no-rope layers are not its global layers.
+  layer plan; the importer detects a recipe whose no-rope layers are not its global layers.
 - ``--grape-a``: ALiBi slopes on the non-window (global) layers. ``--grapem-per-head`` is
   refused under GQA: a query head and the key head it reads would turn by different angles,
   which breaks the relative law (MATH.md §2).

@@ -51,7 +51,7 @@ def to_megatron(spec: Spec) -> list[str]:
     if "local" in used and att.local.mechanism == "tpa":
         hf, r_q, r_k, r_v = att.local.tpa_ranks()
         if hf != "kv_groups" or r_k != r_v:
-            raise _fail("attention.local", "TPA other than the fork's (head_factors: kv_groups, r_k == r_v)")
+            raise _fail("attention.local", "TPA other than the vpMoE fork's (head_factors: kv_groups, r_k == r_v)")
         fl += ["--use-tpa", "--tpa-rank", str(r_k), "--tpa-q-rank", str(r_q)]
     if spec.moe is not None:
         fl += _moe_flags(spec)
@@ -88,7 +88,7 @@ def _position_flags(spec: Spec, used: list[str]) -> list[str]:
                                                              "is an integer)")
         if pos.kind == "grape-m":
             if pos.share != "model":
-                raise _fail(f"attention.{rot[0]}.position.share", "GRAPE-M frequencies per layer (the fork keeps "
+                raise _fail(f"attention.{rot[0]}.position.share", "GRAPE-M frequencies per layer (the vpMoE fork keeps "
                                                                   "one vector for the model)")
             if pos.weight_decay:
                 raise _fail(f"attention.{rot[0]}.position.weight_decay", "weight decay on GRAPE-M frequencies")

@@ -89,7 +89,7 @@ class GrapeM:
     base: float = f(10000.0, "RoPE base of the initial spectrum theta_j = base^(-2j/d)")
     learnable_freq: bool = f(True, "train p (theta_j = exp(p_j / log_freq_scale)); false keeps p as a buffer")
     log_freq_scale: float = f(16.0, "c in theta = exp(p / c); larger = smaller Adam steps on ln(theta)")
-    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the seed's fork) or one per layer (the paper's code)")
+    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the vpMoE Megatron fork) or one per layer (the paper's code)")
     weight_decay: bool = f(False, "apply weight decay to p (off: decay would drag ln(theta) toward 0)")
 
 
@@ -128,13 +128,13 @@ class Attention:
     r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)")
     r_k: int | None = f(None, "TPA key rank R_K (default 2)")
     r_v: int | None = f(None, "TPA value rank R_V (default 2)")
-    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV groups (seed's fork); default heads")
+    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV groups (the vpMoE Megatron fork); default heads")
 
     def tpa_ranks(self) -> tuple[str, int, int, int]:
         """Resolved TPA settings ``(head_factors, R_Q, R_K, R_V)`` (MATH.md §4).
 
         Defaults: head_factors ``heads`` (the paper); R_Q = 6 with ``heads`` (paper), 4 with
-        ``kv_groups`` (the seed's fork); R_K = R_V = 2 in both.
+        ``kv_groups`` (the vpMoE Megatron fork); R_K = R_V = 2 in both.
         """
         hf = self.head_factors or "heads"
         r_q = self.r_q if self.r_q is not None else (6 if hf == "heads" else 4)
@@ -157,7 +157,7 @@ def _default_global() -> Attention:
 class AttentionKinds:
     local: Attention = f(factory=_default_local, doc="attention of local (sliding-window) layers")
     global_: Attention = f(factory=_default_global, doc="attention of global (full causal) layers; YAML key `global`")
-    allow_position_mismatch: bool = f(False, "lift the seed's rule (global layers never rotate; GRAPE-A only on global layers)")
+    allow_position_mismatch: bool = f(False, "lift the position rule (global layers never rotate; GRAPE-A only on global layers)")
 
     def of(self, kind: str) -> Attention:
         return self.local if kind == "local" else self.global_

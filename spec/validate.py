@@ -3,7 +3,7 @@
 Each message names the value, the rule and a fix. All problems are collected; ``validate``
 raises ``SpecProblems`` whose first line is the first problem (the CLI prints all of them).
 
-The seed's rule (MATH.md §1): global layers are exactly the layers that skip the rotation, so
+The position rule (MATH.md §1): global layers are exactly the layers that skip the rotation, so
 a global layer never rotates (GRAPE-M/RoPE), a local layer always does, and the GRAPE-A bias
 appears only on global layers (optional there: NoPE global layers are the follow-up ablation).
 ``attention.allow_position_mismatch: true`` lifts it, and every message about it says so.
@@ -23,7 +23,7 @@ __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
 # The byte tokenizer's ids: 256 byte values + one end-of-document id (runtime.data).
 BYTE_TOKENIZER_VOCAB = 257
 
-_ESCAPE = "or set attention.allow_position_mismatch: true to break the seed's rule on purpose"
+_ESCAPE = "or set attention.allow_position_mismatch: true to break the position rule on purpose"
 
 
 class SpecProblems(SpecError):
@@ -104,7 +104,7 @@ class _Checker:
             return False
         if m.global_every is not None and m.global_every < 1:
             self.err(p + ("global_every",), f"{m.global_every} is not a period: layer l (from 1) is global iff "
-                                            "l % global_every == 0, so global_every must be >= 1 (4 = the seed's 3:1); "
+                                            "l % global_every == 0, so global_every must be >= 1 (the baseline's 4 gives 3 local layers per global one); "
                                             "use null for no global layers")
             return False
         if m.layer_kinds is not None:
@@ -147,10 +147,10 @@ class _Checker:
         if kind == "local":
             if a.window is None:
                 self.err(p + ("window",), "local layers need a window: W keys including the current token (query i "
-                                          "sees keys i-W+1..i); the seed uses window: 128")
+                                          "sees keys i-W+1..i); the baseline uses window: 128")
             elif a.window < 1:
                 self.err(p + ("window",), f"{a.window} keys is not a window: W counts keys including the current "
-                                          "token, so W >= 1 (W = 1 sees only itself; the seed uses 128)")
+                                          "token, so W >= 1 (W = 1 sees only itself; the baseline uses W = 128)")
         elif a.window is not None:
             self.err(p + ("window",), f"global layers attend to the whole causal context; a window ({a.window}) is "
                                       "only for local layers: delete it, or make those layers local "
@@ -158,7 +158,7 @@ class _Checker:
         pos, pp = a.position, p + ("position",)
         if pos.kind in ("grape-m", "rope") and not pos.base > 1:
             self.err(pp + ("base",), f"{pos.base} is not a usable base: theta_j = base^(-2j/D) needs base > 1 "
-                                     "(the seed uses 10000)")
+                                     "(the baseline uses 10000)")
         if pos.kind == "grape-m" and not pos.log_freq_scale > 0:
             self.err(pp + ("log_freq_scale",), f"{pos.log_freq_scale}: theta = exp(p / c) needs c > 0 (default 16)")
 
@@ -168,16 +168,16 @@ class _Checker:
         if not att.allow_position_mismatch:
             if glo.rotates():
                 self.err(("attention", "global", "position", "kind"),
-                         f"{glo.position.kind} rotates q and k, but in the seed's design global layers never rotate "
+                         f"{glo.position.kind} rotates q and k, but by the position rule global layers never rotate "
                          "(they are exactly the layers that skip the rotation, MATH.md §1): use grape-a (ALiBi bias) "
                          f"or nope, {_ESCAPE}")
             if loc.position.kind == "grape-a":
                 self.err(("attention", "local", "position", "kind"),
-                         "grape-a (the ALiBi bias) appears only on global layers in the seed's design (MATH.md §1): "
+                         "grape-a (the ALiBi bias) appears only on global layers by the position rule (MATH.md §1): "
                          f"use grape-m or rope on local layers, {_ESCAPE}")
             elif not loc.rotates():
                 self.err(("attention", "local", "position", "kind"),
-                         f"{loc.position.kind}: local layers rotate in the seed's design (the layers that skip the "
+                         f"{loc.position.kind}: local layers rotate by the position rule (the layers that skip the "
                          f"rotation are exactly the global ones, MATH.md §1): use grape-m or rope, {_ESCAPE}")
         if loc.position.kind == glo.position.kind == "grape-m" and "model" in (loc.position.share, glo.position.share):
             if loc.position != glo.position or loc.head_dim != glo.head_dim:
