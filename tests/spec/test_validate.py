@@ -44,20 +44,20 @@ RULES = [
      r"local layers"),
     ({"data": {"seq_len": 64}}, r"data\.seq_len: a 128-key window never binds in a 64-token context .* data\.seq_len "
                                 r"must be >= attention\.local\.window"),
-    # --- positions: parameters and the seed's rule
+    # --- positions: parameters and the position rule
     ({"attention": {"local": {"position": {"base": 1.0}}}}, r"attention\.local\.position\.base: 1\.0 is not a "
                                                             r"usable base: .* base > 1"),
     ({"attention": {"local": {"position": {"log_freq_scale": 0.0}}}}, r"position\.log_freq_scale: 0\.0: .* c > 0"),
     ({"attention": {"global": {"position": {"kind": "rope"}}}},
-     r"attention\.global\.position\.kind: rope rotates q and k, but in the seed's design global layers never "
+     r"attention\.global\.position\.kind: rope rotates q and k, but by the position rule global layers never "
      r"rotate .*: use grape-a \(ALiBi bias\) or nope, " + ESCAPE),
     ({"attention": {"global": {"position": {"kind": "grape-m"}}}},
      r"attention\.global\.position\.kind: grape-m rotates"),
     ({"attention": {"local": {"position": {"kind": "grape-a"}}}},
-     r"attention\.local\.position\.kind: grape-a \(the ALiBi bias\) appears only on global layers in the seed's "
-     r"design .* " + ESCAPE),
+     r"attention\.local\.position\.kind: grape-a \(the ALiBi bias\) appears only on global layers by the "
+     r"position rule .* " + ESCAPE),
     ({"attention": {"local": {"position": {"kind": "nope"}}}},
-     r"attention\.local\.position\.kind: nope: local layers rotate in the seed's design .* " + ESCAPE),
+     r"attention\.local\.position\.kind: nope: local layers rotate by the position rule .* " + ESCAPE),
     ({"attention": {"allow_position_mismatch": True, "global": {"position": {"kind": "grape-m", "base": 500.0}}}},
      r"attention\.global\.position: both layer kinds use GRAPE-M with share: model, .* make them equal, or use "
      r"share: layer"),
