@@ -107,6 +107,12 @@ class _Checker:
                                             "l % global_every == 0, so global_every must be >= 1 (the baseline's 4 gives 3 local layers per global one); "
                                             "use null for no global layers")
             return False
+        if m.global_every is not None and m.global_every > m.n_layers >= 1:
+            self.err(p + ("global_every",), f"{m.global_every} places no global layer in a {m.n_layers}-layer model "
+                                            f"(layer l is global iff l % {m.global_every} == 0, and no l in "
+                                            f"1..{m.n_layers} is): use global_every <= {m.n_layers}, "
+                                            "or null for no global layers")
+            return False
         if m.layer_kinds is not None:
             if len(m.layer_kinds) != m.n_layers:
                 self.err(p + ("layer_kinds",), f"{len(m.layer_kinds)} kinds for n_layers = {m.n_layers}: give exactly "
