@@ -86,13 +86,6 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
     out += ["", f"KV cache at context {kv.context} ({dtype}): {kv.bytes_per_token:,.1f} B/token amortised, "
                 f"{human(kv.total_bytes, 'B')} per sequence (local layers keep min(W, context) tokens)"]
     if spec.moe is not None:
-        r = spec.moe.router
-        out += ["", f"router: {r.score_function} scores, top-{spec.moe.top_k}"
-                    + (f" in {r.group_topk} of {r.num_groups} groups" if r.num_groups > 1 else "")
-                    + f", load balancing {r.load_balancing}"
-                    + (f" (coeff {r.aux_coeff:g})" if r.load_balancing != "none" else "")
-                    + (f", expert bias on (rate {r.bias_update_rate:g}"
-                       + (", centred" if r.bias_centering else "") + ")" if r.expert_bias else ", no expert bias")
-                    + f", gate scaling {r.topk_scaling_factor:g}, {r.dtype}"]
+        out += ["", spec.moe.router.summary(spec.moe.top_k)]
     out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
     return "\n".join(out)

@@ -57,9 +57,9 @@ def test_validate_syntax_error_first_line(capsys, tmp_path):
 def test_set_on_validate(capsys):
     code, _, err = run(capsys, "validate", BASELINE, "--set", "attention.local.window=8192")
     assert code == 2
-    # the broken rule is on data.seq_len, which baseline.yaml wrote
-    assert err.splitlines()[0].startswith(f"{BASELINE}: data.seq_len: a 8192-key window never binds in a 4096-token "
-                                          "context")
+    # the rule ties data.seq_len (baseline.yaml) to the window, which the --set wrote last: the --set is blamed
+    assert err.splitlines()[0].startswith(f"{BASELINE} (--set): attention.local.window: a 8192-key window never binds "
+                                          "in a 4096-token context")
 
 
 def test_set_unknown_key(capsys):
