@@ -167,7 +167,7 @@ class _Converter:
         kind = value.get("kind")
         if not isinstance(kind, str) or kind not in POSITION_KINDS:
             msg = f"position kind must be one of {', '.join(POSITION_KINDS)}; got {_show(kind)}"
-            close = difflib.get_close_matches(str(kind), list(POSITION_KINDS), n=1)
+            close = difflib.get_close_matches(kind, list(POSITION_KINDS), n=1) if isinstance(kind, str) else []
             if close:
                 msg += f" - did you mean {close[0]!r}?"
             raise self.error(path + ("kind",), msg)

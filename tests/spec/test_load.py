@@ -119,6 +119,14 @@ def test_unknown_position_kind_did_you_mean():
         spec_from_dict({"attention": {"local": {"position": {"kind": "grapem"}}}})
 
 
+@pytest.mark.parametrize("kind, shown", [(["grape-m"], "a list ['grape-m']"), ({"a": 1}, "a mapping"), (3, "3")])
+def test_position_kind_of_the_wrong_type_is_a_spec_error(kind, shown):
+    with pytest.raises(SpecError) as e:
+        spec_from_dict({"attention": {"local": {"position": {"kind": kind}}}}, file="my.yaml")
+    assert str(e.value) == ("my.yaml: attention.local.position.kind: position kind must be one of grape-m, grape-a, "
+                            f"nope, rope; got {shown}")
+
+
 def test_partial_section_keeps_the_kind_defaults():
     # attention.local's default has window 128 and GRAPE-M; giving only heads must keep them
     s = spec_from_dict({"attention": {"local": {"heads": 8, "kv_heads": 4, "position": {"base": 5e5}}}})
