@@ -6,14 +6,18 @@ import textwrap
 
 from tabulate import tabulate
 
-from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
+from spec.derive import (
+    TRAIN_STATE_BYTES_PER_PARAM,
+    attention_costs,
+    flops_per_token,
+    kv_cache,
+    layers,
+    param_counts,
+)
 from spec.load import dump_spec
 from spec.schema import Spec
 
 __all__ = ["describe_text", "summary_line", "human"]
-
-# fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
-TRAIN_STATE_BYTES_PER_PARAM = 16
 
 
 def human(n: float, unit: str = "") -> str:
@@ -38,7 +42,8 @@ def summary_line(spec: Spec) -> str:
         shared = f" + {m.shared_experts} shared" if m.shared_experts else ""
         parts.append(f"MoE {m.experts} experts top-{m.top_k}{shared}")
     pc = param_counts(spec)
-    parts.append(f"{human(pc.total)} params, {human(pc.active)} active")
+    parts.append(f"{human(pc.total)} params, {human(pc.active)} active; training state "
+                 f"{human(pc.total * TRAIN_STATE_BYTES_PER_PARAM, 'B')}")
     return "; ".join(parts)
 
 
