@@ -23,8 +23,8 @@ __all__ = ["describe_text", "summary_line", "human"]
 def human(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M'; bytes with unit 'B' use binary prefixes (KiB, MiB, GiB)."""
     if unit == "B":
-        for p in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(n) < 1024 or p == "TiB":
+        for p in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+            if abs(n) < 1024 or p == "EiB":
                 return f"{n:.0f} {p}" if p == "B" else f"{n:.2f} {p}"
             n /= 1024
     for p, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
