@@ -35,7 +35,9 @@ def register(subparsers) -> None:
         "train", help="train a spec (the main job)",
         description="Train SPEC: prepare its data (cached), build the model, train to train.steps, writing "
                     "metrics, checkpoints and a loss plot into the run folder. Ctrl-C saves a checkpoint "
-                    "and stops; --resume continues from the newest complete one.")
+                    "and stops; --resume continues from the newest complete one. Before launching or allocating "
+                    "anything it checks that global_batch splits over the ranks and that the training state "
+                    "(16 B per parameter) fits in the device's memory.")
     p.add_argument("spec", help="the spec YAML file")
     p.add_argument("--out", metavar="RUN", help="run folder (default: the spec's output, else runs/<name>)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (same as --set train.steps=N)")
