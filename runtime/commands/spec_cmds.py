@@ -18,7 +18,7 @@ from spec import dump_spec, load_spec, spec_from_dict
 from spec.derive import describe
 from spec.errors import GrapefxError, SpecError
 from spec.megatron import import_megatron, megatron_notes, to_megatron
-from spec.patterns import RECIPE
+from spec.megatron.patterns import RECIPE
 from spec.report import describe_text, summary_line
 
 

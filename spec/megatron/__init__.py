@@ -21,14 +21,14 @@ Semantics, as Megatron (and the vpMoE fork that carries the GRAPE flags) runs th
 - ``--moe-router-pre-softmax`` with the sigmoid score function does nothing in Megatron: the
   importer drops it with a warning (a YAML spec may not say it).
 
-Patterns are parsed by ``spec.patterns`` (never ``eval``). Flags that do not change the math are
+Patterns are parsed by ``spec.megatron.patterns`` (never ``eval``). Flags that do not change the math are
 listed as ignored; flags that do and cannot be expressed are warnings, errors with ``strict``.
 
-``spec.megatron_flags`` holds the flag tables and Megatron's defaults, ``spec.megatron_import``
-the importer and ``spec.megatron_export`` the exporter.
+``spec.megatron.flags`` holds the flag tables and Megatron's defaults, ``spec.megatron.importer``
+the importer and ``spec.megatron.exporter`` the exporter.
 """
 
-from spec.megatron_export import megatron_notes, to_megatron
-from spec.megatron_import import MegatronImport, from_megatron, import_megatron
+from spec.megatron.exporter import megatron_notes, to_megatron
+from spec.megatron.importer import MegatronImport, from_megatron, import_megatron
 
 __all__ = ["from_megatron", "import_megatron", "to_megatron", "megatron_notes", "MegatronImport"]

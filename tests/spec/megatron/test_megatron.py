@@ -8,10 +8,10 @@ import pytest
 
 from spec import SpecError, load_spec, spec_from_dict
 from spec.megatron import from_megatron, import_megatron, to_megatron
-from spec.patterns import MAX_LEN, format_pattern, parse_int_or_pattern, parse_pattern
+from spec.megatron.patterns import MAX_LEN, format_pattern, parse_int_or_pattern, parse_pattern
 from spec.schema import GrapeA, GrapeM, NoPE, RoPE
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 # the baseline's recipe as Megatron-LM flags
 BASELINE_FLAGS = ("--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --group-query-attention --num-query-groups 4 "

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from spec.errors import SpecError
-from spec.megatron_flags import fmt_number
-from spec.patterns import format_pattern
+from spec.megatron.flags import fmt_number
+from spec.megatron.patterns import format_pattern
 from spec.schema import Spec
 
 __all__ = ["to_megatron", "megatron_notes"]

@@ -9,7 +9,7 @@ from typing import Any
 from spec.convert import to_dict
 from spec.errors import SpecError
 from spec.load import spec_from_dict
-from spec.megatron_flags import (
+from spec.megatron.flags import (
     MEGATRON_DEFAULTS,
     MULTI_FLAGS,
     NOT_MODELLED,
@@ -19,7 +19,7 @@ from spec.megatron_flags import (
     is_execution_only,
     split_flags,
 )
-from spec.patterns import RECIPE, format_pattern, parse_int_or_pattern
+from spec.megatron.patterns import RECIPE, format_pattern, parse_int_or_pattern
 from spec.schema import GrapeA, GrapeM, Model, NoPE, RoPE, Train
 from spec.validate import BYTE_TOKENIZER_VOCAB
 
