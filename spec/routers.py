@@ -3,8 +3,9 @@
 ``moe.router.kind`` names the router (only ``deepseek-v3`` today; it is the default, so a spec may
 leave ``kind`` out). A router class is a frozen dataclass whose fields are the YAML keys of
 ``moe.router``; ``check`` states every rule its settings must satisfy (``spec.validate`` calls it,
-so router flags are checked here and nowhere else) and ``summary`` is its line in
-``grapefx describe``. A new router is a new class here plus an entry in ``ROUTERS``; the lowering
+so router settings are checked here and nowhere else), ``summary`` is its line in
+``grapefx describe``, and ``megatron_flags`` / ``from_megatron`` translate it to and from
+Megatron-LM flags (``spec.megatron``). A new router is a new class here plus an entry in ``ROUTERS``; the lowering
 (``compiler/lower/moe.py``) and the expert-bias balancer (``runtime/balance.py``) say what it
 computes.
 """
@@ -12,6 +13,7 @@ computes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 from spec.fields import f
@@ -87,6 +89,87 @@ class DeepSeekV3Router:
             c.at_least(self, "aux_coeff", p, 0)
         c.at_least(self, "z_loss_coeff", p, 0, "z_loss_coeff (0 = off)")
         c.positive(self, "topk_scaling_factor", p)
+
+    def megatron_flags(self, fail: Callable[[str, str], Exception]) -> list[str]:
+        """Megatron-LM's flags for these settings; ``fail(key, what)`` is raised for what no flag can say."""
+        from spec.megatron.flags import fmt_number
+
+        fl = ["--moe-router-score-function", self.score_function, "--moe-router-load-balancing-type",
+              {"none": "none", "aux": "aux_loss", "seq_aux": "seq_aux_loss"}[self.load_balancing]]
+        if self.load_balancing != "none":
+            fl += ["--moe-aux-loss-coeff", fmt_number(self.aux_coeff)]
+        if self.z_loss_coeff:
+            fl += ["--moe-z-loss-coeff", fmt_number(self.z_loss_coeff)]
+        if self.expert_bias:
+            fl += ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", fmt_number(self.bias_update_rate)]
+        for key in ("bias_freeze_after_steps", "bias_freeze_after_tokens"):
+            if getattr(self, key) is not None:
+                raise fail(f"moe.router.{key}", "a freeze point for the expert-bias updates")
+        if self.bias_centering:
+            raise fail("moe.router.bias_centering", "zero-mean expert-bias updates")
+        if self.topk_scaling_factor != 1.0:
+            fl += ["--moe-router-topk-scaling-factor", fmt_number(self.topk_scaling_factor)]
+        if self.num_groups > 1:
+            fl += ["--moe-router-num-groups", str(self.num_groups), "--moe-router-group-topk", str(self.group_topk)]
+        if self.pre_softmax:
+            fl.append("--moe-router-pre-softmax")
+        return fl + ["--moe-router-dtype", "fp32"]
+
+    @staticmethod
+    def from_megatron(recipe: Any) -> dict:
+        """The ``moe.router`` mapping of a Megatron-LM recipe; ``recipe`` is ``spec.megatron.importer``'s reader
+        (``get``, ``has``, ``warn``, ``flags``)."""
+        from spec.errors import SpecError
+        from spec.megatron.patterns import RECIPE
+
+        score = recipe.get("--moe-router-score-function", str)
+        if score not in ("softmax", "sigmoid"):
+            raise SpecError(RECIPE, "--moe-router-score-function", f"{score} is not modelled (softmax or sigmoid)")
+        lb_vals = (recipe.flags.values.get("--moe-router-load-balancing-type") or ["aux_loss"])
+        recipe.get("--moe-router-load-balancing-type", str)
+        coeff_vals = recipe.flags.values.get("--moe-aux-loss-coeff") or ["0.0"]
+        recipe.get("--moe-aux-loss-coeff", float)
+        if len(lb_vals) > 1 or len(coeff_vals) > 1:
+            raise SpecError(RECIPE, "--moe-router-load-balancing-type", f"{' '.join(lb_vals)}: combined load-balancing "
+                                                                        "losses are not modelled; give one type")
+        lb, coeff = lb_vals[0], float(coeff_vals[0])
+        names = {"aux_loss": "aux", "seq_aux_loss": "seq_aux", "none": "none"}
+        if lb not in names:
+            raise SpecError(RECIPE, "--moe-router-load-balancing-type", f"{lb} is not modelled; grapefx has none, "
+                                                                        "seq_aux_loss and aux_loss")
+        balancing = names[lb]
+        if balancing != "none" and coeff == 0:
+            recipe.warn(f"--moe-router-load-balancing-type {lb} with --moe-aux-loss-coeff 0 (Megatron's defaults) adds "
+                        "no loss: imported as load_balancing: none")
+            balancing = "none"
+        rate = recipe.get("--moe-router-bias-update-rate", float)
+        bias = recipe.has("--moe-router-enable-expert-bias")
+        if bias and rate == 0:
+            recipe.warn("--moe-router-bias-update-rate 0 never moves the expert bias (it stays 0): imported as "
+                        "expert_bias: false")
+            bias = False
+        pre = recipe.has("--moe-router-pre-softmax")
+        if pre and score == "sigmoid":
+            recipe.warn("--moe-router-pre-softmax does nothing with --moe-router-score-function sigmoid (it chooses "
+                        "softmax-before-top-k); dropped")
+            pre = False
+        groups = recipe.get("--moe-router-num-groups", int)
+        group_topk = recipe.get("--moe-router-group-topk", int)
+        dtype = recipe.get("--moe-router-dtype", str)
+        if dtype != "fp32":
+            recipe.warn(f"--moe-router-dtype {dtype or 'unset (Megatron: the model dtype)'}: grapefx always computes "
+                        "router logits, scores, bias and counts in fp32 (MATH.md §5)")
+        z = recipe.get("--moe-z-loss-coeff", float)
+        scale = recipe.get("--moe-router-topk-scaling-factor", float)
+        return {
+            "kind": "deepseek-v3", "score_function": score, "load_balancing": balancing,
+            "aux_coeff": coeff if balancing != "none" else 1e-4,
+            "z_loss_coeff": z if z is not None else 0.0, "expert_bias": bias, "bias_update_rate": rate,
+            "topk_scaling_factor": scale if scale is not None else 1.0,
+            "num_groups": groups if groups is not None else 1,
+            "group_topk": group_topk if group_topk is not None else 1,
+            "pre_softmax": pre, "dtype": "fp32",
+        }
 
     def summary(self, top_k: int) -> str:
         """One line for ``grapefx describe``."""

@@ -20,7 +20,7 @@ from spec.megatron.flags import (
     split_flags,
 )
 from spec.megatron.patterns import RECIPE, format_pattern, parse_int_or_pattern
-from spec.schema import GrapeA, GrapeM, Model, NoPE, RoPE, Train
+from spec.schema import ROUTERS, GrapeA, GrapeM, Model, NoPE, RoPE, Train
 from spec.validate import BYTE_TOKENIZER_VOCAB
 
 __all__ = ["from_megatron", "import_megatron", "MegatronImport"]
@@ -392,54 +392,7 @@ class _Importer:
         return out
 
     def router(self) -> dict:
-        score = self.get("--moe-router-score-function", str)
-        if score not in ("softmax", "sigmoid"):
-            raise SpecError(RECIPE, "--moe-router-score-function", f"{score} is not modelled (softmax or sigmoid)")
-        lb_vals = (self.flags.values.get("--moe-router-load-balancing-type") or ["aux_loss"])
-        self.get("--moe-router-load-balancing-type", str)
-        coeff_vals = self.flags.values.get("--moe-aux-loss-coeff") or ["0.0"]
-        self.get("--moe-aux-loss-coeff", float)
-        if len(lb_vals) > 1 or len(coeff_vals) > 1:
-            raise SpecError(RECIPE, "--moe-router-load-balancing-type", f"{' '.join(lb_vals)}: combined load-balancing "
-                                                                        "losses are not modelled; give one type")
-        lb, coeff = lb_vals[0], float(coeff_vals[0])
-        names = {"aux_loss": "aux", "seq_aux_loss": "seq_aux", "none": "none"}
-        if lb not in names:
-            raise SpecError(RECIPE, "--moe-router-load-balancing-type", f"{lb} is not modelled; grapefx has none, "
-                                                                        "seq_aux_loss and aux_loss")
-        balancing = names[lb]
-        if balancing != "none" and coeff == 0:
-            self.warn(f"--moe-router-load-balancing-type {lb} with --moe-aux-loss-coeff 0 (Megatron's defaults) adds "
-                      "no loss: imported as load_balancing: none")
-            balancing = "none"
-        rate = self.get("--moe-router-bias-update-rate", float)
-        bias = self.has("--moe-router-enable-expert-bias")
-        if bias and rate == 0:
-            self.warn("--moe-router-bias-update-rate 0 never moves the expert bias (it stays 0): imported as "
-                      "expert_bias: false")
-            bias = False
-        pre = self.has("--moe-router-pre-softmax")
-        if pre and score == "sigmoid":
-            self.warn("--moe-router-pre-softmax does nothing with --moe-router-score-function sigmoid (it chooses "
-                      "softmax-before-top-k); dropped")
-            pre = False
-        groups = self.get("--moe-router-num-groups", int)
-        group_topk = self.get("--moe-router-group-topk", int)
-        dtype = self.get("--moe-router-dtype", str)
-        if dtype != "fp32":
-            self.warn(f"--moe-router-dtype {dtype or 'unset (Megatron: the model dtype)'}: grapefx always computes "
-                      "router logits, scores, bias and counts in fp32 (MATH.md §5)")
-        z = self.get("--moe-z-loss-coeff", float)
-        scale = self.get("--moe-router-topk-scaling-factor", float)
-        return {
-            "score_function": score, "load_balancing": balancing,
-            "aux_coeff": coeff if balancing != "none" else 1e-4,
-            "z_loss_coeff": z if z is not None else 0.0, "expert_bias": bias, "bias_update_rate": rate,
-            "topk_scaling_factor": scale if scale is not None else 1.0,
-            "num_groups": groups if groups is not None else 1,
-            "group_topk": group_topk if group_topk is not None else 1,
-            "pre_softmax": pre, "dtype": "fp32",
-        }
+        return ROUTERS["deepseek-v3"].from_megatron(self)
 
     def data(self) -> dict:
         out: dict[str, Any] = {}
