@@ -36,7 +36,7 @@ from spec.compose import deep_merge
 from spec.errors import SpecError, SpecProblems
 from spec.origin import Origin, dotted
 
-__all__ = ["from_dict", "to_dict", "yaml_key", "field_for_key", "POSITION_KINDS"]
+__all__ = ["from_dict", "to_dict", "yaml_key", "POSITION_KINDS"]
 
 POSITION_KINDS: dict[str, type] = {
     typing.get_args(typing.get_type_hints(c)["kind"])[0]: c for c in typing.get_args(schema.Position)
@@ -45,10 +45,6 @@ POSITION_KINDS: dict[str, type] = {
 
 def yaml_key(field_name: str) -> str:
     return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
-
-
-def field_for_key(key: str) -> str:
-    return key + "_" if keyword.iskeyword(key) else key
 
 
 @cache
