@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from spec.fields import f
 
-__all__ = ["DeepSeekV3Router", "ROUTERS"]
+__all__ = ["DeepSeekV3Router", "ROUTERS", "divisors"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +50,7 @@ class DeepSeekV3Router:
             e, g = moe.experts, self.num_groups
             if e % g:
                 c.err(p + ("num_groups",), f"{e} experts cannot be split into {g} equal groups (experts % num_groups "
-                                           f"must be 0); use num_groups in {_divisors(e)}", also=(mp + ("experts",),))
+                                           f"must be 0); use num_groups in {divisors(e)}", also=(mp + ("experts",),))
             elif c.at_least(self, "group_topk", p, 1):
                 k, gk = moe.top_k, self.group_topk
                 if gk > g:
@@ -182,7 +182,7 @@ class DeepSeekV3Router:
                 + f", gate scaling {self.topk_scaling_factor:g}, {self.dtype}")
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     """The divisors of n in increasing order, in O(sqrt n)."""
     small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]

@@ -2,6 +2,13 @@
 
 Each message names the value, the rule and a fix. All problems are collected; ``validate``
 raises ``SpecProblems`` whose first line is the first problem (the CLI prints all of them).
+A rule that ties several keys (``moe.top_k`` and ``moe.router.group_topk``) is reported at the
+one written last, charged to the file or ``--set`` that wrote it (``Origin.latest``).
+
+Sizes first: every field with a ``most`` bound (``spec.fields.f``) is checked before any rule,
+and when one is out of bounds no rule runs, so validating costs the same whatever the values
+(no rule may loop over a value that is not bounded). The router's rules live with the router
+(``spec.routers``).
 
 The position rule (MATH.md §1): global layers are exactly the layers that skip the rotation, so
 a global layer never rotates (GRAPE-M/RoPE), a local layer always does, and the GRAPE-A bias
@@ -18,7 +25,7 @@ from typing import Any
 from spec.convert import yaml_key
 from spec.errors import SpecError, SpecProblems
 from spec.origin import Origin, dotted
-from spec.routers import _divisors
+from spec.routers import divisors
 from spec.schema import LAYER_KINDS, PASS_NAMES, Attention, Spec
 
 __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
@@ -149,7 +156,7 @@ class _Checker:
         if ok and a.heads % a.kv_heads:
             self.err(p + ("kv_heads",), f"{a.heads} query heads cannot be shared evenly by {a.kv_heads} kv heads (GQA: "
                                         f"query head h reads kv head h // (heads / kv_heads), so heads % kv_heads "
-                                        f"must be 0); use kv_heads in {_divisors(a.heads)}", also=(p + ("heads",),))
+                                        f"must be 0); use kv_heads in {divisors(a.heads)}", also=(p + ("heads",),))
         if a.rotates() and a.head_dim % 2:
             self.err(p + ("head_dim",), f"{a.head_dim} is odd: the {a.position.kind} rotation pairs coordinate i with "
                                         "i + head_dim/2, so head_dim must be even", also=(p + ("position", "kind"),))

@@ -3,7 +3,7 @@
 import pytest
 
 from spec import SpecError, dump_spec, spec_from_dict
-from spec.routers import ROUTERS, DeepSeekV3Router, _divisors
+from spec.routers import ROUTERS, DeepSeekV3Router, divisors
 from spec.schema import Router
 
 
@@ -41,5 +41,5 @@ def test_summary_line():
 
 
 @pytest.mark.parametrize("n, divisors", [(1, [1]), (12, [1, 2, 3, 4, 6, 12]), (16, [1, 2, 4, 8, 16]), (13, [1, 13])])
-def test_divisors(n, divisors):
-    assert _divisors(n) == divisors
+def testdivisors(n, divisors):
+    assert divisors(n) == divisors
