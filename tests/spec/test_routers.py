@@ -40,6 +40,6 @@ def test_summary_line():
                             "(coeff 0.0001), expert bias on (rate 0.001, centred), gate scaling 1, fp32")
 
 
-@pytest.mark.parametrize("n, divisors", [(1, [1]), (12, [1, 2, 3, 4, 6, 12]), (16, [1, 2, 4, 8, 16]), (13, [1, 13])])
-def testdivisors(n, divisors):
-    assert divisors(n) == divisors
+@pytest.mark.parametrize("n, expected", [(1, [1]), (12, [1, 2, 3, 4, 6, 12]), (16, [1, 2, 4, 8, 16]), (13, [1, 13])])
+def test_divisors(n, expected):
+    assert divisors(n) == expected
