@@ -77,3 +77,32 @@ def test_mutated_specs_exit_0_or_2_with_a_message(data):
         lines = err.getvalue().splitlines()
         assert code == 2 and lines and "Traceback" not in err.getvalue()
         assert all(line.startswith(f"{path}: ") for line in lines), lines
+
+
+TEXTS = [p.read_text() for p in SPECS]
+
+
+@st.composite
+def edited(draw):
+    """An example file with a few characters of YAML punctuation, digits or words spliced in or cut out."""
+    text = draw(st.sampled_from(TEXTS))
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(text)))
+        cut = draw(st.integers(0, 4))
+        text = text[:i] + draw(st.text(alphabet=":-?[]{},&*!|>#'\"\n\t 0123456789.e", max_size=4)) + text[i + cut:]
+    return text
+
+
+@settings(max_examples=60, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(edited())
+def test_edited_files_exit_0_or_2_with_a_message(text):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "edited.yaml"
+        path.write_text(text)
+        (Path(d) / "baseline.yaml").write_text((EXAMPLES / "baseline.yaml").read_text())   # for `extends`
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["validate", str(path)])
+    assert code in (0, 2), (code, err.getvalue())
+    first = (out.getvalue() if code == 0 else err.getvalue()).splitlines()[0]
+    assert first.startswith(f"ok: {path} (" if code == 0 else d), first     # a problem of `extends` names that file

@@ -45,6 +45,16 @@ def test_duplicate_key_is_an_error(tmp_path):
         load_spec(p)
 
 
+@pytest.mark.parametrize("text, kind, column", [("? [a, b]\n: 1\n", "list", 3), ("model:\n  ? {a: 1}\n  : 2\n", "mapping", 5)])
+def test_a_list_or_mapping_as_a_key_is_an_error(tmp_path, text, kind, column):
+    p = write(tmp_path, "k.yaml", text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    line = text.count("\n", 0, text.index("?")) + 1
+    assert str(e.value) == (f"{p}: line {line}, column {column}: a key must be a name, not a {kind} (`? [...]` or "
+                            "`? {...}`): write `name: value`")
+
+
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     p = write(tmp_path, "f.yaml", "moe:\n  router: {bias_update_rate: 2e-3}\ntrain:\n  optimizer: {lr: 1E-4}\n")
     s = load_spec(p)
