@@ -45,7 +45,8 @@ class Init:
 class Model:
     vocab_size: int = f(257, "tokenizer vocabulary size (the byte tokenizer has 257 ids: 256 bytes + end-of-document); "
                              "the embedding is padded up to a multiple of pad_vocab_to", most=2**24)
-    pad_vocab_to: int = f(64, "pad the embedding rows to a multiple of this (1 = no padding); 64 suits tensor cores", most=2**16)
+    pad_vocab_to: int = f(64, "pad the embedding rows to a multiple of this (1 = no padding); 64 suits tensor cores",
+                          most=2**16)
     d_model: int = f(256, "residual stream width C", most=2**16)
     n_layers: int = f(4, "number of transformer blocks L", most=4096)
     global_every: int | None = f(4, "layer l (counted from 1) is global iff l % global_every == 0 (MATH.md §1); "
@@ -79,7 +80,8 @@ class GrapeM:
     base: float = f(10000.0, "RoPE base of the initial spectrum theta_j = base^(-2j/d)")
     learnable_freq: bool = f(True, "train p (theta_j = exp(p_j / log_freq_scale)); false keeps p as a buffer")
     log_freq_scale: float = f(16.0, "c in theta = exp(p / c); larger = smaller Adam steps on ln(theta)")
-    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the vpMoE Megatron fork) or one per layer (the paper's code)")
+    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the vpMoE Megatron fork) or one "
+                                                  "per layer (the paper's code)")
     weight_decay: bool = f(False, "apply weight decay to p (off: decay would drag ln(theta) toward 0)")
 
 
@@ -113,12 +115,14 @@ class Attention:
     heads: int = f(4, "query heads Hq", most=1024)
     kv_heads: int = f(2, "key/value heads Hkv (GQA groups); heads must be divisible by kv_heads", most=1024)
     head_dim: int = f(64, "per-head width D (even: rotation pairs i with i + D/2)", most=1024)
-    window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)", most=2**20)
+    window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)",
+                           most=2**20)
     position: Position = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope")
     r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)", most=1024)
     r_k: int | None = f(None, "TPA key rank R_K (default 2)", most=1024)
     r_v: int | None = f(None, "TPA value rank R_V (default 2)", most=1024)
-    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV groups (the vpMoE Megatron fork); default heads")
+    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV "
+                                                                "groups (the vpMoE Megatron fork); default heads")
 
     def tpa_ranks(self) -> tuple[str, int, int, int]:
         """Resolved TPA settings ``(head_factors, R_Q, R_K, R_V)`` (MATH.md §4).
@@ -147,7 +151,8 @@ def _default_global() -> Attention:
 class AttentionKinds:
     local: Attention = f(factory=_default_local, doc="attention of local (sliding-window) layers")
     global_: Attention = f(factory=_default_global, doc="attention of global (full causal) layers; YAML key `global`")
-    allow_position_mismatch: bool = f(False, "lift the position rule (global layers never rotate; GRAPE-A only on global layers)")
+    allow_position_mismatch: bool = f(False, "lift the position rule (global layers never rotate; GRAPE-A only on "
+                                             "global layers)")
 
     def of(self, kind: str) -> Attention:
         return self.local if kind == "local" else self.global_
@@ -169,7 +174,8 @@ class MoE:
 
 @dataclass(**_frozen)
 class FFN:
-    hidden: int = f(1024, "hidden width of the dense SwiGLU FFN (dense layers, and every layer when moe is null)", most=2**20)
+    hidden: int = f(1024, "hidden width of the dense SwiGLU FFN (dense layers, and every layer when moe is null)",
+                    most=2**20)
 
 
 # ----------------------------------------------------------------------------- compile / precision

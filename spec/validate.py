@@ -125,7 +125,8 @@ class _Checker:
             return False
         if m.global_every is not None and m.global_every < 1:
             self.err(p + ("global_every",), f"{m.global_every} is not a period: layer l (from 1) is global iff "
-                                            "l % global_every == 0, so global_every must be >= 1 (the baseline's 4 gives 3 local layers per global one); "
+                                            "l % global_every == 0, so global_every must be >= 1 (the baseline's 4 "
+                                            "gives 3 local layers per global one); "
                                             "use null for no global layers")
             return False
         if m.global_every is not None and m.global_every > m.n_layers >= 1:

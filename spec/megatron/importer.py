@@ -311,8 +311,8 @@ class _Importer:
                     raise SpecError(RECIPE, "--grape-a",
                                     f"the global layers ({_layers(members['global'])}) would both rotate and add the "
                                     "ALiBi bias; grapefx gives each layer kind one position mechanism and by the "
-                                    "position rule global layers never rotate: add --no-rope-freq selecting the global layers "
-                                    "(e.g. the same N as --window-attn-skip-freq)")
+                                    "position rule global layers never rotate: add --no-rope-freq selecting the global "
+                                    "layers (e.g. the same N as --window-attn-skip-freq)")
                 pos[k] = to_dict(GrapeA())
             elif members[k]:
                 pos[k] = rotation if r and rotation is not None else to_dict(NoPE())

@@ -45,7 +45,8 @@ def test_duplicate_key_is_an_error(tmp_path):
         load_spec(p)
 
 
-@pytest.mark.parametrize("text, kind, column", [("? [a, b]\n: 1\n", "list", 3), ("model:\n  ? {a: 1}\n  : 2\n", "mapping", 5)])
+@pytest.mark.parametrize("text, kind, column", [("? [a, b]\n: 1\n", "list", 3),
+                                                ("model:\n  ? {a: 1}\n  : 2\n", "mapping", 5)])
 def test_a_list_or_mapping_as_a_key_is_an_error(tmp_path, text, kind, column):
     p = write(tmp_path, "k.yaml", text)
     with pytest.raises(SpecError) as e:
