@@ -11,12 +11,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.cli import main
+import runtime.ablate_matrix  # noqa: F401 - imported by `validate` on first use: not inside an example's deadline
+from runtime.cli import build_parser, main
 from spec.compose import read_spec_file
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPECS = sorted(p for p in EXAMPLES.glob("*.yaml") if "variants" not in (yaml.safe_load(p.read_text()) or {}))
 MERGED = [read_spec_file(p)[0] for p in SPECS]     # extends resolved: the mutated copy is written alone
+build_parser()                                     # every subcommand module imported before the first example
 
 WORDS = ["grape-m", "grape-a", "nope", "rope", "local", "global", "tpa", "gqa", "softmax", "sigmoid", "bpe", "byte",
          "deepseek-v3", "kind", "fsdp", ""]
