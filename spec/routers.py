@@ -5,15 +5,15 @@ leave ``kind`` out). A router class is a frozen dataclass whose fields are the Y
 ``moe.router``; ``check`` states every rule its settings must satisfy (``spec.validate`` calls it,
 so router settings are checked here and nowhere else), ``summary`` is its line in
 ``grapefx describe``, and ``megatron_flags`` / ``from_megatron`` translate it to and from
-Megatron-LM flags (``spec.megatron``). A new router is a new class here plus an entry in ``ROUTERS``; the lowering
-(``compiler/lower/moe.py``) and the expert-bias balancer (``runtime/balance.py``) say what it
-computes.
+Megatron-LM flags (``spec.megatron``). A new router is a new class here plus an entry in
+``ROUTERS``; the lowering (``compiler/lower/ffn.py``) and the expert-bias balancer
+(``runtime/balance.py``) say what it computes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from spec.fields import f
@@ -27,7 +27,8 @@ class DeepSeekV3Router:
     the unbiased scores, the bias moved once per optimizer step toward equal loads."""
     kind: Literal["deepseek-v3"] = f("deepseek-v3", "router kind: deepseek-v3 (the only one today)")
     score_function: Literal["sigmoid", "softmax"] = f("sigmoid", "s = sigmoid(logits) (DSv3) or softmax")
-    load_balancing: Literal["none", "seq_aux", "aux"] = f("none", "auxiliary loss: none (pure aux-free), seq_aux (DSv3), aux (Switch, for comparison)")
+    load_balancing: Literal["none", "seq_aux", "aux"] = f("none", "auxiliary loss: none (pure aux-free), seq_aux "
+                                                                  "(DSv3), aux (Switch, for comparison)")
     aux_coeff: float = f(1e-4, "coefficient alpha of the seq_aux / aux loss (DSv3: 1e-4)")
     z_loss_coeff: float = f(0.0, "router z-loss coefficient (0 = off)")
     expert_bias: bool = f(True, "aux-loss-free balancing: top-k over s + b, gates from s (requires sigmoid)")
