@@ -90,7 +90,7 @@ class _Checker:
         return self.problems
 
     def bounds(self, obj: Any, path: tuple) -> bool:
-        """Every size field at most its ``most`` (``spec.schema.f``); False when one is larger."""
+        """Every size field at most its ``most`` (``spec.fields.f``); False when one is larger."""
         ok = True
         for fl in dataclasses.fields(obj):
             v, key = getattr(obj, fl.name), path + (yaml_key(fl.name),)
