@@ -202,3 +202,18 @@ def test_to_megatron(capsys):
 def test_to_megatron_error_names_the_spec(capsys):
     code, _, err = run(capsys, "to-megatron", BASELINE, "--set", "moe.router.bias_centering=true")
     assert code == 2 and err.startswith(f"{BASELINE}: moe.router.bias_centering: zero-mean expert-bias updates")
+
+
+@pytest.mark.parametrize("item, line", [
+    ("attention.local.position.kind=[grape-m]",
+     "attention.local.position.kind: position kind must be one of grape-m, grape-a, nope, rope; got a list ['grape-m']"),
+    ("attention.global.position.kind={a: 1}",
+     "attention.global.position.kind: position kind must be one of grape-m, grape-a, nope, rope; got a mapping"),
+    ("model.n_layers=1099511627776",
+     "model.n_layers: 1,099,511,627,776 is too large: n_layers must be <= 4,096 (grapefx bounds every size so that "
+     "checking and counting a spec stay instant; real models stay far below it)"),
+])
+def test_inputs_that_used_to_crash_or_hang_exit_2_with_one_line(capsys, item, line):
+    tiny = str(EXAMPLES / "tiny.yaml")
+    code, out, err = run(capsys, "validate", tiny, "--set", item)
+    assert code == 2 and out == "" and err == f"{tiny} (--set): {line}\n"
