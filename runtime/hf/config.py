@@ -30,9 +30,9 @@ KNOWN = {
     "RoPE": {"kind", "base"},
     "FFN": {"hidden"},
     "MoE": {"experts", "top_k", "shared_experts", "expert_hidden", "first_k_dense", "router"},
-    "Router": {"score_function", "load_balancing", "aux_coeff", "z_loss_coeff", "expert_bias", "bias_update_rate",
-               "bias_freeze_after_steps", "bias_freeze_after_tokens", "bias_centering", "topk_scaling_factor",
-               "num_groups", "group_topk", "pre_softmax", "dtype"},
+    "DeepSeekV3Router": {"kind", "score_function", "load_balancing", "aux_coeff", "z_loss_coeff", "expert_bias",
+                         "bias_update_rate", "bias_freeze_after_steps", "bias_freeze_after_tokens", "bias_centering",
+                         "topk_scaling_factor", "num_groups", "group_topk", "pre_softmax", "dtype"},
 }
 VALUES = {"mechanism": ("gqa", "tpa"), "score_function": ("sigmoid", "softmax"),
           "head_factors": (None, "heads", "kv_groups")}
@@ -45,8 +45,8 @@ def _default(fl: dataclasses.Field):
 def _section(obj, path: str, found: list[str]) -> None:
     """Add to ``found`` the settings of dataclass ``obj`` (at ``path``) the modeling file does not implement."""
     known = KNOWN.get(type(obj).__name__)
-    if known is None:
-        found.append(f"{path}: {type(obj).__name__}")
+    if known is None:                       # a kind of position or router this modeling version does not know
+        found.append(f"{path}.kind: {obj.kind!r}" if hasattr(obj, "kind") else f"{path}: {type(obj).__name__}")
         return
     for fl in dataclasses.fields(obj):
         value, key = getattr(obj, fl.name), f"{path}.{yaml_key(fl.name)}"
@@ -101,7 +101,7 @@ def hf_config(spec: Spec, *, tokenizer_vocab_size: int, eod_id: int | None, sour
         r = spec.moe.router
         moe = {"experts": spec.moe.experts, "top_k": spec.moe.top_k, "shared_experts": spec.moe.shared_experts,
                "expert_hidden": spec.moe.expert_hidden,
-               "router": {"score_function": r.score_function, "pre_softmax": r.pre_softmax,
+               "router": {"kind": r.kind, "score_function": r.score_function, "pre_softmax": r.pre_softmax,
                           "expert_bias": r.expert_bias, "topk_scaling_factor": r.topk_scaling_factor,
                           "num_groups": r.num_groups, "group_topk": r.group_topk}}
     return {

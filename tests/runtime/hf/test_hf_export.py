@@ -87,7 +87,7 @@ def test_config_carries_every_architecture_field(tmp_path):
     assert local["position"] == {"kind": "grape-m", "share": "model", "log_freq_scale": 16.0, "base": 10000.0}
     assert glob["position"] == {"kind": "grape-a", "learnable": False, "slopes": [0.25, 0.0625, 0.015625, 0.00390625]}
     assert (local["heads"], local["kv_heads"], local["head_dim"], glob["window"]) == (4, 2, 32, None)
-    assert config["moe"]["router"] == {"score_function": "sigmoid", "pre_softmax": False, "expert_bias": True,
+    assert config["moe"]["router"] == {"kind": "deepseek-v3", "score_function": "sigmoid", "pre_softmax": False, "expert_bias": True,
                                        "topk_scaling_factor": 2.5, "num_groups": 4, "group_topk": 2}
     assert (config["moe"]["top_k"], config["eos_token_id"], config["max_position_embeddings"]) == (3, 256, 128)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
@@ -114,6 +114,15 @@ def test_settings_the_modeling_file_lacks_are_named():
                                         r"implement attention\.local\.mechanism: 'mla'; export without --format hf"):
         check_supported(odd)
     check_supported(spec)                                     # the real spec is fine
+
+    @dataclasses.dataclass(frozen=True)
+    class Yarn:                                               # a position kind this modeling version lacks
+        kind: str = "yarn"
+
+    glob = dataclasses.replace(spec.attention.global_, position=Yarn())
+    odd = dataclasses.replace(spec, attention=dataclasses.replace(spec.attention, global_=glob))
+    with pytest.raises(Exception, match=r"implement attention\.global\.position\.kind: 'yarn';"):
+        check_supported(odd)
 
 
 def test_a_setting_newer_than_the_modeling_file_is_refused_unless_default(monkeypatch):
