@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from runtime.hf.config import hf_config, unsupported
 from runtime.hf.tokenizer import write_tokenizer
 from runtime.hf.weights import hf_state_dict
@@ -36,6 +38,7 @@ __all__ = ["TEMPLATES", "HFWritten", "check_supported", "modeling_version", "wri
 HERE = Path(__file__).parent
 TEMPLATES = ("configuration_grapefx.py", "modeling_grapefx.py")
 TOKENIZER_KINDS = ("byte", "bpe")
+FP32_WEIGHTS = (".router.weight", ".router.expert_bias", "grape_m.log_freq", "alibi.slope_logit")
 
 
 def modeling_version() -> str:
@@ -72,7 +75,11 @@ def write_hf(folder: Path, spec, state: dict, tokenizer, *, source: dict, stored
     eod = tokenizer.eod_id if has_tok else None
     tok_vocab = tokenizer.vocab_size if has_tok else spec.model.vocab_size
     config = hf_config(spec, tokenizer_vocab_size=tok_vocab, eod_id=eod, source=source, modeling_version=version)
-    tensors = stored(hf_state_dict(state))
+    named = hf_state_dict(state)
+    tensors = stored(named)
+    for key in tensors:                      # the router stays fp32 in a bf16 export too (MATH.md §6)
+        if key.endswith(FP32_WEIGHTS):
+            tensors[key] = named[key].detach().to("cpu", torch.float32).contiguous()
     if any(t.dtype.is_floating_point and t.dtype.itemsize == 2 for t in tensors.values()):
         config["torch_dtype"] = "bfloat16"
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")

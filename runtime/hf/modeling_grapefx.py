@@ -341,6 +341,7 @@ class GrapefxPreTrainedModel(PreTrainedModel):
         """The router, GRAPE-M frequencies and ALiBi slope logits stay fp32 (MATH.md §6), where the model has them."""
         names = {name.rsplit(".", 1)[-1] for name, _ in self.named_modules()}
         self._keep_in_fp32_modules = [m for m in ("router", "grape_m", "alibi") if m in names]
+        self._keep_in_fp32_modules_strict = list(self._keep_in_fp32_modules)    # bf16 too, not only fp16
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -157,6 +157,18 @@ def test_export_command_end_to_end_and_its_refusal(tiny_dict, tmp_path, capsys, 
         got = _load(out)(tokens).logits
     assert (got - grapefx_logits(trained.model, tokens)).abs().max().item() <= 1e-5
 
+    # bf16: matrices in bf16, the router (weight and expert bias) and GRAPE-M frequencies kept fp32 and exact
+    assert main(["export", str(run), "--out", str(tmp_path / "hf16"), "--format", "hf", "--dtype", "bf16"]) == 0
+    half = _load(tmp_path / "hf16")
+    layer = half.model.layers[1].mlp
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.router.weight, trained.model.layers[1].moe.router.weight)
+    assert torch.equal(layer.router.expert_bias, trained.model.layers[1].moe.expert_bias)
+    assert torch.equal(half.model.grape_m.log_freq, trained.model.grape_m.log_freq)
+    with torch.no_grad():
+        lo = half(tokens).logits
+    assert ((lo - got).norm() / got.norm()).item() < 2e-2
+
     # a setting the modeling file does not implement: exit 2, the setting named, nothing written
     import runtime.hf.config as hf_config
     monkeypatch.setitem(hf_config.VALUES, "mechanism", ("gqa",))
