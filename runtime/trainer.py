@@ -256,7 +256,7 @@ class Trainer:
             steps = [n for n, _ in self._unread]
             values = torch.stack([v for _, v in self._unread]).tolist()       # (steps, 4)
             self._unread.clear()
-            for n, (loss, ce, aux, norm) in zip(steps, values):
+            for n, (loss, _, _, norm) in zip(steps, values):
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
             loss, ce, aux, norm = values[-1]
