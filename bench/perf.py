@@ -55,7 +55,7 @@ PHASES = ("attention", "bench", "train", "accum", "small", "train-small", "check
 BASELINE, SMALL, TINY = "examples/baseline.yaml", "examples/bench-small.yaml", "examples/tiny.yaml"
 # a training run logs every LOG steps; steady state is the mean over the windows after the first
 # (which holds the compile); seconds a phase may take at most (the budget may cut it shorter)
-PLAN = {"attention": 220, "bench": 130, "train": 60, "accum": 50, "small": 80, "train-small": 45, "check": 40}
+PLAN = {"attention": 205, "bench": 130, "train": 60, "accum": 50, "small": 80, "train-small": 45, "check": 40}
 TRAIN_STEPS = {"accum": (5, 1), "train": (100, 20), "train-small": (160, 20)}   # steps, log_every
 
 
@@ -148,7 +148,7 @@ class Run:
         quick = ["--steps", "2", "--warmup", "1", "--ways", "eager",
                  "--set", "train.micro_batch=2", "--set", "data.seq_len=64"] if self.args.quick else []
         cmd = [sys.executable, "-m", "runtime.cli", "bench", self.spec(spec), "--out", str(out), "--profile", str(prof),
-               "--time-budget", str(max(10, int(limit - 40)))] + (quick or extra)
+               "--time-budget", str(max(10, int(limit - 30)))] + (quick or extra)
         status, _ = self.wait(self.spawn(cmd, gpu=0), limit)
         rec = {"status": "ok" if status == 0 else f"exit {status}" if status is not None else "cut off"}
         if (prof / "kernels.md").is_file():
