@@ -36,8 +36,8 @@ def _command(args: argparse.Namespace) -> list[str]:
 def _ablate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from runtime.ablate import ablate
-    from runtime.ablate_matrix import load_matrix
+    from runtime.ablate.matrix import load_matrix
+    from runtime.ablate.runner import ablate
 
     out = Path(args.out) if args.out else Path("runs") / load_matrix(args.matrix).name
     return ablate(args.matrix, out, args.overrides, command=_command(args))

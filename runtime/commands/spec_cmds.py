@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from runtime.ablate_matrix import check_variants, is_matrix_file, load_matrix, run_spec
+    from runtime.ablate.matrix import check_variants, is_matrix_file, load_matrix, run_spec
     if is_matrix_file(args.spec):          # an ablation matrix: every run's spec, and the fairness check
         matrix = load_matrix(args.spec)
         for variant in matrix.variants:

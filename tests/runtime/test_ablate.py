@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from runtime.ablate import Run, plan
-from runtime.ablate_matrix import check_variants, load_matrix, run_spec
-from runtime.ablate_report import Metric, Summary, beyond_spread, compare, throughput, write_report
+from runtime.ablate.runner import Run, plan
+from runtime.ablate.matrix import check_variants, load_matrix, run_spec
+from runtime.ablate.report import Metric, Summary, beyond_spread, compare, throughput, write_report
 from runtime.cli import main
 from runtime.metrics import read_metrics
 from spec import dump_spec
@@ -276,7 +276,8 @@ def test_ablation_tiny_example_runs_resumes_and_reports(tmp_path, corpus, capsys
     assert "| baseline | 2 |" in md and "| nope-global | 2 |" in md and "| nope-global-seed2 |" in md
     assert "validation loss at 4× the training context (128 tokens)" in md
     report = json.loads((out / "report.json").read_text())
-    assert report["eval"] == {"contexts": [1, 2, 4], "batches": 2, "batch_size": 1, "seed": 0}
+    assert report["eval"] == {"contexts": [1, 2, 4], "batches": 2, "batch_size": 1, "seed": 0, "buckets": 48,
+                              "spacing": "log", "seq_len": 32, "length": 128}
     assert report["verdicts"]["val_loss_4x"]["winner"] in ("baseline", "nope-global")
     theta = json.loads((out / "runs" / "baseline-seed1" / "eval.json").read_text())["grape_m"][0]
     assert theta["name"] == "grape_m.log_freq" and len(theta["ln_theta"]) == 16     # head_dim 32 -> 16 pairs

@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from runtime.metrics import read_metrics
 
 if TYPE_CHECKING:
-    from runtime.ablate import Run
-    from runtime.ablate_matrix import Change, Matrix
+    from runtime.ablate.matrix import Change, Matrix, Run
 
 __all__ = ["Metric", "Summary", "Verdict", "beyond_spread", "compare", "throughput", "write_report", "metrics_for"]
 
@@ -139,8 +138,8 @@ def _run_values(run: "Run", eval_record: dict, records: list[dict]) -> dict[str,
     final = next((r["val_loss"] for r in reversed(evals) if r["step"] == run.spec.train.steps), None)
     out: dict[str, float | None] = {"final_val_loss": final}
     for c in eval_record["contexts"]:
-        out[f"val_loss_{c['context']}x"] = c["val_loss"]
-    first = eval_record["contexts"][0]
+        out[f"val_loss_{c['context']}x"] = c["loss"]
+    first = eval_record["training_context"]
     out.update(max_vio_mean=first["max_vio"], max_vio_worst=first["max_vio_worst"], tokens_per_s=throughput(records))
     out["grape_m_drift"] = _drift(eval_record["grape_m"])
     return out
@@ -220,7 +219,7 @@ def write_report(out: Path, matrix: "Matrix", runs: Sequence["Run"], diffs: Mapp
         "name": matrix.name, "matrix": matrix.file, "baseline": str(matrix.baseline), "command": list(command),
         "seeds": list(matrix.seeds), "variants": variants,
         "train": {"steps": first.train.steps, "global_batch": first.train.global_batch, "seq_len": seq_len},
-        "eval": evals[runs[0].name]["eval"], "device": env.get("device"), "torch": env.get("torch"),
+        "eval": evals[runs[0].name]["settings"], "device": env.get("device"), "torch": env.get("torch"),
         "git_commit": env.get("git_commit"),
         "spread": {"shown": "min-max over seeds", "rule": "a difference is larger than the seed spread when the "
                    "min-max ranges over seeds of the better variant and the runner-up do not overlap"},
