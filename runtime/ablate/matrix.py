@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runtime.evaluation.core import EvalSettings
-from spec.load import dump_spec, spec_from_mapping
 from spec.compose import TAGGED_UNION_KEYS, apply_overrides, deep_merge, read_spec_file
 from spec.convert import to_dict
 from spec.errors import SpecError
+from spec.load import dump_spec, spec_from_mapping
 from spec.schema import Spec
 from spec.validate import SpecProblems
 from spec.yamlio import parse_yaml

@@ -35,13 +35,29 @@ import torch
 
 from compiler.lower import lower
 from compiler.lower.model import GrapeModel
-from runtime.ablate.matrix import Change, Matrix, Run, check_variants, load_matrix, run_name, run_spec, saved_spec_changes
+from runtime.ablate.matrix import (
+    Change,
+    Matrix,
+    Run,
+    check_variants,
+    load_matrix,
+    run_name,
+    run_spec,
+    saved_spec_changes,
+)
 from runtime.ablate.spectrum import grape_m_vectors
 from runtime.build import compute_dtype
 from runtime.checkpoint import Checkpointer
 from runtime.data import prepare
 from runtime.device import pick_device
-from runtime.evaluation import EVAL_FILE, FORMAT, PLOT_FILE, evaluate, plot_record, write_json
+from runtime.evaluation import (
+    EVAL_FILE,
+    FORMAT,
+    PLOT_FILE,
+    evaluate,
+    plot_record,
+    write_json,
+)
 from runtime.evaluation.rows import available_rows, streams_of_split
 from spec.errors import GrapefxError, SpecError
 
@@ -172,13 +188,32 @@ def train_and_evaluate(run: Run, matrix: Matrix, command: Sequence[str], device:
 
 
 # ---------------------------------------------------------------------- the command
+def _recorded_evals(runs: list[Run], matrix: Matrix) -> dict[str, dict]:
+    """Every run's eval.json as it is in its folder (``--report-only``); an error names the first one missing."""
+    evals = {}
+    for run in runs:
+        record = _cached_eval(run, matrix)
+        if record is None:
+            raise GrapefxError(f"{run.folder / EVAL_FILE}: missing, or written for other evaluation settings or "
+                               "another step; run grapefx ablate without --report-only to train and evaluate it")
+        evals[run.name] = record
+    return evals
+
+
 def ablate(matrix_path: str | Path, out: str | Path, overrides: Sequence[str] = (), *,
-           command: Sequence[str] = ("grapefx", "ablate")) -> int:
-    """Run the whole matrix into ``out`` and write the report; 0 when done, else the failed run's status."""
+           command: Sequence[str] = ("grapefx", "ablate"), report_only: bool = False) -> int:
+    """Run the whole matrix into ``out`` and write the report; 0 when done, else the failed run's status.
+
+    ``report_only``: train and evaluate nothing; rewrite the report from the run folders' records.
+    """
     from runtime.ablate.report import write_report
 
     matrix, out = load_matrix(matrix_path), Path(out)
     runs, diffs = plan(matrix, out, overrides)
+    if report_only:
+        for path in write_report(out, matrix, runs, diffs, _recorded_evals(runs, matrix), command):
+            print(f"wrote {path}")
+        return 0
     _check_eval_rows(matrix, runs)
     nv, ns = len(matrix.variants), len(matrix.seeds)
     print(f"ablate {matrix.name}: {nv} variant{'s' * (nv != 1)} x {ns} seed{'s' * (ns != 1)} = {len(runs)} "

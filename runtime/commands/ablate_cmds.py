@@ -22,12 +22,15 @@ def register(subparsers) -> None:
                     "skips finished runs and resumes unfinished ones.")
     p.add_argument("matrix", help="the matrix YAML file")
     p.add_argument("--out", metavar="DIR", help="folder for the runs and the report (default: runs/<matrix name>)")
+    p.add_argument("--report-only", action="store_true", help="train and evaluate nothing: rewrite the report from "
+                   "the eval.json, metrics.jsonl and env.json of DIR/runs/* (e.g. run folders copied from a GPU machine)")
     add_overrides(p, "train.steps=50", "a spec value in every run")
     p.set_defaults(func=_ablate)
 
 
 def _command(args: argparse.Namespace) -> list[str]:
     cmd = ["grapefx", "ablate", args.matrix] + (["--out", args.out] if args.out else [])
+    cmd += ["--report-only"] if args.report_only else []
     for o in args.overrides:
         cmd += ["--set", o]
     return cmd
@@ -40,4 +43,4 @@ def _ablate(args: argparse.Namespace) -> int:
     from runtime.ablate.runner import ablate
 
     out = Path(args.out) if args.out else Path("runs") / load_matrix(args.matrix).name
-    return ablate(args.matrix, out, args.overrides, command=_command(args))
+    return ablate(args.matrix, out, args.overrides, command=_command(args), report_only=args.report_only)

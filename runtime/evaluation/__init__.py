@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from runtime.evaluation.core import EVAL_FILE, FORMAT, EvalSettings, evaluate, model_logits, write_json
+from runtime.evaluation.core import (
+    EVAL_FILE,
+    FORMAT,
+    EvalSettings,
+    evaluate,
+    model_logits,
+    write_json,
+)
 from runtime.evaluation.data import eval_source
 from runtime.evaluation.plot import Curve, bucket_x, plot_loss_by_position
 

@@ -33,7 +33,13 @@ import torch
 from compiler.lower import GrapeModel
 from runtime.balance import max_vio
 from runtime.evaluation.positions import bucket_edges, summarize, token_losses
-from runtime.evaluation.rows import Stream, available_rows, row_tokens, rows_digest, select_rows
+from runtime.evaluation.rows import (
+    Stream,
+    available_rows,
+    row_tokens,
+    rows_digest,
+    select_rows,
+)
 from spec.errors import GrapefxError
 from spec.schema import Spec
 

@@ -8,9 +8,16 @@ import pytest
 import torch
 import yaml
 
-from runtime.ablate.runner import Run, plan
 from runtime.ablate.matrix import check_variants, load_matrix, run_spec
-from runtime.ablate.report import Metric, Summary, beyond_spread, compare, throughput, write_report
+from runtime.ablate.report import (
+    Metric,
+    Summary,
+    beyond_spread,
+    compare,
+    throughput,
+    write_report,
+)
+from runtime.ablate.runner import Run, plan
 from runtime.cli import main
 from runtime.metrics import read_metrics
 from spec import dump_spec

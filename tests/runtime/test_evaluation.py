@@ -11,7 +11,12 @@ import yaml
 from compiler.lower import lower
 from runtime.cli import main
 from runtime.evaluation import EvalSettings, evaluate, model_logits
-from runtime.evaluation.positions import band_edges, bucket_edges, summarize, token_losses
+from runtime.evaluation.positions import (
+    band_edges,
+    bucket_edges,
+    summarize,
+    token_losses,
+)
 from runtime.evaluation.rows import Stream, select_rows
 from spec import spec_from_dict
 from spec.errors import GrapefxError
