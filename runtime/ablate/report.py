@@ -1,56 +1,42 @@
-"""The ablation report: ``report.md``, ``report.json``, ``loss.png``, ``grape_m_spectrum.png``.
+"""The ablation report: ``report.md``, ``report.json`` and the figures (``figures.py``).
 
-Everything is read back from the run folders (``metrics.jsonl``, ``eval.json``, ``env.json``), so
-the report can be rewritten from finished runs at any time.
+It takes data only (the matrix, the runs' specs and folders, their eval.json records), reads back
+``metrics.jsonl`` and ``env.json`` from the run folders, and never trains or evaluates: a report
+can be rewritten from finished run folders at any time (``grapefx ablate --report-only``).
 
-Metrics per run (units in the table headers):
-- final validation loss: the trainer's evaluation at the last step (``train.eval_batches``
-  micro-batches of a validation sampler seeded with the run's seed: the same rows for every
-  variant of one seed, other rows for another seed), nats/token;
-- validation loss at each evaluation context (``eval.json``: the same rows for every run), nats/token;
-- validation MaxVio at the training context (the smallest evaluation context): counts summed
-  over the evaluation batches, ``(max c - mean c) / mean c`` per MoE layer (MATH.md §5), the mean
-  over layers and the worst layer;
-- training throughput: tokens / seconds over the logged windows after the first (the first holds
-  warm-up and compilation), tokens/s.
+Quantities, each defined once in the report beside its numbers:
+- loss in band [a, b) and loss at c× (eval.json; ``runtime/evaluation/positions.py``): the same N
+  rows of L = max(contexts) · T tokens for every run, nats/token;
+- final validation loss: the trainer's last evaluation (``train.eval_batches`` micro-batches of
+  T-token rows drawn by the run's own seed: other rows for each seed, and fewer), nats/token;
+- validation MaxVio at the training context: eval.json's ``training_context``;
+- training throughput: tokens / seconds over the logged windows after the first (warm-up and
+  compilation), tokens/s.
 
-Per variant each metric is summarised over seeds as mean, min and max (and the population std in
-``report.json``). With a handful of seeds a standard deviation says little, so the report shows
-the min-max range and judges differences with it.
-
-Spread rule (``beyond_spread``): the better variant (better mean) wins by more than the seed
-spread when its min-max range and the runner-up's do not overlap, i.e. its worst seed beats the
-runner-up's best seed. With one seed there is no spread, and no verdict. The report also counts
-paired wins: runs of equal seed share data order and initialisation, so "better on 3/3 seeds"
-compares like with like.
+Per variant a quantity is summarised over seeds as mean [min–max]. Differences between a variant
+and the reference (the matrix's first variant) are paired on identical rows and equal seeds
+(``stats.py``): per seed a row-bootstrap interval (evaluation noise), over seeds a t-interval
+(training noise); "resolved" only when the seed-level interval excludes 0. Throughput has no rows:
+only its seed-level interval, and on a CPU it is marked indicative.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import shlex
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from runtime.ablate.figures import plot_extrapolation, plot_loss, plot_spectrum
+from runtime.ablate.matrix import Change, Matrix, Run
+from runtime.ablate.stats import MIN_SEEDS, Interval, Paired, paired, t_interval
 from runtime.metrics import read_metrics
+from spec.errors import GrapefxError
 
-if TYPE_CHECKING:
-    from runtime.ablate.matrix import Change, Matrix, Run
-
-__all__ = ["Metric", "Summary", "Verdict", "beyond_spread", "compare", "throughput", "write_report", "metrics_for"]
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str               # table header, with its unit
-    name: str                # in sentences
-    unit: str
-    lower_is_better: bool
-    digits: int
+__all__ = ["Quantity", "Summary", "quantities", "throughput", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -62,47 +48,39 @@ class Summary:
     n: int
 
     @staticmethod
-    def of(values: Sequence[float]) -> "Summary | None":
+    def of(values: Sequence[float]) -> Summary | None:
         if not values:
             return None
         return Summary(statistics.fmean(values), statistics.pstdev(values), min(values), max(values), len(values))
 
 
 @dataclass(frozen=True)
-class Verdict:
-    metric: str
-    winner: str
-    runner_up: str
-    winner_mean: float
-    runner_up_mean: float
-    beyond_spread: bool | None   # None: fewer than two seeds on a side
-    paired_wins: int             # seeds where the winner's run beats the runner-up's run of that seed
-    paired: int                  # seeds both variants have
-    paired_gain: Summary | None  # per seed, how much better the winner's run is (> 0: better), over seeds
-    tie: bool
+class Quantity:
+    """A loss on the fixed rows: at a context (positions < c·T) or in a band (positions a..b−1)."""
+    key: str                 # loss_2x, band_128_256
+    label: str               # table header
+    name: str                # in sentences
+    kind: str                # "context" | "band"
+    index: int               # into eval.json's contexts / bands and per_row lists
 
 
-def beyond_spread(best: Summary, other: Summary, lower_is_better: bool) -> bool | None:
-    """True when ``best``'s min-max range and ``other``'s do not overlap (``best`` on the better side)."""
-    if best.n < 2 or other.n < 2:
-        return None
-    return best.max < other.min if lower_is_better else best.min > other.max
+def quantities(record: dict) -> list[Quantity]:
+    """The bands, then the contexts, of one eval.json record."""
+    T = record["settings"]["seq_len"]
+    out = []
+    for i, b in enumerate(record["bands"]):
+        a, e = b["positions"]
+        where = ("within the training length" if a == 0 else f"at {_times(a, T)}–{_times(e, T)}× the training length")
+        out.append(Quantity(f"band_{a}_{e}", f"[{a}, {e})", f"the loss {where} (positions {a}–{e - 1})", "band", i))
+    for i, c in enumerate(record["contexts"]):
+        n = c["positions"][1]
+        out.append(Quantity(f"loss_{c['context']}x", f"< {n} ({c['context']}×)",
+                            f"the loss at {c['context']}× the training length (positions < {n})", "context", i))
+    return out
 
 
-def compare(metric: Metric, values: Mapping[str, Mapping[int, float | None]]) -> Verdict | None:
-    """The best variant by mean and how it compares with the runner-up; None with fewer than two variants."""
-    summaries = {v: Summary.of([x for x in per_seed.values() if x is not None]) for v, per_seed in values.items()}
-    ranked = sorted((s.mean if metric.lower_is_better else -s.mean, v) for v, s in summaries.items() if s is not None)
-    if len(ranked) < 2:
-        return None
-    (_, w), (_, r) = ranked[0], ranked[1]
-    sw, sr = summaries[w], summaries[r]
-    seeds = [k for k in values[w] if values[w][k] is not None and values[r].get(k) is not None]
-    sign = -1.0 if metric.lower_is_better else 1.0
-    gains = [sign * (values[w][k] - values[r][k]) for k in seeds]
-    tie = math.isclose(sw.mean, sr.mean, rel_tol=1e-12, abs_tol=1e-12)
-    return Verdict(metric.key, w, r, sw.mean, sr.mean, None if tie else beyond_spread(sw, sr, metric.lower_is_better),
-                   sum(g > 0 for g in gains), len(seeds), Summary.of(gains), tie)
+def _times(p: int, T: int) -> str:
+    return f"{p // T}" if p % T == 0 else f"{p / T:.2g}"
 
 
 def throughput(records: Sequence[dict]) -> float | None:
@@ -119,29 +97,23 @@ def throughput(records: Sequence[dict]) -> float | None:
     return sum(t for t, _ in steady) / sum(s for _, s in steady)
 
 
-def metrics_for(contexts: Sequence[int], seq_len: int) -> list[Metric]:
-    first = contexts[0] * seq_len
-    ms = [Metric("final_val_loss", "final val loss", "final validation loss", "nats/token", True, 3)]
-    ms += [Metric(f"val_loss_{c}x", f"val loss @ {c * seq_len} tok ({c}×)",
-                  f"validation loss at {c}× the training context ({c * seq_len} tokens)", "nats/token", True, 3)
-           for c in contexts]
-    ms += [Metric("max_vio_mean", f"val MaxVio mean @ {first} tok", "validation MaxVio (mean over MoE layers)", "",
-                  True, 3),
-           Metric("max_vio_worst", f"val MaxVio worst layer @ {first} tok", "validation MaxVio (worst layer)", "",
-                  True, 3),
-           Metric("tokens_per_s", "train tokens/s", "training throughput", "tokens/s", False, 0)]
-    return ms
+# ---------------------------------------------------------------------- collecting
+def _check_same_rows(runs: Sequence[Run], evals: Mapping[str, dict]) -> None:
+    digests = {evals[r.name]["data"]["rows_sha256"] for r in runs}
+    if len(digests) > 1:
+        names = ", ".join(f"{r.name} {evals[r.name]['data']['rows_sha256'][:12]}" for r in runs)
+        raise GrapefxError(f"the runs were evaluated on different rows ({names}), so they cannot be paired; their "
+                           "data sections must be equal (the matrix's fairness check ensures it): delete the "
+                           "differing eval.json files and run grapefx ablate again")
 
 
-def _run_values(run: "Run", eval_record: dict, records: list[dict]) -> dict[str, float | None]:
-    evals = [r for r in records if r.get("kind") == "eval"]
-    final = next((r["val_loss"] for r in reversed(evals) if r["step"] == run.spec.train.steps), None)
-    out: dict[str, float | None] = {"final_val_loss": final}
-    for c in eval_record["contexts"]:
-        out[f"val_loss_{c['context']}x"] = c["loss"]
-    first = eval_record["training_context"]
-    out.update(max_vio_mean=first["max_vio"], max_vio_worst=first["max_vio_worst"], tokens_per_s=throughput(records))
-    out["grape_m_drift"] = _drift(eval_record["grape_m"])
+def _run_values(run: Run, record: dict, metrics: list[dict], qs: Sequence[Quantity]) -> dict[str, float | None]:
+    evals = [r for r in metrics if r.get("kind") == "eval"]
+    out: dict[str, float | None] = {q.key: record[q.kind + "s"][q.index]["loss"] for q in qs}
+    t = record["training_context"]
+    out.update(final_val_loss=next((r["val_loss"] for r in reversed(evals) if r["step"] == run.spec.train.steps), None),
+               max_vio_mean=t["max_vio"], max_vio_worst=t["max_vio_worst"], tokens_per_s=throughput(metrics),
+               grape_m_drift=_drift(record.get("grape_m", [])))
     return out
 
 
@@ -151,92 +123,8 @@ def _drift(vectors: list[dict]) -> float | None:
     return statistics.fmean(diffs) if diffs else None
 
 
-# ---------------------------------------------------------------------- formatting
-def _num(x: float | None, digits: int) -> str:
-    if x is None:
-        return "—"
-    return f"{x:,.{digits}f}"
-
-
-def _cell(s: Summary | None, digits: int) -> str:
-    if s is None:
-        return "—"
-    if s.n == 1:
-        return _num(s.mean, digits)
-    return f"{_num(s.mean, digits)} [{_range(s.min, s.max, digits)}]"
-
-
-def _range(low: float, high: float, digits: int) -> str:
-    """``0.007–0.023``; ``−0.007 to 0.014`` when a bound is negative (a dash would read as a minus sign)."""
-    a, b = _num(low, digits), _num(high, digits)
-    return f"{a}–{b}" if low >= 0 and high >= 0 else f"{a} to {b}".replace("-", "−")
-
-
-def _phrase(v: Verdict, digits: int) -> str:
-    if v.tie:
-        return "a tie"
-    if v.beyond_spread is None:
-        return "one seed only, so there is no seed spread to judge it against"
-    g = v.paired_gain
-    paired = f"better on {v.paired_wins} of {v.paired} seeds"
-    if g is not None and v.paired_wins == v.paired:
-        low, high = _num(g.min, digits), _num(g.max, digits)
-        paired += f", by {low}" if low == high else f", by {_range(g.min, g.max, digits)}"
-    if v.beyond_spread:
-        return f"larger than the seed spread (the min–max ranges do not overlap); paired by seed it is {paired}"
-    return f"within the seed spread (the min–max ranges overlap); paired by seed it is {paired}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _value(x: Any) -> str:
-    return x if isinstance(x, str) else json.dumps(x)
-
-
-# ---------------------------------------------------------------------- the report
-def write_report(out: Path, matrix: "Matrix", runs: Sequence["Run"], diffs: Mapping[str, Sequence["Change"]],
-                 evals: Mapping[str, dict], command: Sequence[str]) -> list[Path]:
-    """Write the four report files into ``out``; ``evals`` maps run names to their ``eval.json``; returns the paths."""
-    first = runs[0].spec
-    seq_len = first.data.seq_len
-    metrics = metrics_for(matrix.eval.contexts, seq_len)
-    variants = [v.name for v in matrix.variants]
-    records = {r.name: read_metrics(r.folder) for r in runs}
-    per_run = {r.name: _run_values(r, evals[r.name], records[r.name]) for r in runs}
-    values = {key: {v: {r.seed: per_run[r.name][key] for r in runs if r.variant == v} for v in variants}
-              for key in [m.key for m in metrics] + ["grape_m_drift"]}
-    summaries = {key: {v: Summary.of([x for x in per_seed.values() if x is not None]) for v, per_seed in vs.items()}
-                 for key, vs in values.items()}
-    verdicts = {m.key: compare(m, values[m.key]) for m in metrics}
-    env = _env(runs[0].folder)
-    cmd = shlex.join(command)
-
-    loss_png = _plot_loss(out / "loss.png", variants, runs, records)
-    spectrum_png = _plot_spectrum(out / "grape_m_spectrum.png", variants, runs, evals)
-    report = {
-        "name": matrix.name, "matrix": matrix.file, "baseline": str(matrix.baseline), "command": list(command),
-        "seeds": list(matrix.seeds), "variants": variants,
-        "train": {"steps": first.train.steps, "global_batch": first.train.global_batch, "seq_len": seq_len},
-        "eval": evals[runs[0].name]["settings"], "device": env.get("device"), "torch": env.get("torch"),
-        "git_commit": env.get("git_commit"),
-        "spread": {"shown": "min-max over seeds", "rule": "a difference is larger than the seed spread when the "
-                   "min-max ranges over seeds of the better variant and the runner-up do not overlap"},
-        "metrics": [asdict(m) for m in metrics],
-        "results": {v: {"changes": [{"key": c.key, "baseline": c.baseline, "variant": c.variant} for c in diffs[v]],
-                        "runs": {str(r.seed): {"folder": str(r.folder), **per_run[r.name]}
-                                 for r in runs if r.variant == v},
-                        "summary": {k: (asdict(s[v]) if s[v] else None) for k, s in summaries.items()}}
-                    for v in variants},
-        "verdicts": {k: (asdict(v) if v else None) for k, v in verdicts.items()},
-        "files": {"loss": loss_png.name, "grape_m_spectrum": spectrum_png.name},
-    }
-    json_path = out / "report.json"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path = out / "report.md"
-    md_path.write_text(_markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, cmd))
-    return [md_path, json_path, loss_png, spectrum_png]
+def _rows(record: dict, q: Quantity) -> list[float]:
+    return [row[q.index] for row in record["per_row"][q.kind + "s"]]
 
 
 def _env(folder: Path) -> dict:
@@ -244,84 +132,259 @@ def _env(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _summary_paragraph(matrix: "Matrix", runs: Sequence["Run"], metrics: list[Metric],
-                       verdicts: Mapping[str, Verdict | None], env: dict) -> str:
-    t, seq_len = runs[0].spec.train, runs[0].spec.data.seq_len
+def _host(runs: Sequence[Run], evals: Mapping[str, dict], env: dict) -> dict:
+    """The device, and whether other work shared the machine (1-minute load average vs the run's threads)."""
+    loads = [evals[r.name].get("host", {}).get("load_1min") for r in runs]
+    loads = [x for x in loads if x is not None]
+    threads = env.get("cpu_threads")
+    device = env.get("device") or "an unrecorded device"
+    on_cpu = device == "cpu"
+    shared = None if not loads or threads is None else max(loads) > (threads if on_cpu else 1) + 1
+    return {"device": device, "on_cpu": on_cpu, "cpu_threads": threads, "load_1min": [min(loads), max(loads)]
+            if loads else None, "shared": shared}
+
+
+# ---------------------------------------------------------------------- formatting
+def _num(x: float | None, digits: int) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,.{digits}f}".replace("-", "−")
+
+
+def _signed(x: float, digits: int) -> str:
+    return ("+" if x >= 0 else "") + _num(x, digits)
+
+
+def _cell(s: Summary | None, digits: int) -> str:
+    if s is None:
+        return "—"
+    if s.n == 1:
+        return _num(s.mean, digits)
+    return f"{_num(s.mean, digits)} [{_num(s.min, digits)} to {_num(s.max, digits)}]"
+
+
+def _interval(i: Interval | None, digits: int) -> str:
+    if i is None:
+        return "—"
+    return f"{_signed(i.mean, digits)} [{_signed(i.low, digits)}, {_signed(i.high, digits)}]"
+
+
+def _verdict(p: Paired, b: str, a: str, digits: int, higher: str = "higher") -> str:
+    if p.seeds is None:
+        return f"not judged: {len(p.per_seed)} paired seed(s), a seed-level interval needs {MIN_SEEDS}"
+    if not p.resolved:
+        return "**not resolved**: the seed-level interval includes 0"
+    side = higher if p.seeds.mean > 0 else {"higher": "lower", "faster": "slower"}[higher]
+    return f"**resolved**: {b} is {side} than {a}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _value(x) -> str:
+    return x if isinstance(x, str) else json.dumps(x)
+
+
+# ---------------------------------------------------------------------- the report
+def write_report(out: Path, matrix: Matrix, runs: Sequence[Run], diffs: Mapping[str, Sequence[Change]],
+                 evals: Mapping[str, dict], command: Sequence[str]) -> list[Path]:
+    """Write report.md, report.json and the figures into ``out``; ``evals`` maps run names to eval.json records."""
+    _check_same_rows(runs, evals)
+    variants = [v.name for v in matrix.variants]
+    reference = variants[0]
+    first = evals[runs[0].name]
+    qs = quantities(first)
+    metrics = {r.name: read_metrics(r.folder) for r in runs}
+    per_run = {r.name: _run_values(r, evals[r.name], metrics[r.name], qs) for r in runs}
+    keys = [q.key for q in qs] + ["final_val_loss", "max_vio_mean", "max_vio_worst", "tokens_per_s", "grape_m_drift"]
+    summaries = {k: {v: Summary.of([per_run[r.name][k] for r in runs if r.variant == v
+                                    and per_run[r.name][k] is not None]) for v in variants} for k in keys}
+    by_seed = {v: {r.seed: r for r in runs if r.variant == v} for v in variants}
+    pairs = {b: {q.key: paired({k: _rows(evals[r.name], q) for k, r in by_seed[reference].items()},
+                               {k: _rows(evals[r.name], q) for k, r in by_seed[b].items()}) for q in qs}
+             for b in variants[1:]}
+    speed = {b: _speed(by_seed[reference], by_seed[b], per_run) for b in variants[1:]}
+    env = _env(runs[0].folder)
+    host = _host(runs, evals, env)
+
+    figures = [plot_extrapolation(out / "loss_by_position.png", variants, runs, evals),
+               plot_loss(out / "loss.png", variants, runs, metrics),
+               plot_spectrum(out / "grape_m_spectrum.png", variants, runs, evals)]
+    report = {
+        "name": matrix.name, "matrix": matrix.file, "baseline": str(matrix.baseline), "command": list(command),
+        "seeds": list(matrix.seeds), "variants": variants, "reference": reference,
+        "train": {"steps": runs[0].spec.train.steps, "global_batch": runs[0].spec.train.global_batch,
+                  "seq_len": first["settings"]["seq_len"]},
+        "eval": first["settings"], "rows": {k: first["data"][k] for k in ("label", "rows_used", "rows_sha256")},
+        "device": host, "torch": env.get("torch"), "git_commit": env.get("git_commit"),
+        "definitions": _definitions(first, runs[0]),
+        "quantities": [asdict(q) for q in qs],
+        "results": {v: {"changes": [{"key": c.key, "baseline": c.baseline, "variant": c.variant} for c in diffs[v]],
+                        "runs": {str(r.seed): {"folder": str(r.folder), **per_run[r.name]}
+                                 for r in runs if r.variant == v},
+                        "summary": {k: (asdict(s[v]) if s[v] else None) for k, s in summaries.items()}}
+                    for v in variants},
+        "paired": {b: {"minus": reference,
+                       **{key: {"per_seed": {str(k): asdict(i) for k, i in p.per_seed.items()},
+                                "seeds": asdict(p.seeds) if p.seeds else None, "resolved": p.resolved}
+                          for key, p in pairs[b].items()},
+                       "tokens_per_s": {"seeds": asdict(speed[b]) if speed[b] else None,
+                                        "resolved": bool(speed[b] and speed[b].excludes_zero),
+                                        "indicative": host["on_cpu"]}}
+                   for b in variants[1:]},
+        "files": [p.name for p in figures],
+    }
+    json_path = out / "report.json"
+    _atomic(json_path, json.dumps(report, indent=1) + "\n")
+    md_path = out / "report.md"
+    _atomic(md_path, _markdown(matrix, runs, diffs, evals, qs, summaries, pairs, speed, per_run, env, host,
+                               shlex.join(command)))
+    return [md_path, json_path, *figures]
+
+
+def _speed(a: Mapping[int, Run], b: Mapping[int, Run], per_run: Mapping[str, dict]) -> Interval | None:
+    """Seed-level t-interval of B's tokens/s minus A's, runs of equal seed paired."""
+    d = [per_run[b[k].name]["tokens_per_s"] - per_run[a[k].name]["tokens_per_s"] for k in sorted(set(a) & set(b))
+         if per_run[a[k].name]["tokens_per_s"] is not None and per_run[b[k].name]["tokens_per_s"] is not None]
+    return t_interval(d)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _definitions(record: dict, run: Run) -> dict[str, str]:
+    s, d = record["settings"], record["data"]
+    t = run.spec.train
+    return {
+        "rows": f"{d['rows_used']} rows of {s['length']} tokens ({max(s['contexts'])}× the training length T = "
+                f"{s['seq_len']}) from {d['label']}, chosen by eval.seed {s['seed']}, never repeated; the same rows "
+                f"for every run (sha256 of their tokens {d['rows_sha256'][:16]}…)",
+        "band": "loss in band [a, b): mean cross-entropy (nats/token) over positions a ≤ p < b of those rows, where "
+                "position p predicts token p + 1 from tokens 0..p",
+        "context": "loss at c×: the same over positions p < c·T; by causality it equals the loss of the c·T-token "
+                   "prefixes of the rows scored alone, so the contexts are points of one curve on one set of tokens",
+        "final_val_loss": f"the trainer's last evaluation at step {t.steps}: train.eval_batches = {t.eval_batches} "
+                          f"micro-batches of {t.micro_batch} rows of T tokens drawn by the run's own seed (other, "
+                          "fewer rows for each seed), so it differs from the loss at 1× on the fixed rows",
+        "max_vio": "validation MaxVio at the training length: (max_i c_i − mean c) / mean c per MoE layer, c = tokens "
+                   "routed to each expert, summed over the T-token prefixes of the rows; mean over layers and the "
+                   "worst layer",
+        "tokens_per_s": "training tokens over training time of the logged windows after the first (warm-up and "
+                        "compilation)",
+        "paired": "B − A on identical rows: per seed, the mean over rows of the per-row difference with a 95% "
+                  "row-bootstrap interval (2000 resamples; evaluation noise); over seeds, the mean of the per-seed "
+                  f"differences with a 95% t-interval (training noise; needs ≥ {MIN_SEEDS} seeds); resolved only when "
+                  "the seed-level interval excludes 0",
+    }
+
+
+def _summary_paragraph(matrix: Matrix, runs: Sequence[Run], qs: Sequence[Quantity], pairs, speed, host: dict,
+                       record: dict) -> str:
+    t, s = runs[0].spec.train, record["settings"]
     names = ", ".join(f"**{v.name}**" for v in matrix.variants)
-    seeds = ", ".join(str(s) for s in matrix.seeds)
+    seeds = ", ".join(str(k) for k in matrix.seeds)
     head = (f"{_count(len(matrix.variants), 'variant')} ({names}) of `{matrix.baseline.name}`, "
             f"{_count(len(matrix.seeds), 'seed')} each (seeds {seeds}): {t.steps} optimizer steps of "
-            f"{t.global_batch} × {seq_len} tokens per run, on {env.get('device', 'an unrecorded device')}.")
+            f"{t.global_batch} × {s['seq_len']} tokens per run, on {host['device']}. Every run is scored at every "
+            f"position of the same {record['data']['rows_used']} validation rows of {s['length']} tokens.")
     if len(matrix.variants) < 2:
-        return head + " With one variant there is nothing to compare; the table lists its numbers."
-    by_key = {m.key: m for m in metrics}
-    ctx = matrix.eval.contexts
-    longest = [f"val_loss_{ctx[-1]}x"] if len(ctx) > 1 else []
-    headline = [f"val_loss_{ctx[0]}x"] + longest + ["max_vio_mean", "tokens_per_s"]
+        return head + " With one variant there is nothing to compare."
+    reference = matrix.variants[0].name
     sentences = []
-    for key in headline:
-        v, m = verdicts.get(key), by_key[key]
-        if v is None:
-            continue
-        unit = f" {m.unit}" if m.unit else ""
-        better = "lower" if m.lower_is_better else "higher"
-        if v.tie:
-            sentences.append(f"On {m.name}, {v.winner} and {v.runner_up} tie at {_num(v.winner_mean, m.digits)}{unit}.")
-            continue
-        sentences.append(f"On {m.name}, **{v.winner}** is {better}: {_num(v.winner_mean, m.digits)} vs "
-                         f"{_num(v.runner_up_mean, m.digits)}{unit} for {v.runner_up} — {_phrase(v, m.digits)}.")
-    judged = [(m, verdicts[m.key]) for m in metrics
-              if verdicts.get(m.key) is not None and verdicts[m.key].beyond_spread is not None]
-    clear = [f"{m.name} (**{v.winner}**)" for m, v in judged if v.beyond_spread]
-    if judged:
-        sentences.append(f"Larger than the seed spread: {', '.join(clear)}; every other difference is within it."
-                         if clear else "None of the differences is larger than the seed spread.")
+    bands = [q for q in qs if q.kind == "band"]
+    for b in [v.name for v in matrix.variants[1:]]:
+        for q in [bands[0]] + ([bands[-1]] if len(bands) > 1 else []):
+            p = pairs[b][q.key]
+            if p.seeds is None:
+                means = ", ".join(_signed(i.mean, 3) for i in p.per_seed.values())
+                sentences.append(f"On {q.name}, {b} − {reference} is {means} nats/token per seed; with "
+                                 f"{len(p.per_seed)} seed(s) there is no seed-level interval (it needs {MIN_SEEDS}), "
+                                 "so the difference is not judged.")
+                continue
+            i = p.seeds
+            word = ("higher" if i.mean > 0 else "lower")
+            verdict = (f"resolved: the 95% interval over seeds, {_signed(i.low, 3)} to {_signed(i.high, 3)}, excludes 0"
+                       if p.resolved else f"not resolved: the 95% interval over seeds, {_signed(i.low, 3)} to "
+                       f"{_signed(i.high, 3)}, includes 0, so these seeds do not tell the variants apart")
+            sentences.append(f"On {q.name}, {b}'s loss is {word} than {reference}'s by {abs(i.mean):.3f} nats/token "
+                             f"on average — {verdict}.")
+        sp = speed[b]
+        if sp is not None:
+            where = ("indicative only: measured on a CPU" + (" shared with other work" if host["shared"] else "")
+                     if host["on_cpu"] else f"on {host['device']}")
+            if sp.excludes_zero:
+                sentences.append(f"Training throughput ({where}): {b} is {'faster' if sp.mean > 0 else 'slower'} by "
+                                 f"{abs(sp.mean):,.0f} tokens/s (interval over seeds excludes 0).")
+            else:
+                sentences.append(f"Training throughput ({where}): no difference resolved between {b} and "
+                                 f"{reference}.")
     return " ".join([head] + sentences)
 
 
-def _markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, cmd) -> str:
+def _markdown(matrix, runs, diffs, evals, qs, summaries, pairs, speed, per_run, env, host, cmd) -> str:
     variants = [v.name for v in matrix.variants]
-    seeds = ", ".join(str(s) for s in matrix.seeds)
+    reference = variants[0]
+    record = evals[runs[0].name]
+    defs = _definitions(record, runs[0])
     lines = [f"# Ablation `{matrix.name}`: {' vs '.join(variants)}", "",
-             _summary_paragraph(matrix, runs, metrics, verdicts, env), "",
+             _summary_paragraph(matrix, runs, qs, pairs, speed, host, record), "",
              "Command (paths as given, relative to the folder it ran in):", "", f"    {cmd}", ""]
 
-    lines += ["## Results", "",
-              f"Each cell: mean [min–max] over seeds {seeds}; the spread shown is the min–max range across seeds "
-              "(with so few seeds a standard deviation would mean little; `report.json` has it too). Losses are "
-              "mean cross-entropy in nats/token, MaxVio is a ratio (0 = perfectly balanced experts), throughput is "
-              "in training tokens/s. Lower is better, except tokens/s.", ""]
-    header = ["variant", "seeds"] + [m.label for m in metrics]
+    bands = [q for q in qs if q.kind == "band"]
+    contexts = [q for q in qs if q.kind == "context"]
+    lines += ["## Loss by position", "", "![loss by position](loss_by_position.png)", "",
+              f"`loss_by_position.png`: the loss in each position bucket of the evaluation rows, one line per "
+              f"variant (mean over seeds), band = min–max over seeds; the dashed line is the training length "
+              f"T = {record['settings']['seq_len']}. Rows: {defs['rows']}.", "",
+              f"Each cell: mean [min to max] over seeds, nats/token. {defs['band'][0].upper()}{defs['band'][1:]}. "
+              f"{defs['context'][0].upper()}{defs['context'][1:]}.", ""]
+    header = ["variant", "seeds"] + [f"band {q.label}" for q in bands] + [f"positions {q.label}" for q in contexts]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in variants:
         n = len([r for r in runs if r.variant == v])
-        lines.append("| " + " | ".join([v, str(n)] + [_cell(summaries[m.key][v], m.digits) for m in metrics]) + " |")
+        lines.append("| " + " | ".join([v, str(n)] + [_cell(summaries[q.key][v], 3) for q in bands + contexts]) + " |")
 
-    lines += ["", "## Which variant wins", "",
-              "| metric | better | runner-up | difference of means | larger than the seed spread? | better on seeds | "
-              "paired gain per seed |",
-              "|---|---|---|---|---|---|---|"]
-    for m in metrics:
-        v = verdicts[m.key]
-        if v is None:
-            lines.append(f"| {m.name} | — | — | — | — | — | — |")
-            continue
-        beyond = ("tie" if v.tie else "n/a (one seed)" if v.beyond_spread is None
-                  else "**yes** (ranges do not overlap)" if v.beyond_spread else "no (ranges overlap)")
-        unit = f" {m.unit}" if m.unit else ""
-        better = f"tie: {v.winner}" if v.tie else f"**{v.winner}**"
-        lines.append(f"| {m.name} | {better} | {v.runner_up} | "
-                     f"{_num(abs(v.winner_mean - v.runner_up_mean), m.digits)}{unit} | {beyond} | "
-                     f"{v.paired_wins}/{v.paired} | {_cell(v.paired_gain, m.digits)} |")
-    lines += ["", "A difference counts as larger than the seed spread when the min–max ranges over seeds of the "
-              "better variant and the runner-up do not overlap: the better variant's worst seed still beats the "
-              "runner-up's best seed. *Better on seeds* compares the two variants' runs of equal seed (same data "
-              "order, same initial values of shared parameters), one pair per seed; the *paired gain* is how much "
-              "better the winner's run is than the runner-up's run of the same seed, mean [min–max] over seeds "
-              "(positive: better). Pairing removes the seed-to-seed variation the ranges include, so a gain that is "
-              "positive on every seed while the ranges overlap is a consistent but small effect.", ""]
+    for b in variants[1:]:
+        seeds = sorted(next(iter(pairs[b].values())).per_seed)
+        lines += ["", f"## Paired differences: {b} − {reference}", "",
+                  f"Positive: {b}'s loss is higher (worse). {defs['paired'][0].upper()}{defs['paired'][1:]}.", "",
+                  "| quantity | " + " | ".join(f"seed {k}: mean [95% rows]" for k in seeds)
+                  + " | over seeds: mean [95% t] | verdict |", "|" + "---|" * (len(seeds) + 3)]
+        for q in bands + contexts:
+            p = pairs[b][q.key]
+            lines.append(f"| {'band' if q.kind == 'band' else 'positions'} {q.label} | "
+                         + " | ".join(_interval(p.per_seed.get(k), 4) for k in seeds)
+                         + f" | {_interval(p.seeds, 4)} | {_verdict(p, b, reference, 4)} |")
 
-    lines += ["## What each variant changes", "",
+    lines += ["", "## Other measurements", "",
+              "| variant | final val loss (trainer) | val MaxVio mean @ T | val MaxVio worst @ T | train tokens/s |",
+              "|---|---|---|---|---|"]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(_cell(summaries[k][v], d) for k, d in
+                                               (("final_val_loss", 3), ("max_vio_mean", 3), ("max_vio_worst", 3),
+                                                ("tokens_per_s", 0))) + " |")
+    load = host["load_1min"]
+    shared = ("unknown" if host["shared"] is None else
+              f"{'yes' if host['shared'] else 'no'} (1-minute load average {load[0]:.1f}–{load[1]:.1f} at the end of "
+              f"the runs' training, {host['cpu_threads']} CPU threads per run)")
+    lines += ["", f"- Final val loss: {defs['final_val_loss']}.", f"- MaxVio: {defs['max_vio']}.",
+              f"- Throughput: {defs['tokens_per_s']}; device: {host['device']}; shared with other work: {shared}."]
+    for b in variants[1:]:
+        sp = speed[b]
+        if host["on_cpu"]:
+            what = "indicative only (a CPU, where other work changes the rate from run to run)"
+        else:
+            what = f"measured on {host['device']}"
+        verdict = ("no seed-level interval (fewer than 3 paired seeds), so no verdict" if sp is None else
+                   f"{b} − {reference} = {_interval(sp, 0)} tokens/s over seeds: "
+                   + (f"{b} is {'faster' if sp.mean > 0 else 'slower'}" if sp.excludes_zero else "not resolved"))
+        lines.append(f"- Throughput of {b} against {reference}, {what}: {verdict}.")
+
+    lines += ["", "## What each variant changes", "",
               f"Against the baseline `{matrix.baseline}` (resolved specs compared key by key; `grapefx ablate` "
               "refuses to train when a variant differs anywhere its overlay does not declare; `(absent)`: the "
               "spec has no such key, e.g. an option of a position kind the other spec does not use):", ""]
@@ -336,10 +399,10 @@ def _markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, c
     drift = summaries["grape_m_drift"]
     drift_text = "; ".join(f"{v} {drift[v].mean:.3g} [{drift[v].min:.3g}–{drift[v].max:.3g}]"
                            for v in variants if drift[v] is not None)
-    lines += ["", "## Plots", "",
+    lines += ["", "## Training curves and the GRAPE-M spectrum", "",
               "![validation loss](loss.png)", "",
-              "`loss.png`: the trainer's validation loss during training, one colour per variant: the line is the "
-              "mean over seeds, the band the min–max range.", "",
+              "`loss.png`: the trainer's validation loss during training (the final val loss above), mean over "
+              "seeds, band = min–max.", "",
               "![GRAPE-M spectrum](grape_m_spectrum.png)", "",
               "`grape_m_spectrum.png`: learned GRAPE-M frequencies θ_j = exp(p_j / c) of the final weights against "
               "their RoPE initialisation base^(−2j/D) (top, log scale) and ln(θ_j / θ_j,init) (bottom); geometric "
@@ -347,115 +410,24 @@ def _markdown(matrix, runs, diffs, metrics, summaries, verdicts, per_run, env, c
               + (f" Mean |ln(θ_j / θ_j,init)| over pairs j: {drift_text}." if drift_text else
                  " No variant has GRAPE-M frequencies."), ""]
 
-    lines += ["## Per run", "", "| run | " + " | ".join(m.label for m in metrics) + " |",
-              "|" + "---|" * (len(metrics) + 1)]
+    cols = bands + contexts
+    lines += ["## Per run", "", "| run | " + " | ".join(f"{'band' if q.kind == 'band' else 'pos.'} {q.label}"
+                                                         for q in cols)
+              + " | final val loss | tokens/s |", "|" + "---|" * (len(cols) + 3)]
     order = {v: i for i, v in enumerate(variants)}
     for r in sorted(runs, key=lambda r: (order[r.variant], r.seed)):
-        lines.append(f"| {r.name} | " + " | ".join(_num(per_run[r.name][m.key], m.digits) for m in metrics) + " |")
+        x = per_run[r.name]
+        lines.append(f"| {r.name} | " + " | ".join(_num(x[q.key], 4) for q in cols)
+                     + f" | {_num(x['final_val_loss'], 4)} | {_num(x['tokens_per_s'], 0)} |")
 
-    e, seq_len = matrix.eval, runs[0].spec.data.seq_len
-    bs = e.batch_size or runs[0].spec.train.micro_batch
+    s = record["settings"]
     lines += ["", "## How it was measured", "",
               "- Every run is a normal `grapefx train` run folder under `runs/<variant>-seed<k>/`; runs of one seed "
               "share data order and the initial values of shared parameters (per-name seeded initialisation), and "
               "the specs differ only as listed above.",
-              f"- Final validation loss: the trainer's last evaluation (`train.eval_batches` = "
-              f"{runs[0].spec.train.eval_batches} micro-batches; its validation rows depend on the run's seed).",
-              f"- Validation loss at each context: the final checkpoint in an eager, uncompiled model, on the first "
-              f"{e.batches} batches of {bs} rows of the validation split at each length "
-              f"({', '.join(str(c * seq_len) for c in e.contexts)} tokens), sampler seed {e.seed}: the same rows "
-              "for every run. Token-weighted mean cross-entropy.",
-              f"- MaxVio: (max_i c_i − mean c) / mean c per MoE layer, c = tokens routed to each expert summed over "
-              f"those batches at {e.contexts[0] * seq_len} tokens; mean over layers and the worst layer.",
-              "- Throughput: training tokens over training time of the logged windows after the first (warm-up"
-              f"{' and compilation' if runs[0].spec.compile.enabled else ''}), on {env.get('device', '?')} "
-              f"({env.get('cpu_threads', '?')} CPU threads, torch {env.get('torch', '?')}); it depends on what else "
-              "ran on the machine.",
-              f"- grapefx commit: {env.get('git_commit') or 'unknown'}.", ""]
+              f"- Evaluation: the final checkpoint in an eager, uncompiled model ({record['dtype']} on "
+              f"{record['device']}), one forward pass per batch of {s['batch_size']} rows of {s['length']} tokens; "
+              f"per-token cross-entropy in float32, summed in float64; {len(record['buckets'])} position buckets "
+              f"({s['spacing']} spacing). Each run's `eval.json` holds the per-row values and the rows' offsets.",
+              f"- torch {env.get('torch', '?')}, grapefx commit {env.get('git_commit') or 'unknown'}.", ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- plots
-def _figure(size: tuple[float, float], rows: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=110)
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
-    return fig, axes
-
-
-def _colours(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
-
-
-def _plot_loss(path: Path, variants: list[str], runs: Sequence["Run"], records: Mapping[str, list[dict]]) -> Path:
-    fig, (ax,) = _figure((7.5, 4.2))
-    for v, colour in zip(variants, _colours(len(variants))):
-        curves = [{r["step"]: r["val_loss"] for r in records[run.name] if r.get("kind") == "eval"}
-                  for run in runs if run.variant == v]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if not steps:
-            continue
-        ys = [[c[s] for c in curves] for s in steps]
-        ax.plot(steps, [statistics.fmean(y) for y in ys], color=colour, marker="o", markersize=3,
-                label=f"{v} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})")
-        if len(curves) > 1:
-            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.2, linewidth=0)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("validation loss: mean over seeds, band = min–max", fontsize=10)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def _plot_spectrum(path: Path, variants: list[str], runs: Sequence["Run"], evals: Mapping[str, dict]) -> Path:
-    fig, (top, bottom) = _figure((7.5, 6.5), rows=2)
-    init_drawn = False
-    for v, colour in zip(variants, _colours(len(variants))):
-        per_seed, init = [], None
-        for run in runs:
-            vectors = evals[run.name]["grape_m"] if run.variant == v else []
-            same = [x for x in vectors if x["ln_theta_init"] == vectors[0]["ln_theta_init"]]
-            if same:
-                init = same[0]["ln_theta_init"]
-                per_seed.append([statistics.fmean(col) for col in zip(*(x["ln_theta"] for x in same))])
-        if not per_seed:
-            continue
-        j = list(range(len(init)))
-        if not init_drawn:
-            top.plot(j, [math.exp(x) for x in init], color="black", linestyle="--", label="RoPE init base^(−2j/D)")
-            bottom.axhline(0.0, color="black", linestyle="--", linewidth=1)
-            init_drawn = True
-        mean = [statistics.fmean(col) for col in zip(*per_seed)]                 # ln of the geometric mean over seeds
-        ratio = [[a - b for a, b in zip(s, init)] for s in per_seed]             # per seed, ln(theta / theta_init)
-        top.plot(j, [math.exp(x) for x in mean], color=colour, marker="o", markersize=3, label=v)
-        bottom.plot(j, [a - b for a, b in zip(mean, init)], color=colour, marker="o", markersize=3, label=v)
-        if len(per_seed) > 1:
-            bottom.fill_between(j, [min(col) for col in zip(*ratio)], [max(col) for col in zip(*ratio)],
-                                color=colour, alpha=0.2, linewidth=0)
-    if init_drawn:
-        top.set_yscale("log")
-        top.set_ylabel("θ_j (radians / position)")
-        top.set_title("learned GRAPE-M frequencies vs RoPE initialisation (geometric mean over seeds)", fontsize=10)
-        top.legend(fontsize=8)
-        bottom.set_ylabel("ln(θ_j / θ_j at init)")
-        bottom.set_xlabel("frequency pair j")
-        bottom.legend(fontsize=8)
-        for ax in (top, bottom):
-            ax.grid(alpha=0.3, which="both")
-    else:
-        for ax in (top, bottom):
-            ax.set_axis_off()
-        top.text(0.5, 0.5, "no variant has GRAPE-M frequencies", ha="center", va="center")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path

@@ -28,6 +28,7 @@ GRAPE-M log-frequencies (``spectrum.py``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -171,6 +172,7 @@ def train_and_evaluate(run: Run, matrix: Matrix, command: Sequence[str], device:
         tuple[int, dict | None]:
     """One run, trained (or resumed) and evaluated (or its eval.json reused): (status, record)."""
     status = train(run, command, say, device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None    # the last minute of training (or of nothing)
     if status:
         say(f"{run.name}: stopped (status {status}); run the same command again to continue")
         return status, None
@@ -181,7 +183,8 @@ def train_and_evaluate(run: Run, matrix: Matrix, command: Sequence[str], device:
     length = max(matrix.eval.contexts) * run.spec.data.seq_len
     say(f"{run.name}: scoring every position of {matrix.eval.batches} x {_batch_size(matrix, run)} validation rows "
         f"of {length} tokens with the final weights")
-    record = evaluate_run(run, load_final(run, device), matrix, device)
+    record = {**evaluate_run(run, load_final(run, device), matrix, device),
+              "host": {"load_1min": load, "cpu_count": os.cpu_count()}}
     write_json(run.folder / EVAL_FILE, record)
     plot_record(run.folder / PLOT_FILE, record, run.name)
     return 0, record
