@@ -204,15 +204,24 @@ def _recorded_evals(runs: list[Run], matrix: Matrix) -> dict[str, dict]:
 
 
 def ablate(matrix_path: str | Path, out: str | Path, overrides: Sequence[str] = (), *,
-           command: Sequence[str] = ("grapefx", "ablate"), report_only: bool = False) -> int:
+           command: Sequence[str] = ("grapefx", "ablate"), report_only: bool = False, only: str | None = None,
+           gpus: str | None = None) -> int:
     """Run the whole matrix into ``out`` and write the report; 0 when done, else the failed run's status.
 
     ``report_only``: train and evaluate nothing; rewrite the report from the run folders' records.
+    ``only``: train and evaluate that one run (a name like ``baseline-seed1``), no report.
+    ``gpus``: the runs at the same time, one per GPU (``parallel.py``), then the report.
     """
     from runtime.ablate.report import write_report
 
     matrix, out = load_matrix(matrix_path), Path(out)
     runs, diffs = plan(matrix, out, overrides)
+    if only is not None:
+        chosen = [r for r in runs if r.name == only]
+        if not chosen:
+            raise GrapefxError(f"--run: {only!r} is not a run of {matrix.file}; its runs are "
+                               f"{', '.join(r.name for r in runs)}")
+        return train_and_evaluate(chosen[0], matrix, command, pick_device())[0]
     if report_only:
         for path in write_report(out, matrix, runs, diffs, _recorded_evals(runs, matrix), command):
             print(f"wrote {path}")
@@ -224,12 +233,24 @@ def ablate(matrix_path: str | Path, out: str | Path, overrides: Sequence[str] = 
     for v in matrix.variants:
         changes = ", ".join(str(c) for c in diffs[v.name]) or "none (the baseline)"
         print(f"  {v.name}: {changes}")
-    device, evals = pick_device(), {}
-    for i, run in enumerate(runs, 1):
-        say = lambda message, i=i: print(f"[{i}/{len(runs)}] {message}", flush=True)  # noqa: E731
-        status, evals[run.name] = train_and_evaluate(run, matrix, command, device, say)
+    if gpus is not None:
+        from runtime.ablate.parallel import launch, parse_gpus, schedule
+
+        devices = parse_gpus(gpus, torch.cuda.device_count())
+        print(f"running {len(runs)} runs on GPU{'s' * (len(devices) > 1)} {', '.join(devices)}, one per GPU at a time "
+              "(each run's output: its folder's ablate.log)", flush=True)
+        status = schedule(runs, devices, launch(str(matrix_path), out, overrides),
+                          say=lambda m: print(m, flush=True))
         if status:
             return status
+        evals = _recorded_evals(runs, matrix)
+    else:
+        device, evals = pick_device(), {}
+        for i, run in enumerate(runs, 1):
+            say = lambda message, i=i: print(f"[{i}/{len(runs)}] {message}", flush=True)  # noqa: E731
+            status, evals[run.name] = train_and_evaluate(run, matrix, command, device, say)
+            if status:
+                return status
     for path in write_report(out, matrix, runs, diffs, evals, command):
         print(f"wrote {path}")
     return 0
