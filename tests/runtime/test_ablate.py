@@ -292,7 +292,7 @@ def test_ablation_tiny_example_runs_resumes_and_reports(tmp_path, corpus, capsys
     assert "| baseline | 3 |" in md and "| nope-global | 3 |" in md and "| nope-global-seed3 |" in md
     assert "## Paired differences: nope-global − baseline" in md and "| band [64, 128) |" in md
     report = json.loads((out / "report.json").read_text())
-    assert report["eval"] == {"contexts": [1, 2, 4], "batches": 2, "batch_size": 1, "seed": 0, "buckets": 48,
+    assert report["eval"] == {"contexts": [1, 2, 4], "batches": 8, "batch_size": 1, "seed": 0, "buckets": 48,
                               "spacing": "log", "seq_len": 32, "length": 128}
     assert report["paired"]["nope-global"]["loss_4x"]["seeds"]["n"] == 3
     theta = json.loads((out / "runs" / "baseline-seed1" / "eval.json").read_text())["grape_m"][0]
