@@ -222,7 +222,9 @@ def ablate(matrix_path: str | Path, out: str | Path, overrides: Sequence[str] = 
             raise GrapefxError(f"--run: {only!r} is not a run of {matrix.file}; its runs are "
                                f"{', '.join(r.name for r in runs)}")
         return train_and_evaluate(chosen[0], matrix, command, pick_device())[0]
-    if report_only:
+    if report_only:                        # the report shows the command that trained the runs (env.json)
+        env = runs[0].folder / "env.json"
+        command = (json.loads(env.read_text()).get("command") if env.is_file() else None) or command
         for path in write_report(out, matrix, runs, diffs, _recorded_evals(runs, matrix), command):
             print(f"wrote {path}")
         return 0

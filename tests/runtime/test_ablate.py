@@ -311,3 +311,12 @@ def test_ablation_tiny_example_runs_resumes_and_reports(tmp_path, corpus, capsys
     assert finished.stat().st_mtime_ns == stamp
     assert [r["step"] for r in read_metrics(last) if r["kind"] == "train"] == [2]    # log_every 10: the last step
     assert (last / "eval.json").is_file()
+
+    # --report-only: the report again from the run folders alone, showing the command that trained them
+    (out / "report.md").unlink()
+    assert main(args + ["--report-only"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Paired differences: nope-global − baseline" in md and " --report-only" not in md
+    (last / "eval.json").unlink()
+    assert main(args + ["--report-only"]) == 2
+    assert "nope-global-seed3/eval.json: missing, or written for other evaluation settings" in capsys.readouterr().err
