@@ -139,7 +139,9 @@ def _host(runs: Sequence[Run], evals: Mapping[str, dict], env: dict) -> dict:
     threads = env.get("cpu_threads")
     device = env.get("device") or "an unrecorded device"
     on_cpu = device == "cpu"
-    shared = None if not loads or threads is None else max(loads) > (threads if on_cpu else 1) + 1
+    # on a CPU the run's own threads make a load of about `threads`; more is other work. The load says nothing
+    # about who else used a GPU, so there it stays unknown.
+    shared = None if not loads or threads is None or not on_cpu else max(loads) > threads + 1
     return {"device": device, "on_cpu": on_cpu, "cpu_threads": threads, "load_1min": [min(loads), max(loads)]
             if loads else None, "shared": shared}
 
@@ -368,9 +370,10 @@ def _markdown(matrix, runs, diffs, evals, qs, summaries, pairs, speed, per_run, 
                                                (("final_val_loss", 3), ("max_vio_mean", 3), ("max_vio_worst", 3),
                                                 ("tokens_per_s", 0))) + " |")
     load = host["load_1min"]
-    shared = ("unknown" if host["shared"] is None else
+    shared = ("not known (a load average does not show other users of a GPU)" if not host["on_cpu"] else
+              "not recorded" if host["shared"] is None else
               f"{'yes' if host['shared'] else 'no'} (1-minute load average {load[0]:.1f}–{load[1]:.1f} at the end of "
-              f"the runs' training, {host['cpu_threads']} CPU threads per run)")
+              f"the runs' training, {_count(host['cpu_threads'], 'CPU thread')} per run)")
     lines += ["", f"- Final val loss: {defs['final_val_loss']}.", f"- MaxVio: {defs['max_vio']}.",
               f"- Throughput: {defs['tokens_per_s']}; device: {host['device']}; shared with other work: {shared}."]
     for b in variants[1:]:
