@@ -6,21 +6,29 @@ import textwrap
 
 from tabulate import tabulate
 
-from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
+from typing import Any
+
+from spec.convert import to_dict
+from spec.derive import (
+    TRAIN_STATE_BYTES_PER_PARAM,
+    AttentionCost,
+    attention_costs,
+    flops_per_token,
+    kv_cache,
+    layers,
+    param_counts,
+)
 from spec.load import dump_spec
 from spec.schema import Spec
 
 __all__ = ["describe_text", "summary_line", "human"]
 
-# fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
-TRAIN_STATE_BYTES_PER_PARAM = 16
-
 
 def human(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M'; bytes with unit 'B' use binary prefixes (KiB, MiB, GiB)."""
     if unit == "B":
-        for p in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(n) < 1024 or p == "TiB":
+        for p in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+            if abs(n) < 1024 or p == "EiB":
                 return f"{n:.0f} {p}" if p == "B" else f"{n:.2f} {p}"
             n /= 1024
     for p, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -38,7 +46,8 @@ def summary_line(spec: Spec) -> str:
         shared = f" + {m.shared_experts} shared" if m.shared_experts else ""
         parts.append(f"MoE {m.experts} experts top-{m.top_k}{shared}")
     pc = param_counts(spec)
-    parts.append(f"{human(pc.total)} params, {human(pc.active)} active")
+    parts.append(f"{human(pc.total)} params, {human(pc.active)} active; training state "
+                 f"{human(pc.total * TRAIN_STATE_BYTES_PER_PARAM, 'B')}")
     return "; ".join(parts)
 
 
@@ -86,13 +95,38 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
     out += ["", f"KV cache at context {kv.context} ({dtype}): {kv.bytes_per_token:,.1f} B/token amortised, "
                 f"{human(kv.total_bytes, 'B')} per sequence (local layers keep min(W, context) tokens)"]
     if spec.moe is not None:
-        r = spec.moe.router
-        out += ["", f"router: {r.score_function} scores, top-{spec.moe.top_k}"
-                    + (f" in {r.group_topk} of {r.num_groups} groups" if r.num_groups > 1 else "")
-                    + f", load balancing {r.load_balancing}"
-                    + (f" (coeff {r.aux_coeff:g})" if r.load_balancing != "none" else "")
-                    + (f", expert bias on (rate {r.bias_update_rate:g}"
-                       + (", centred" if r.bias_centering else "") + ")" if r.expert_bias else ", no expert bias")
-                    + f", gate scaling {r.topk_scaling_factor:g}, {r.dtype}"]
+        out += ["", spec.moe.router.summary(spec.moe.top_k)]
     out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
     return "\n".join(out)
+
+
+def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
+    """The ``grapefx describe --json`` document: everything the text shows. Keys: name, summary, layers (with
+    each layer's KV tokens and bytes), params (total, active, groups), training_state_bytes, flops_per_token,
+    flops (its terms, the context T and the convention), kv_cache_bytes_per_token, kv_cache (context, total),
+    router, attention (per layer kind, with GQA beside TPA) and spec (the resolved spec)."""
+    pc, fl, kv = param_counts(spec), flops_per_token(spec), kv_cache(spec, context)
+    return {
+        "name": spec.name,
+        "summary": summary_line(spec),
+        "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
+                        rotary=r.rotary, additive_bias=r.additive_bias, ffn=r.ffn, kv_tokens=c.tokens,
+                        kv_bytes=c.bytes) for r, c in zip(layers(spec), kv.layers, strict=True)],
+        "params": {"total": pc.total, "active": pc.active, "groups": dict(pc.groups)},
+        "training_state_bytes": pc.total * TRAIN_STATE_BYTES_PER_PARAM,
+        "flops_per_token": fl.per_token,
+        "flops": {"matmul_params": fl.matmul_params, "attention": fl.attention, "tpa_contraction": fl.tpa_contraction,
+                  "seq_len": spec.data.seq_len, "convention": fl.convention},
+        "kv_cache_bytes_per_token": kv.bytes_per_token,
+        "kv_cache": {"context": kv.context, "total_bytes": kv.total_bytes, "dtype": spec.precision.compute},
+        "router": to_dict(spec.moe.router) if spec.moe is not None else None,
+        "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
+        "spec": to_dict(spec),
+    }
+
+
+def _cost_dict(a: AttentionCost) -> dict[str, Any]:
+    """One layer kind's attention cost, with GQA's beside it for TPA (``gqa``: None for GQA itself)."""
+    def plain(c: AttentionCost) -> dict[str, int]:
+        return {"params_per_layer": c.params_per_layer, "kv_bytes_per_cached_token": c.kv_bytes_per_cached_token}
+    return {"mechanism": a.mechanism, **plain(a), "gqa": None if a.gqa is None else plain(a.gqa)}
