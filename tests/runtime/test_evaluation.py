@@ -138,6 +138,18 @@ def test_eval_on_a_named_text_source(trained_run, tmp_path, corpus, capsys):
     assert record["data"]["label"].endswith("corpus.jsonl (60 documents)") and record["data"]["rows_used"] == 3
 
 
+def test_eval_on_a_megatron_prefix_scores_its_rows(trained_run, tmp_path):
+    from runtime.data import write_indexed_dataset
+
+    docs = [np.arange(k, k + 40, dtype=np.uint16) % 256 for k in range(3)]          # 120 tokens: 3 rows of 32 (+1)
+    write_indexed_dataset(tmp_path / "mg", docs, np.dtype(np.uint16))
+    out = tmp_path / "eval"
+    assert main(["eval", str(trained_run), "--data", str(tmp_path / "mg"), "--contexts", "2", "--batches", "1",
+                 "--batch-size", "3", "--out", str(out)]) == 0
+    record = json.loads((out / "eval.json").read_text())
+    assert sorted(record["data"]["rows"]) == [[0, 0], [0, 32], [0, 64]] and record["data"]["rows_available"] == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--contexts", "0,2"], "--contexts: 0,2: every context must be >= 1"),
     (["--contexts", "1,x"], "--contexts: '1,x' is not a list of whole numbers; write e.g. 1,2,4,8"),
