@@ -65,16 +65,19 @@ from spec.errors import GrapefxError, SpecError
 __all__ = ["Run", "ablate", "plan", "evaluate_run", "load_final", "EVAL_FILE"]
 
 
-def plan(matrix: Matrix, out: Path, overrides: Sequence[str] = ()) -> tuple[list[Run], dict[str, list[Change]]]:
+def plan(matrix: Matrix, out: Path, overrides: Sequence[str] = (), *, check_saved: bool = True) -> \
+        tuple[list[Run], dict[str, list[Change]]]:
     """Every run of the matrix and each variant's changes; checks fairness and earlier run folders.
 
     Runs are ordered seed by seed (all variants of the first seed, then the next seed), so an
-    ablation stopped half-way already holds complete paired comparisons.
+    ablation stopped half-way already holds complete paired comparisons. ``check_saved=False``
+    (``--report-only``, which trains nothing) accepts run folders whose saved spec differs, e.g.
+    written by a grapefx version whose specs had fewer keys.
     """
     diffs = check_variants(matrix, overrides)
     runs = [Run(v.name, k, run_spec(matrix, v, k, overrides), out / "runs" / run_name(v.name, k))
             for k in matrix.seeds for v in matrix.variants]
-    for run in runs:
+    for run in runs if check_saved else []:
         saved = run.folder / "spec.resolved.yaml"
         if saved.is_file():
             changes = saved_spec_changes(saved.read_text(), run.spec, str(saved))
@@ -215,7 +218,7 @@ def ablate(matrix_path: str | Path, out: str | Path, overrides: Sequence[str] = 
     from runtime.ablate.report import write_report
 
     matrix, out = load_matrix(matrix_path), Path(out)
-    runs, diffs = plan(matrix, out, overrides)
+    runs, diffs = plan(matrix, out, overrides, check_saved=not report_only)
     if only is not None:
         chosen = [r for r in runs if r.name == only]
         if not chosen:
