@@ -221,13 +221,28 @@ class Source:
     path: str = f("builtin:shakespeare", "builtin:shakespeare, a text file, a folder of .txt, a .jsonl (text field) "
                                          "or a Megatron indexed-dataset prefix (PREFIX.bin + PREFIX.idx)")
     weight: float = f(1.0, "blend weight (as Megatron's --data-path w1 p1 w2 p2)")
+    split: Literal["auto", "documents", "tail", "paragraphs", "separator", "chunks"] = f(
+        "auto", "how the validation split is taken from this source: documents (hold out whole documents), tail "
+                "(hold out the last valid_fraction of its text or tokens, in order), or cut a text source into "
+                "documents first: paragraphs (at blank lines), separator (at each `separator`), chunks (every "
+                "`chunk_chars` characters); auto = tail for a source of one document (a single text file), "
+                "documents otherwise")
+    separator: str | None = f(None, "the text between documents, for split: separator (e.g. \"<|endoftext|>\")")
+    chunk_chars: int | None = f(None, "characters per document, for split: chunks (e.g. 4096)")
 
 
 @dataclass(**_frozen)
 class Tokenizer:
-    kind: Literal["byte", "bpe"] = f("byte", "byte-level (256 ids + end-of-document) or a BPE trained locally")
+    kind: Literal["byte", "bpe", "pretokenized"] = f(
+        "byte", "byte-level (256 ids + end-of-document), a BPE (trained locally, or any tokenizer.json given as "
+                "path), or pretokenized: the sources are Megatron .bin/.idx token ids and the vocabulary is "
+                "model.vocab_size")
     vocab_size: int | None = f(None, "BPE vocabulary size to train (bpe only)")
-    path: str | None = f(None, "an existing tokenizer.json to use instead of training one (bpe only)")
+    path: str | None = f(None, "an existing tokenizer.json to use instead of training one, e.g. a Hugging Face "
+                               "model's (bpe only)")
+    eod_id: int | None = f(None, "pretokenized only: the end-of-document id of the tokenizer that made the data "
+                                 "(appended to documents that lack it; generation starts after it and stops at "
+                                 "it); null = documents are used as stored")
 
 
 @dataclass(**_frozen)

@@ -264,11 +264,27 @@ class _Checker:
             if not src.path:
                 self.err(p + ("sources", i, "path"), "empty path; give a file, a folder or builtin:shakespeare")
             self.positive(src, "weight", p + ("sources", i), "the blend weight")
+            self._split_rule(src, p + ("sources", i))
         if not 0 <= d.valid_fraction < 1:
             self.err(p + ("valid_fraction",), f"{d.valid_fraction} is not a fraction of documents: use 0 <= "
                                               "valid_fraction < 1 (0.01 = 1%)")
         t, tp = d.tokenizer, p + ("tokenizer",)
-        if t.kind == "byte":
+        if t.kind != "pretokenized" and t.eod_id is not None:
+            self.err(tp + ("eod_id",), f"eod_id applies to kind: pretokenized only; the {t.kind} tokenizer has its own "
+                                       "end-of-document id: delete it")
+        if t.kind == "pretokenized":
+            if t.vocab_size is not None:
+                self.err(tp + ("vocab_size",), "pretokenized data takes its vocabulary from model.vocab_size (every id "
+                                               "must be below it): delete data.tokenizer.vocab_size and set "
+                                               "model.vocab_size")
+            if t.path is not None:
+                self.err(tp + ("path",), "a tokenizer.json makes the data kind: bpe (its vocabulary checks the ids and "
+                                         "generation can read text): set kind: bpe, or delete path")
+            if t.eod_id is not None and not 0 <= t.eod_id < s.model.vocab_size:
+                self.err(tp + ("eod_id",), f"{t.eod_id} is not an id of the {s.model.vocab_size}-id vocabulary: use "
+                                           f"0 <= eod_id < model.vocab_size, or null when the data has no "
+                                           "end-of-document id")
+        elif t.kind == "byte":
             for k in ("vocab_size", "path"):
                 if getattr(t, k) is not None:
                     self.err(tp + (k,), f"{k} applies to kind: bpe only; the byte tokenizer is fixed "
@@ -288,6 +304,22 @@ class _Checker:
             elif t.vocab_size is not None and s.model.vocab_size < t.vocab_size:
                 self.err(("model", "vocab_size"), f"{s.model.vocab_size} is smaller than the tokenizer's "
                                                   f"{t.vocab_size} ids: set model.vocab_size >= {t.vocab_size}")
+
+    def _split_rule(self, src, path: tuple) -> None:
+        """separator goes with split: separator, chunk_chars with split: chunks, and each needs a value there."""
+        if src.split == "separator" and not src.separator:
+            self.err(path + ("separator",), "split: separator needs the text between documents, e.g. separator: "
+                                            "\"<|endoftext|>\" (or use split: paragraphs to cut at blank lines)")
+        elif src.split != "separator" and src.separator is not None:
+            self.err(path + ("separator",), f"separator applies to split: separator only (this source has split: "
+                                            f"{src.split}): delete it or set split: separator")
+        if src.split == "chunks":
+            if src.chunk_chars is None or src.chunk_chars < 1:
+                self.err(path + ("chunk_chars",), f"split: chunks needs chunk_chars >= 1 (got {src.chunk_chars}), "
+                                                  "the characters per document, e.g. 4096")
+        elif src.chunk_chars is not None:
+            self.err(path + ("chunk_chars",), f"chunk_chars applies to split: chunks only (this source has split: "
+                                              f"{src.split}): delete it or set split: chunks")
 
     def train(self) -> None:
         t, p = self.spec.train, ("train",)
