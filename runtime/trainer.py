@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from runtime.balance import ExpertBalancer
 from runtime.build import build_model, cuda_graphs
 from runtime.checkpoint import Checkpointer
+from runtime.console import device_text, start_summary
 from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
 from runtime.distributed import DataParallel, grad_norm
@@ -103,6 +104,7 @@ class Trainer:
         seed_all(t.seed)
         self.data = self._prepare_data()
         self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
+        self.eval_rows = self._eval_rows()
         self.parallel = DataParallel(spec.parallel.data, world, self.device)
         # _graph_outputs: outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
         build_spec, self._graph_outputs, graphs_off = cuda_graphs(spec, self.device, world.size)
@@ -121,9 +123,15 @@ class Trainer:
         if world.coordinator:
             record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak,
                        passes=self.build_report.passes_dict())
-        self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty)
+        self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty,
+                                     peak_label=self.peak.label)
         self._stop_requested = False
         r = self.build_report
+        if world.coordinator:
+            self.metrics.console.lines(start_summary(
+                spec, self.data, device=device_text(self.device), peak=self.peak, ranks=world.size, run_dir=self.run_dir,
+                compiled=r.compiled, start_step=self.step, eval_tokens=self.eval_rows * spec.data.seq_len))
+            self._note_small_validation()
         if r.compiled:   # the first step (and the first evaluation, under no_grad) waits for Inductor
             self._say(f"compiling {len(r.groups)} distinct block graph{'s' if len(r.groups) != 1 else ''} and the "
                       f"head with Inductor ({r.compute_dtype}) on the first step; a cold compile takes about a "
@@ -137,6 +145,22 @@ class Trainer:
             data = prepare(self.spec, progress=True)
         self.world.barrier()
         return data if self.world.coordinator else prepare(self.spec, progress=False)
+
+    def _eval_rows(self) -> int:
+        """Rows per evaluation: train.eval_batches x micro_batch, or every row of the validation split
+        once when it holds fewer (rows are never repeated within an evaluation)."""
+        t = self.spec.train
+        distinct = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed).distinct_rows
+        return min(t.eval_batches * t.micro_batch, distinct)
+
+    def _note_small_validation(self) -> None:
+        t, T = self.spec.train, self.spec.data.seq_len
+        asked = t.eval_batches * t.micro_batch
+        if self.eval_rows < asked:
+            self._say(f"note: the validation split has {self.eval_rows} rows of {T} tokens without repeating any "
+                      f"({self.eval_rows * T:,} tokens), fewer than train.eval_batches x micro_batch = {asked} rows: "
+                      f"each evaluation uses those {self.eval_rows} rows once. For more, raise "
+                      "data.valid_fraction (or add validation text)")
 
     def _say(self, message: str) -> None:
         if self.world.coordinator:
@@ -245,32 +269,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation cross-entropy and MaxVio over ``train.eval_batches`` fixed micro-batches.
+        """Validation cross-entropy and MaxVio over the first ``self.eval_rows`` rows of the validation order.
 
-        The batches are the first ``eval_batches`` of a fresh validation sampler seeded with
-        ``train.seed``: the same batches at every evaluation, and the training sampler is untouched.
-        Counts here feed the metric only, never the expert bias. With W ranks, rank r evaluates
-        batches r, r + W, ... of that same list, so the result does not depend on W; when W does
-        not divide ``eval_batches``, the ranks left without one in the last round run a batch past
-        the list and drop it (FSDP2's all-gathers need every rank in every forward).
+        That is ``train.eval_batches`` micro-batches, or every row of a smaller validation split once
+        (``_eval_rows``; the rows of the last micro-batch past the list get no targets, so shapes stay
+        fixed). The rows come from a fresh validation sampler seeded with ``train.seed``: the same at
+        every evaluation, and the training sampler is untouched. Counts here feed the metric only,
+        never the expert bias (MaxVio counts every row of a padded last micro-batch). With W ranks,
+        rank r evaluates micro-batches r, r + W, ... of that same list, so the result does not depend
+        on W; ranks left without one in the last round run a micro-batch past the list and drop it
+        (FSDP2's all-gathers need every rank in every forward).
         """
         t, W, rank = self.spec.train, self.world.size, self.world.rank
-        sampler = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed)   # one list for any W
+        B, rows = t.micro_batch, self.eval_rows
+        batches = -(-rows // B)
+        sampler = Sampler(self.data.valid, self.spec.data.seq_len, B, t.seed)   # one list for any W
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         counts = None
         self.model.eval()
         try:
-            for j in range(-(-t.eval_batches // W) * W):
+            for j in range(-(-batches // W) * W):
                 x, y = sampler.next_batch()                                    # micro-batch j of the list
                 if j % W != rank:
                     continue
+                y[max(0, rows - j * B):] = -100                               # rows past the list: no targets
+                n = int((y != -100).sum())
                 y = y.to(self.device)
                 self._new_graph_step()
                 out = self.model(x.to(self.device), y)
-                if j >= t.eval_batches:
+                if n == 0:
                     continue
-                n = (y != -100).sum()
                 loss_sum += out.ce_loss.double() * n
                 tokens += n
                 if out.counts is not None:     # a copy: the next forward may reuse the output's memory
