@@ -55,7 +55,8 @@ from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
 from runtime.distributed import DataParallel, grad_norm
 from runtime.metrics import MetricsLogger, plot_loss
-from runtime.optim import build_optimizer, build_scheduler
+from runtime.optim import build_optimizer, build_scheduler, lr_factor
+from runtime.resume import resume_note, spec_changes
 from runtime.rng import rng_state, seed_all, set_rng_state
 from runtime.run_folder import record_run
 from runtime.world import World
@@ -354,9 +355,22 @@ class Trainer:
         set_rng_state(tensors["rng"], state["rng"], self.device)
         self.step, self.tokens = state["step"], state["tokens"]
         if state["spec"] != dump_spec(self.spec):
-            self._say(f"note: the spec differs from the one {path.name} was trained with (see its state.json); "
-                      "continuing with the new one")
+            old_lr = self.optimizer.param_groups[0]["lr"]
+            self._adopt_optimizer_settings()
+            self._say(resume_note(path.name, spec_changes(state["spec"], dump_spec(self.spec)), self.step, old_lr,
+                                  self.optimizer.param_groups[0]["lr"]))
         self._say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+
+    def _adopt_optimizer_settings(self) -> None:
+        """After resuming with a changed spec: its lr schedule, betas, eps and weight decay apply from the
+        next step (the checkpoint's param groups carry the old ones; ``runtime.resume``)."""
+        t = self.spec.train
+        o, peak = t.optimizer, t.optimizer.lr
+        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
+        for g in self.optimizer.param_groups:
+            g.update(initial_lr=peak, lr=peak * lr_factor(self.step, t.schedule, t.steps), betas=tuple(o.betas),
+                     eps=o.eps, weight_decay=o.weight_decay if g["name"] == "decay" else 0.0)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ failures
     def _non_finite_message(self, step: int, loss: float, grad_norm: float) -> str:
