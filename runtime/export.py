@@ -78,6 +78,9 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "fp32") -> Exported
     tmp.mkdir(parents=True)
     save_file(_stored(trained.model.state_dict(), dtype), tmp / "model.safetensors",
               metadata={"format": "grapefx", "dtype": dtype})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)    # safetensors writes 0600; give it the user's umask
     (tmp / "spec.yaml").write_text(dump_spec(spec))
     tok_file = None
     if tok.kind == "bpe":

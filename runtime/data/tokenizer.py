@@ -84,16 +84,17 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
+    def load(cls, path: str | Path, key: str = "data.tokenizer.path") -> BPETokenizer:
+        """A tokenizer.json; `key` is the setting that named it (for messages)."""
         from tokenizers import Tokenizer
 
         path = Path(path).expanduser()
         if not path.is_file():
-            raise DataError(f"data.tokenizer.path: {path} does not exist (expected a tokenizer.json)")
+            raise DataError(f"{key}: {path} does not exist (expected a tokenizer.json)")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on malformed JSON
-            raise DataError(f"data.tokenizer.path: {path} is not a readable tokenizer.json ({e})") from e
+            raise DataError(f"{key}: {path} is not a readable tokenizer.json ({e})") from e
         return cls(tok, source=str(path))
 
     def save(self, path: str | Path) -> None:

@@ -1,6 +1,7 @@
 """The MFU peak table, memory, the loss plot (the terminal lines: test_console.py)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -37,3 +38,18 @@ def test_loss_plot_from_metrics_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = plot_loss(tmp_path)
     assert out == tmp_path / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_events_are_written_or_their_absence_said_once(tmp_path, monkeypatch, capsys):
+    from runtime.metrics import MetricsLogger
+
+    (tmp_path / "a").mkdir()
+    MetricsLogger(tmp_path / "a", 10, tty=False).close()
+    assert list((tmp_path / "a" / "tb").iterdir())           # a base dependency: events by default
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if it could not be imported
+    (tmp_path / "b").mkdir()
+    MetricsLogger(tmp_path / "b", 10, tty=False).close()
+    out = capsys.readouterr().out
+    assert out.count("note: no TensorBoard events") == 1
+    assert f"`pip install tensorboard` writes them to {tmp_path / 'b' / 'tb'} on the next run" in out
+    assert not (tmp_path / "b" / "tb").exists()
