@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.attention import weight
 from compiler.lower.builder import GraphBuilder
+from compiler.lower.common import weight
 from compiler.lower.init import Initializer
 from spec.schema import MoE
 
