@@ -31,8 +31,9 @@ def test_the_data_summary_says_which_rule_was_used(tmp_path, capsys):
     spec.write_text(f"data: {{sources: [{{path: {tmp_path / 'input.txt'}}}], cache_dir: {tmp_path / 'c'}, "
                     "seq_len: 64, valid_fraction: 0.1}\nattention: {local: {window: 32}}\n")
     assert main(["data", "prepare", str(spec)]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "validation = the last 10% of the text in order: 216 of 2,160 characters (split: tail)" in err
+    assert f"split:     {tmp_path / 'input.txt'}: validation = the last 10% of the text in order" in out
 
 
 def test_cutting_rules():
