@@ -17,8 +17,10 @@ def test_exported_weights_follow_the_umask(tiny_spec, tmp_path):
         export(run, tmp_path / "a")
         os.umask(0o022)
         export(run, tmp_path / "b")
+        export(run, tmp_path / "c", format="hf")
     finally:
         os.umask(before)
     assert stat.S_IMODE((tmp_path / "a" / "model.safetensors").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "b" / "model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "c" / "model.safetensors").stat().st_mode) == 0o644    # the HF folder too
