@@ -9,14 +9,14 @@ from runtime.cli import main
 from runtime.data import write_indexed_dataset
 from spec import spec_from_dict
 from trainer_testing import train
-from conftest import WORDS
 
 
 def test_pretokenized_run_generates_ids_or_text_with_a_tokenizer_file(tiny_dict, corpus, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"</s>": 0, **{w: i + 1 for i, w in enumerate(sorted(set(WORDS)))}}
     docs = [json.loads(line)["text"].rstrip(".").split() for line in (corpus / "corpus.jsonl").read_text().splitlines()]
+    words = sorted({w for d in docs for w in d})
+    vocab = {"</s>": 0, **{w: i + 1 for i, w in enumerate(words)}}
     write_indexed_dataset(tmp_path / "ids", [np.array([vocab[w] for w in d] + [0]) for d in docs], np.uint16)
     hf = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -37,7 +37,7 @@ def test_pretokenized_run_generates_ids_or_text_with_a_tokenizer_file(tiny_dict,
     assert main(["generate", str(run), "--tokenizer", str(tmp_path / "tokenizer.json"), "--prompt", "the quick",
                  "--tokens", "6", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("the quick") and set(out.removeprefix("the quick").split()) <= set(WORDS)
+    assert out.startswith("the quick") and set(out.removeprefix("the quick").split()) <= set(words)
     assert main(["generate", str(run), "--tokenizer", str(tmp_path / "none.json")]) == 2
     assert "--tokenizer: " in capsys.readouterr().err
 
