@@ -46,6 +46,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from compiler.lower import GrapeModel, lower
+from compiler.lower.ffn import ExpertGroup
 from compiler.passes import PassReport, PassResult, apply_passes, layers_text
 from compiler.passes.linear_cross_entropy import fuse_head
 from spec.schema import Spec
@@ -251,7 +252,8 @@ class BuildReport:
 
 def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
                 passes: Sequence[str] | None = None, keep_lowered: bool = False,
-                shard: Callable[[GrapeModel], None] | None = None) -> tuple[GrapeModel, BuildReport]:
+                shard: Callable[[GrapeModel], None] | None = None,
+                experts: ExpertGroup = ExpertGroup()) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
@@ -259,10 +261,11 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     block graphs as lowered (before the passes; they share the model's parameters) for dumps.
     ``shard``: applied to the model on ``device`` before compiling (FSDP2 ``fully_shard`` per block,
     ``runtime.distributed``): blocks are compiled after wrapping, as PyTorch recommends.
+    ``experts``: this process's expert group under expert parallelism (``compiler.lower.ffn``).
     """
     device = torch.device(device)
     cd = compute_dtype(spec, device)
-    model = lower(spec, dtype=cd)
+    model = lower(spec, dtype=cd, experts=experts)
     lowered = None
     if keep_lowered:
         lowered = [fx.GraphModule(layer, copy.deepcopy(layer.graph), class_name=type(layer).__name__)

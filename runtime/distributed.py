@@ -41,10 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from compiler.lower.ffn import ExpertGroup
 from runtime.world import World
 from spec.errors import GrapefxError
+from spec.schema import Parallel as ParallelSpec
 
-__all__ = ["launched_by_torchrun", "process_group", "DataParallel", "grad_norm"]
+__all__ = ["launched_by_torchrun", "process_group", "Parallel", "grad_norm", "is_expert"]
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -92,34 +94,73 @@ def process_group(device_type: str | None = None) -> Iterator[tuple[World, torch
         dist.destroy_process_group()
 
 
-class DataParallel:
-    """How the model is spread over the ranks of ``world``: not at all (one rank), DDP or FSDP2.
+EXPERT_WEIGHTS = ".moe.experts."    # state-dict keys of the routed experts' weights contain this
 
-    ``shard(model)`` (FSDP2, in place) runs inside ``build_model`` before compiling; ``ddp(model)``
-    returns the DDP wrapper the training forward calls (None without DDP); the model the trainer
-    keeps for the optimizer, the balancer, evaluation and state dicts is the unwrapped one.
+
+def is_expert(name: str) -> bool:
+    """Whether parameter ``name`` (a state-dict key) is a routed expert's weight stack."""
+    return EXPERT_WEIGHTS in f".{name}"
+
+
+class Parallel:
+    """How the model is spread over the ranks of ``world`` (``spec.parallel``): data x expert.
+
+    The mesh is (D, E) with dimension names ("data", "expert"), D = W / E, rank = d * E + e: an
+    expert group is E consecutive ranks (one machine's GPUs first). ``expert_group`` is what the
+    lowering needs (``compiler.lower.ffn.ExpertGroup``: the expert dimension's process group and
+    rank e). Non-expert parameters: DDP or FSDP2 over all W ranks (``shard``, ``ddp``); expert
+    parameters: each rank holds its group's X/E experts, replicated over the D ranks that hold
+    the same ones, outside DDP / FSDP2 (DDP ignores them, FSDP2 is given them as
+    ``ignored_params``); ``reduce_expert_grads`` sums their gradients over the data dimension
+    and divides by W, as the wrappers do for the rest (see the module docstring's loss weights).
     """
 
-    def __init__(self, kind: Literal["ddp", "fsdp"], world: World, device: torch.device):
-        self.kind = kind if world.size > 1 else None
-        self.world, self.device = world, device
+    def __init__(self, parallel: ParallelSpec, world: World, device: torch.device):
+        E = parallel.expert
+        if world.size % E:
+            raise GrapefxError(f"parallel.expert: {E} does not divide the {world.size} rank{'s' if world.size > 1 else ''} "
+                               f"of this run: each of the W / E data-parallel replicas holds the experts split over E "
+                               f"ranks; launch a multiple of {E} processes (--nproc) or lower parallel.expert")
+        self.kind = parallel.data if world.size > 1 else None
+        self.world, self.device, self.expert = world, device, E
+        self.mesh = self.data_group = None
+        self.expert_group = ExpertGroup()
+        if E > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(device.type, (world.size // E, E), mesh_dim_names=("data", "expert"))
+            group = self.mesh.get_group("expert")
+            self.expert_group = ExpertGroup(group.group_name, dist.get_rank(group))
+            self.data_group = self.mesh.get_group("data") if world.size > E else None
+
+    def experts_of(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The routed experts' parameters when they are split over ranks (empty otherwise)."""
+        return [(n, p) for n, p in model.named_parameters() if is_expert(n)] if self.expert > 1 else []
 
     def shard(self, model: nn.Module) -> None:
-        """FSDP2: ``fully_shard`` each block, the embedding and the head (untied), then the root."""
+        """FSDP2: ``fully_shard`` each block, the embedding and the head (untied), then the root.
+
+        Each block is all-gathered when the one before it starts (forward) or the one after it
+        (backward): explicit prefetch, one block ahead, so the gather overlaps compute. The last
+        block stays gathered after the forward: the backward starts with it.
+        """
         if self.kind != "fsdp":
             return
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world.size,))
-        last = len(model.layers) - 1
-        for i, layer in enumerate(model.layers):
-            # the last block runs first in backward: keeping it gathered saves one all-gather
-            fully_shard(layer, mesh=mesh, reshard_after_forward=i < last)
+        ignored = {p for _, p in self.experts_of(model)}
+        layers, last = list(model.layers), len(model.layers) - 1
+        for i, layer in enumerate(layers):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=i < last, ignored_params=ignored or None)
+        for a, b in zip(layers, layers[1:]):
+            a.set_modules_to_forward_prefetch([b])
+            b.set_modules_to_backward_prefetch([a])
         if not model.spec.model.tied_embeddings:
             fully_shard(model.embed, mesh=mesh)
             fully_shard(model.head, mesh=mesh, reshard_after_forward=False)
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, mesh=mesh, ignored_params=ignored or None)
 
     def ddp(self, model: nn.Module) -> nn.Module | None:
         if self.kind != "ddp":
@@ -137,12 +178,84 @@ class DataParallel:
         no_sync_buffers = ({"forward_sync_buffers": False}
                            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                            else {"broadcast_buffers": False})
+        experts = [n for n, _ in self.experts_of(model)]
+        if experts:        # reduced over the data dimension only, by reduce_expert_grads
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
         return DistributedDataParallel(model, device_ids=ids, **no_sync_buffers)
 
     @staticmethod
     def micro_batch(ddp: nn.Module | None, last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward and backward: DDP skips the all-reduce but on the last."""
         return ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+
+    def reduce_expert_grads(self, model: nn.Module) -> None:
+        """After a step's backward: expert gradients summed over the data dimension, divided by W.
+
+        Rank (d, e)'s gradient of expert j sums the terms of the tokens of the E ranks of replica d
+        (the exchanges brought them there), each weighted W * n / N like every loss term; the sum
+        over the D replicas, / W, is the one-process gradient.
+        """
+        grads = [p.grad for _, p in self.experts_of(model) if p.grad is not None]
+        if not grads:
+            return
+        if self.data_group is not None:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.data_group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+        torch._foreach_div_(grads, float(self.world.size))
+
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """The global L2 norm of all gradients: the wrapped parameters' (``grad_norm``) and the experts',
+        whose squares are summed over the expert dimension (each group of E ranks holds every expert once)."""
+        experts = {id(p) for _, p in self.experts_of(model)}
+        rest = grad_norm([p for p in model.parameters() if id(p) not in experts])
+        if not experts:
+            return rest
+        own = torch.nn.utils.get_total_norm([p.grad for _, p in self.experts_of(model) if p.grad is not None])
+        squares = own.to(torch.float32).square().reshape(1)
+        dist.all_reduce(squares, group=self.mesh.get_group("expert"))
+        return (rest.to(torch.float32).square() + squares[0]).sqrt()
+
+    def clip(self, model: nn.Module, max_norm: float, norm: torch.Tensor) -> None:
+        """Scale every gradient by min(1, max_norm / norm); the experts' (plain tensors) apart from
+        FSDP2's DTensors, which one foreach call cannot mix."""
+        experts = {id(p) for _, p in self.experts_of(model)}
+        for group in ([p for p in model.parameters() if id(p) not in experts],
+                      [p for p in model.parameters() if id(p) in experts]):
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
+
+    def checkpoint_view(self, tensors: dict) -> dict:
+        """``tensors`` (model and optimizer state by parameter name) with each split expert tensor
+        (X/E, ...) seen as the whole (X, ...) DTensor it is a slice of, placed [Replicate over
+        data, Shard(0) over expert]: DCP then saves and loads any E's slices (``local_view``)."""
+        if self.expert == 1:
+            return tensors
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        def whole(name: str, t):
+            if not (is_expert(name) and isinstance(t, torch.Tensor) and t.dim() > 0):
+                return t
+            shape = (t.shape[0] * self.expert,) + tuple(t.shape[1:])
+            return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape,
+                                      stride=torch.empty(shape, device="meta").stride())
+
+        model = {k: whole(k, v) for k, v in tensors["model"].items()}
+        optim = {k: {s: whole(k, v) for s, v in state.items()} for k, state in tensors["optimizer"].items()}
+        return {**tensors, "model": model, "optimizer": optim}
+
+    def local_view(self, tensors: dict) -> dict:
+        """The inverse of ``checkpoint_view`` after a load: each expert DTensor back to this rank's slice."""
+        if self.expert == 1:
+            return tensors
+        from torch.distributed.tensor import DTensor
+
+        def local(name: str, t):
+            return t.to_local() if is_expert(name) and isinstance(t, DTensor) else t
+
+        return {**tensors, "model": {k: local(k, v) for k, v in tensors["model"].items()},
+                "optimizer": {k: {s: local(k, v) for s, v in st.items()} for k, st in tensors["optimizer"].items()}}
 
 
 def grad_norm(parameters: Iterator[nn.Parameter] | list[nn.Parameter]) -> torch.Tensor:

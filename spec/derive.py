@@ -49,8 +49,9 @@ from typing import Any
 from spec.convert import to_dict
 from spec.schema import Attention, Spec
 
-__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "layers", "param_counts",
-           "flops_per_token", "kv_cache", "attention_costs", "describe", "FLOPS_CONVENTION"]
+__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "ExpertTraffic", "layers",
+           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "expert_traffic", "describe",
+           "FLOPS_CONVENTION"]
 
 FLOPS_CONVENTION = ("6 x active matmul params (attention projections, router, top-k + shared experts, dense FFN, "
                     "LM head; embedding excluded) + 12 x Hq x D x ctx per layer for attention scores and values "
@@ -109,6 +110,31 @@ class AttentionCost:
     params_per_layer: int            # attention projection parameters of one layer
     kv_bytes_per_cached_token: int   # per layer, in the compute dtype
     gqa: AttentionCost | None        # TPA only: GQA with the same heads, kv_heads and head_dim
+
+
+@dataclass(frozen=True)
+class ExpertTraffic:
+    expert: int                      # E = parallel.expert
+    forward: float                   # bytes per token per MoE layer leaving its rank, forward
+    training: float                  # forward + backward
+
+
+def expert_traffic(spec: Spec) -> ExpertTraffic | None:
+    """Bytes a token sends to other ranks per MoE layer with expert parallelism E (None without MoE).
+
+    Each of its K assignments is a row of C values in the compute dtype (b bytes). With the
+    experts split over E ranks and the load balanced (what the expert bias steers to), an
+    assignment lands on another rank with probability (E - 1) / E. The dispatch sends the row
+    there and the combine brings the expert's output back; the backward sends both gradients
+    the reverse ways. Forward 2*K*C*b*(E-1)/E, training twice that; the exchange of counts
+    (E*X/E integers per rank and layer) is not per token and is left out.
+    """
+    if spec.moe is None:
+        return None
+    E, K, C = spec.parallel.expert, spec.moe.top_k, spec.model.d_model
+    b = 2 if spec.precision.compute == "bf16" else 4
+    forward = 2 * K * C * b * (E - 1) / E
+    return ExpertTraffic(E, forward, 2 * forward)
 
 
 def layers(spec: Spec) -> list[LayerInfo]:
@@ -238,7 +264,7 @@ def attention_costs(spec: Spec) -> list[AttentionCost]:
 
 def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
     """The ``grapefx describe --json`` document (keys: layers, params, flops_per_token,
-    kv_cache_bytes_per_token, router, attention)."""
+    kv_cache_bytes_per_token, router, attention, expert_parallel)."""
     pc = param_counts(spec)
     return {
         "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
@@ -248,7 +274,13 @@ def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
         "kv_cache_bytes_per_token": kv_cache(spec, context).bytes_per_token,
         "router": to_dict(spec.moe.router) if spec.moe is not None else None,
         "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
+        "expert_parallel": _traffic_dict(expert_traffic(spec)),
     }
+
+
+def _traffic_dict(t: ExpertTraffic | None) -> dict[str, Any] | None:
+    return None if t is None else {"expert": t.expert, "bytes_per_token_per_moe_layer": {
+        "forward": t.forward, "training": t.training}}
 
 
 def _cost_dict(a: AttentionCost) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import textwrap
 
 from tabulate import tabulate
 
-from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
+from spec.derive import attention_costs, expert_traffic, flops_per_token, kv_cache, layers, param_counts
 from spec.load import dump_spec
 from spec.schema import Spec
 
@@ -94,5 +94,9 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
                     + (f", expert bias on (rate {r.bias_update_rate:g}"
                        + (", centred" if r.bias_centering else "") + ")" if r.expert_bias else ", no expert bias")
                     + f", gate scaling {r.topk_scaling_factor:g}, {r.dtype}"]
+        t = expert_traffic(spec)
+        out.append(f"expert parallelism E = {t.expert}: {t.forward:,.0f} B per token per MoE layer to other ranks "
+                   f"in the forward, {t.training:,.0f} B with the backward ({spec.precision.compute} rows, "
+                   "balanced load; docs/distributed.md)")
     out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
     return "\n".join(out)
