@@ -46,7 +46,7 @@ from runtime.world import World
 from spec.errors import GrapefxError
 from spec.schema import Parallel as ParallelSpec
 
-__all__ = ["launched_by_torchrun", "process_group", "Parallel", "grad_norm", "is_expert"]
+__all__ = ["launched_by_torchrun", "process_group", "Parallel", "check_expert_split", "grad_norm", "is_expert"]
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -102,6 +102,15 @@ def is_expert(name: str) -> bool:
     return EXPERT_WEIGHTS in f".{name}"
 
 
+def check_expert_split(expert: int, ranks: int) -> None:
+    """Refuse ``parallel.expert`` E that does not divide the job's ``ranks`` (before anything starts)."""
+    if ranks % expert:
+        raise GrapefxError(f"parallel.expert: {expert} does not divide the {ranks} process{'es' if ranks > 1 else ''} "
+                           f"of this run: the experts are split over groups of E ranks, and the W / E groups are "
+                           f"data-parallel replicas; launch a multiple of {expert} processes (--nproc) or lower "
+                           "parallel.expert")
+
+
 class Parallel:
     """How the model is spread over the ranks of ``world`` (``spec.parallel``): data x expert.
 
@@ -117,10 +126,7 @@ class Parallel:
 
     def __init__(self, parallel: ParallelSpec, world: World, device: torch.device):
         E = parallel.expert
-        if world.size % E:
-            raise GrapefxError(f"parallel.expert: {E} does not divide the {world.size} rank{'s' if world.size > 1 else ''} "
-                               f"of this run: each of the W / E data-parallel replicas holds the experts split over E "
-                               f"ranks; launch a multiple of {E} processes (--nproc) or lower parallel.expert")
+        check_expert_split(E, world.size)
         self.kind = parallel.data if world.size > 1 else None
         self.world, self.device, self.expert = world, device, E
         self.mesh = self.data_group = None

@@ -107,8 +107,14 @@ def expert_dispatch(x: Tensor, indices: Tensor, experts: int, ranks: int, group:
 
 @expert_dispatch.register_fake
 def _(x, indices, experts, ranks, group, capacity_factor=0.0):
+    """R and S depend on the routing: unbacked sizes under torch.compile; where there is no shape
+    environment to make them (shape propagation for the passes and the dumps), the dropless
+    average N*K (a rank receives as many rows as it sends when the load is balanced)."""
     ctx = torch.library.get_ctx()
-    R, S = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    try:
+        R, S = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    except torch._subclasses.fake_tensor.DynamicOutputShapeException:
+        R = S = indices.numel()
     return (x.new_empty(R, x.shape[1]), indices.new_empty(R), indices.new_empty(S),
             torch.empty(2, ranks, dtype=torch.int64, device="cpu"), x.new_empty((), dtype=torch.float32))
 
