@@ -90,7 +90,7 @@ def test_describe_json(capsys):
                        "--set", "train.steps=50")
     d = json.loads(out)
     assert code == 0 and list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router",
-                                                   "attention"]
+                                                   "attention", "expert_parallel"]
     assert len(d["layers"]) == 12 and d["layers"][3] == {
         "index": 4, "kind": "global", "mechanism": "gqa", "window": None, "position": "grape-a", "rotary": False,
         "additive_bias": True, "ffn": "moe"}
@@ -98,6 +98,15 @@ def test_describe_json(capsys):
     # 9 local layers * 128 tokens + 3 global * 4096, each 2*4*64*2 = 1024 B per cached token, over 4096 tokens
     assert d["kv_cache_bytes_per_token"] == (9 * 128 + 3 * 4096) * 1024 / 4096
     assert d["router"]["expert_bias"] is True and d["router"]["score_function"] == "sigmoid"
+    assert d["expert_parallel"] == {"expert": 1, "bytes_per_token_per_moe_layer": {"forward": 0, "training": 0}}
+
+
+def test_describe_bytes_moved_per_token_by_expert_parallelism(capsys):
+    code, out, _ = run(capsys, "describe", str(EXAMPLES / "bench-small.yaml"), "--set", "parallel.expert=4")
+    # bench-small: K = 2 rows of C = 768 bf16 values (2 B), 3 in 4 land on another rank, there and back:
+    # 2 * 2 * 768 * 2 * 3/4 = 4,608 B in the forward, twice that with the backward
+    assert code == 0 and "expert parallelism E = 4: 4,608 B per token per MoE layer to other ranks in the forward, " \
+                         "9,216 B with the backward" in out
 
 
 def test_describe_bad_context(capsys):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from spec import load_spec, spec_from_dict
-from spec.derive import attention_costs, describe, flops_per_token, kv_cache, layers, param_counts
+from spec.derive import attention_costs, describe, expert_traffic, flops_per_token, kv_cache, layers, param_counts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -150,7 +150,7 @@ def test_bench_medium_is_about_two_billion():
 def test_describe_json_keys():
     d = describe(small(), context=32)
     assert list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router",
-                       "attention"]
+                       "attention", "expert_parallel"]
     assert set(d["layers"][0]) == {"index", "kind", "mechanism", "window", "position", "rotary", "additive_bias",
                                    "ffn"}
     assert d["params"] == {"total": 13878, "active": 11574}
@@ -163,3 +163,12 @@ def test_examples_have_a_global_layer(name):
     s = load_spec(EXAMPLES / name)
     assert "global" in s.layer_kinds() and "local" in s.layer_kinds()
     assert s.data.seq_len >= 4 * s.attention.local.window
+
+
+def test_expert_traffic_per_token_and_moe_layer():
+    # C = 16, K = 2; bf16 rows (2 B) with E = 4: 3 in 4 assignments leave the rank, there and back
+    t = expert_traffic(small(parallel={"expert": 4}))
+    assert (t.expert, t.forward, t.training) == (4, 2 * 2 * 16 * 2 * 3 / 4, 192.0)            # 96 B forward
+    fp32 = expert_traffic(small(parallel={"expert": 2}, precision={"compute": "fp32"}))
+    assert (fp32.forward, fp32.training) == (2 * 2 * 16 * 4 / 2, 256.0)                         # 128 B forward
+    assert expert_traffic(small()).forward == 0 and expert_traffic(small(moe=None)) is None
