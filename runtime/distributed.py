@@ -1,4 +1,4 @@
-"""Data-parallel training on PyTorch's own engine: torchrun's environment, DDP or FSDP2.
+"""Data and expert parallelism on PyTorch's own engine: torchrun's environment, a DeviceMesh, DDP or FSDP2.
 
 Launch (one process per GPU; ``grapefx train SPEC --nproc N`` runs the same torchrun command)::
 
@@ -12,7 +12,7 @@ CUDA, gloo on CPU. It yields this rank's ``World`` (rank, size, a SUM ``all_redu
 - data: rank r of W reads the r-th disjoint slice of every global batch (``runtime.data.Sampler``);
   global_batch = micro_batch x accumulation x W, so the batches of a step, and the loss curve,
   do not depend on W;
-- the model (``DataParallel``, with ``spec.parallel.data``; nothing with one rank):
+- the model (``Parallel``, with ``spec.parallel``; nothing with one rank):
     ddp    ``DistributedDataParallel``: gradients averaged over ranks after the last micro-batch
            of a step (``no_sync`` on the others); buffers are not broadcast (the expert biases
            are updated identically on every rank from all-reduced counts, the rest are constants)
@@ -22,8 +22,16 @@ CUDA, gloo on CPU. It yields this rank's ``World`` (rank, size, a SUM ``all_redu
            Parameters and gradients are DTensors sharded over ranks; gradients are
            reduce-scattered after every micro-batch (sharded accumulation keeps FSDP's memory
            saving). No mixed-precision policy: shards are fp32 masters, the graphs cast as on one
-           GPU. Applied before compiling (``build_model(shard=...)``); the compiled block runners
-           run inside each block's FSDP hooks (``compiler.pipeline.through_fsdp_hooks``).
+           GPU. Each block's all-gather is prefetched one block ahead (forward and backward); the
+           last block stays gathered after the forward. Applied before compiling
+           (``build_model(shard=...)``); the compiled block runners run inside each block's FSDP
+           hooks (``compiler.pipeline.through_fsdp_hooks``).
+    expert ``parallel.expert`` E > 1: a (W/E, E) mesh ("data", "expert"); rank e of an expert
+           group holds experts [e*X/E, (e+1)*X/E) (the lowering slices them), tokens travel to
+           them through ``grapefx::expert_dispatch`` / ``expert_combine`` (all-to-all over the
+           "expert" dimension); those parameters stay outside DDP / FSDP2 and their gradients
+           are summed over the "data" dimension (``Parallel.reduce_expert_grads``); checkpoints
+           see them as DTensor slices of the whole stacks, so any E resumes any other.
 - loss: both wrappers average gradients over ranks, so micro-batch m of rank r with n_rm target
   tokens is back-propagated with weight ``W * n_rm / N``, N the step's target tokens summed over
   all ranks: the average is then ``sum_rm n_rm / N * grad(loss_rm)``, the gradient of the
@@ -270,7 +278,7 @@ def grad_norm(parameters: Iterator[nn.Parameter] | list[nn.Parameter]) -> torch.
     DDP: every rank holds the averaged gradients, the local norm is the global one. FSDP2: the
     gradients are DTensor shards; ``get_total_norm`` returns a DTensor whose ``full_tensor()``
     reduces the shards' contributions (torchtitan's recipe; checked on 2.13 by the CPU tests and
-    run on 2.11 by bench/run_multi_gpu.sh). ``clip_grads_with_norm_`` then scales the shards by the
+    run on 2.11 by the two-GPU runs of bench/RESULTS.md). ``clip_grads_with_norm_`` then scales the shards by the
     plain scalar.
     """
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])

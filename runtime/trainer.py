@@ -23,7 +23,8 @@ Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C 
 With several ranks, every rank stops after the same step: the ranks agree on it after each step.
 
 Distributed (``runtime.distributed``): ``world`` places this process among the ranks,
-``spec.parallel.data`` picks DDP or FSDP2; the model is wrapped before compiling.
+``spec.parallel`` picks DDP or FSDP2 and the expert parallelism E; the model is lowered with this
+rank's experts and wrapped before compiling.
 
 CUDA graphs (``compile.inductor_options: {triton.cudagraphs: true}``): every forward starts a new
 graph step (``torch.compiler.cudagraph_mark_step_begin``), and what the loop keeps of a forward's

@@ -135,3 +135,14 @@ def test_expert_parallel_trains_as_one_process_and_its_checkpoints_reshard(tiny_
     _assert_slices(two_by_two, reference, 2)
     _assert_slices([{**to_one, "expert_rank": torch.tensor(0)}], reference, 1)
     assert [r["step"] for r in read_metrics(tmp_path / "to-e4") if r["kind"] == "train"] == list(range(1, 7))
+    assert all("dropped_assignments" not in r for r in read_metrics(tmp_path / "e2"))   # dropless by default
+
+
+def test_capacity_factor_drops_and_counts_assignments(tiny_dict, tmp_path):
+    # micro-batch 1 x 16 tokens, K = 2, X = 4: the even share is 8 assignments per expert; factor 0.25
+    # keeps at most ceil(2) = 2 per expert, 8 of 32, so 24..32 of them are dropped per micro-batch and
+    # MoE layer: 2 layers x 4 micro-batches -> 192..256 per step
+    spec = {**tiny_dict(steps=2, micro_batch=1, global_batch=4, eval_every=100), "parallel": {"capacity_factor": 0.25}}
+    _one_process(spec, tmp_path / "run")
+    dropped = [r["dropped_assignments"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert len(dropped) == 2 and all(192 <= d <= 256 for d in dropped), dropped
