@@ -253,7 +253,7 @@ class BuildReport:
 def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
                 passes: Sequence[str] | None = None, keep_lowered: bool = False,
                 shard: Callable[[GrapeModel], None] | None = None,
-                experts: ExpertGroup = ExpertGroup()) -> tuple[GrapeModel, BuildReport]:
+                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
@@ -261,7 +261,8 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     block graphs as lowered (before the passes; they share the model's parameters) for dumps.
     ``shard``: applied to the model on ``device`` before compiling (FSDP2 ``fully_shard`` per block,
     ``runtime.distributed``): blocks are compiled after wrapping, as PyTorch recommends.
-    ``experts``: this process's expert group under expert parallelism (``compiler.lower.ffn``).
+    ``experts``: this process's expert group under expert parallelism (``compiler.lower.ffn``);
+    None: every expert in this process.
     """
     device = torch.device(device)
     cd = compute_dtype(spec, device)

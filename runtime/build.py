@@ -22,7 +22,7 @@ __all__ = ["compute_dtype", "build_model", "cuda_graphs"]
 
 def build_model(spec: Spec, device: torch.device, *, compile: bool,
                 shard: Callable[[GrapeModel], None] | None = None,
-                experts: ExpertGroup = ExpertGroup()) -> tuple[GrapeModel, BuildReport]:
+                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``: lowered, fused by ``compile.passes``, and its graphs compiled by
     the pipeline (``compiler.pipeline.build_model``), or run eagerly with ``compile=False``; and the
     pipeline's report (which passes matched where; the run folder keeps it as ``passes.json``).

@@ -138,7 +138,7 @@ class Parallel:
         self.kind = parallel.data if world.size > 1 else None
         self.world, self.device, self.expert = world, device, E
         self.mesh = self.data_group = None
-        self.expert_group = ExpertGroup()
+        self.expert_group: ExpertGroup | None = None          # what the lowering splits the experts by
         if E > 1:
             from torch.distributed.device_mesh import init_device_mesh
 

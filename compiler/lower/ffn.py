@@ -67,11 +67,13 @@ def lower_dense_ffn(b: GraphBuilder, h: fx.Node, *, C: int, hidden: int, name: s
 
 def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init: Initializer,
               cd: torch.dtype, parallel: Parallel = Parallel(),
-              group: ExpertGroup = ExpertGroup()) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None]:
+              group: ExpertGroup | None = None) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None]:
     """Append the MoE math; returns (y (B, T, C), counts (E,) fp32, aux_loss () fp32, dropped () fp32 or None).
 
-    ``parallel.expert`` > 1 or a capacity factor: the dispatch / combine path of the module
-    docstring over ``group``; ``dropped`` is None without a capacity factor."""
+    ``group`` given and ``parallel.expert`` > 1, or a capacity factor: the dispatch / combine path
+    of the module docstring; ``group`` None: one process holds every expert (parallel.expert is
+    how a training job was split, not what this model computes). ``dropped``: None without a
+    capacity factor."""
     r, E, K, F_ = moe.router, moe.experts, moe.top_k, moe.expert_hidden
     shape = b.method("moe_in_shape", "size", h)
     flat = b.method("moe_tokens", "reshape", h, -1, C)                                     # (N, C)
@@ -103,7 +105,8 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
         gates = b("moe_gates_scaled", torch.mul, gates, r.topk_scaling_factor)
     gates_c = gates if cd == torch.float32 else b.method("moe_gates_c", "to", gates, cd)
 
-    P = parallel.expert
+    P = parallel.expert if group is not None else 1
+    group = group or ExpertGroup()
     mine = slice(group.rank * E // P, (group.rank + 1) * E // P)                          # this rank's experts
     w_gate = weight(b, "moe.experts.w_gate", init.normal(f"{name}.moe.experts.w_gate", (E, C, F_))[mine], cd)
     w_up = weight(b, "moe.experts.w_up", init.normal(f"{name}.moe.experts.w_up", (E, C, F_))[mine], cd)

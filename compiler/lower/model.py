@@ -61,7 +61,7 @@ def _shared_grape_m(spec: Spec) -> GrapeM | None:
 
 
 def build_block(spec: Spec, index: int, cd: torch.dtype, init: Initializer,
-                group: ExpertGroup = ExpertGroup()) -> fx.GraphModule:
+                group: ExpertGroup | None = None) -> fx.GraphModule:
     """The graph of layer ``index`` (0-based); node names carry the 1-based layer number."""
     kind = spec.layer_kinds()[index]
     attn = spec.attention.of(kind)
@@ -115,7 +115,7 @@ def build_head(spec: Spec, cd: torch.dtype, init: Initializer) -> fx.GraphModule
 class GrapeModel(nn.Module):
     """The lowered model: runs the embedding, each layer's graph in order, then the head."""
 
-    def __init__(self, spec: Spec, cd: torch.dtype, experts: ExpertGroup = ExpertGroup()):
+    def __init__(self, spec: Spec, cd: torch.dtype, experts: ExpertGroup | None = None):
         super().__init__()
         self.spec = spec
         self.compute_dtype = cd
@@ -164,9 +164,11 @@ def _inputs(gm: fx.GraphModule) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def lower(spec: Spec, *, dtype: torch.dtype | str = torch.float32, experts: ExpertGroup = ExpertGroup()) -> GrapeModel:
-    """Build the reference model of ``spec`` with compute dtype ``dtype`` (fp32 master weights);
-    ``experts``: this process's expert group with ``parallel.expert`` > 1 (``compiler.lower.ffn``)."""
+def lower(spec: Spec, *, dtype: torch.dtype | str = torch.float32, experts: ExpertGroup | None = None) -> GrapeModel:
+    """Build the reference model of ``spec`` with compute dtype ``dtype`` (fp32 master weights).
+
+    ``experts``: this process's expert group, to split the experts as ``parallel.expert`` says
+    (``compiler.lower.ffn``); None (generation, export, one process): every expert here."""
     cd = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if cd not in DTYPES.values():
         raise GrapefxError(f"compute dtype {cd} is not supported; use fp32 or bf16")

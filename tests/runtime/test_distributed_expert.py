@@ -146,3 +146,28 @@ def test_capacity_factor_drops_and_counts_assignments(tiny_dict, tmp_path):
     _one_process(spec, tmp_path / "run")
     dropped = [r["dropped_assignments"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     assert len(dropped) == 2 and all(192 <= d <= 256 for d in dropped), dropped
+
+
+def test_the_dumps_show_one_dispatch_and_one_combine_per_moe_block(tiny_yaml, tmp_path, capsys):
+    from runtime.cli import main
+
+    spec = tiny_yaml()
+    assert main(["compile", str(spec), "--dump", str(tmp_path / "d"), "--no-compile", "--set", "parallel.expert=2"]) == 0
+    fused = (tmp_path / "d" / "fused.py").read_text()
+    # the tiny spec's 2 distinct blocks (local/moe, global/moe); rank 0 holds experts 0, 1 of 4
+    assert fused.count("torch.ops.grapefx.expert_dispatch(") == 2 and fused.count("torch.ops.grapefx.expert_combine(") == 2
+    assert "expert_dispatch(layer1_moe_tokens, layer1_moe_expert_index, 4, 2, '', 0.0)" in fused
+    assert "layer1_moe_experts_w_gate" in fused and "(2, 16, 16)" in (tmp_path / "d" / "fused.txt").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "3", "--set", "parallel.expert=2"], "parallel.expert: 2 does not divide the 3 processes of this run"),
+    (["--set", "parallel.expert=2"], "parallel.expert: 2 does not divide the 1 process of this run"),
+    (["--nproc", "4", "--set", "parallel.expert=3"], "parallel.expert: 4 experts cannot be split evenly over 3 ranks"),
+])
+def test_an_expert_split_that_does_not_fit_is_refused_before_launch(tiny_yaml, tmp_path, capsys, args, message):
+    from runtime.cli import main
+
+    assert main(["train", str(tiny_yaml()), "--out", str(tmp_path / "run"), "--no-compile", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
