@@ -144,8 +144,9 @@ doc = {"what": "tokens/s of the timed logging windows (all after the first, whic
        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "runs": list(latest.values())}
 (out / "multi_gpu.json").write_text(json.dumps(doc, indent=1))
 fmt = lambda x, f: "—" if x is None else format(x, f)
+where = f"{len(doc['gpus'])} x {doc['gpus'][0]}" if doc["gpus"] else "CPU processes, gloo"
 md = [f"# Multi-GPU scaling ({'DRY RUN, ' if doc['dry_run'] else ''}{'compiled' if doc['compiled'] else 'eager'}, "
-      f"torch {doc['torch']}, {len(doc['gpus'])} x {doc['gpus'][0] if doc['gpus'] else 'CPU'})", "",
+      f"torch {doc['torch']}, {where})", "",
       "| spec | run | procs | E | where | exit | tok/s | tok/s/GPU | scaling | mem GiB | max abs(loss - one) |",
       "|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in doc["runs"]:
