@@ -108,10 +108,14 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
     P = parallel.expert if group is not None else 1
     group = group or ExpertGroup()
     mine = slice(group.rank * E // P, (group.rank + 1) * E // P)                          # this rank's experts
-    w_gate = weight(b, "moe.experts.w_gate", init.normal(f"{name}.moe.experts.w_gate", (E, C, F_))[mine], cd)
-    w_up = weight(b, "moe.experts.w_up", init.normal(f"{name}.moe.experts.w_up", (E, C, F_))[mine], cd)
-    w_down = weight(b, "moe.experts.w_down", init.normal(f"{name}.moe.experts.w_down", (E, F_, C), output=True)[mine],
-                    cd)
+
+    def experts(key: str, shape: tuple[int, ...], output: bool = False) -> fx.Node:
+        """This rank's slice of the whole stack's initial values (a copy: the stack is not kept)."""
+        return weight(b, key, init.normal(f"{name}.{key}", shape, output=output)[mine].clone(), cd)
+
+    w_gate = experts("moe.experts.w_gate", (E, C, F_))                                    # (E/P, C, F)
+    w_up = experts("moe.experts.w_up", (E, C, F_))
+    w_down = experts("moe.experts.w_down", (E, F_, C), output=True)                       # (E/P, F, C)
     dropped = None
     if P == 1 and parallel.capacity_factor is None:
         y = b("moe_routed", ops.expert_ffn, flat, idx, gates_c, w_gate, w_up, w_down)      # (N, C)

@@ -111,10 +111,11 @@ def _with(spec: dict, **parallel) -> dict:
 
 
 def test_expert_parallel_trains_as_one_process_and_its_checkpoints_reshard(tiny_dict, tmp_path):
-    spec = tiny_dict(steps=6, micro_batch=1, global_batch=4, eval_every=3, eval_batches=2, checkpoint_every=3)
+    spec = tiny_dict(steps=6, micro_batch=1, global_batch=4, eval_every=3, eval_batches=2, checkpoint_every=6)
     reference = _one_process(spec, tmp_path / "one")
-    e2 = str(tmp_path / "e2")
-    (two,) = _spawn([{"spec": _with(spec, data="ddp", expert=2), "run": e2, "exchange": True}], tmp_path, 2)
+    e2 = str(tmp_path / "e2")                                        # the one run that also saves step 3
+    (two,) = _spawn([{"spec": {**_with(spec, data="ddp", expert=2), "train": {**spec["train"], "checkpoint_every": 3}},
+                      "run": e2, "exchange": True}], tmp_path, 2)
     for name in ("to-e4", "to-e1"):                                 # the E = 2 run's step 3, resumed elsewhere
         shutil.copytree(e2, tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "step-000006")
