@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 import torch.distributed as dist

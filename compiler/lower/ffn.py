@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.attention import weight
 from compiler.lower.builder import GraphBuilder
+from compiler.lower.common import weight
 from compiler.lower.init import Initializer
 from spec.schema import MoE, Parallel
 
@@ -66,7 +66,7 @@ def lower_dense_ffn(b: GraphBuilder, h: fx.Node, *, C: int, hidden: int, name: s
 
 
 def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init: Initializer,
-              cd: torch.dtype, parallel: Parallel = Parallel(),
+              cd: torch.dtype, parallel: Parallel | None = None,
               group: ExpertGroup | None = None) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None]:
     """Append the MoE math; returns (y (B, T, C), counts (E,) fp32, aux_loss () fp32, dropped () fp32 or None).
 
@@ -105,6 +105,7 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
         gates = b("moe_gates_scaled", torch.mul, gates, r.topk_scaling_factor)
     gates_c = gates if cd == torch.float32 else b.method("moe_gates_c", "to", gates, cd)
 
+    parallel = parallel or Parallel()
     P = parallel.expert if group is not None else 1
     group = group or ExpertGroup()
     mine = slice(group.rank * E // P, (group.rank + 1) * E // P)                          # this rank's experts

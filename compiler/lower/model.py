@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from compiler.lower.attention import lower_attention, rmsnorm, weight
+from compiler.lower.attention import lower_attention
 from compiler.lower.builder import GraphBuilder
+from compiler.lower.common import rmsnorm, weight
 from compiler.lower.ffn import ExpertGroup, lower_dense_ffn, lower_moe
 from compiler.lower.init import Initializer
 from compiler.ops.grape_m import grape_m_init_log_freq

@@ -23,7 +23,7 @@ KV cache keeps the pre-rotated B_K (``runtime/generate.py``).
 Graph layout: every factor is (B, R, T, width), so ``grape_m_rotate`` (which turns dim -1 at the
 positions of dim -2) applies to B unchanged, and the contraction is one einsum,
 ``TPA_CONTRACTION`` = "brth,brtd->bhtd", whose output (B, heads, T, D) feeds the chain of
-``attention.attend`` at ``attn_q`` / ``attn_k`` / ``attn_v``. The 1/R is folded into A
+``attend.attend`` at ``attn_q`` / ``attn_k`` / ``attn_v``. The 1/R is folded into A
 (``attn_aq_scaled``), the smaller factor.
 
 State dict (0-based layer i), each a ``nn.Linear``-style (out, in) matrix whose rows are rank-major
@@ -57,8 +57,9 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.attention import attend, position_theta, weight
+from compiler.lower.attend import attend, position_theta
 from compiler.lower.builder import GraphBuilder
+from compiler.lower.common import weight
 from compiler.lower.init import Initializer
 from spec.errors import GrapefxError
 from spec.schema import Attention

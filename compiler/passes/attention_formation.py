@@ -1,7 +1,7 @@
 """attention_formation: the explicit scores -> mask -> softmax -> values chain becomes one
 ``grapefx.attention`` node (MATH.md §1–§3).
 
-Every attention layer lowers to this chain (``compiler/lower/attention.py``), whatever its spec:
+Every attention layer lowers to this chain (``compiler/lower/attend.py``), whatever its spec:
 local or global, GQA group size, window, position encoding. The pass is the prerequisite of the
 other two: ``bias_softmax`` and ``rotary_attention`` rewrite the ``grapefx.attention`` node it makes.
 

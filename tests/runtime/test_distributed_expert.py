@@ -169,6 +169,6 @@ def test_the_dumps_show_one_dispatch_and_one_combine_per_moe_block(tiny_yaml, tm
 def test_an_expert_split_that_does_not_fit_is_refused_before_launch(tiny_yaml, tmp_path, capsys, args, message):
     from runtime.cli import main
 
-    assert main(["train", str(tiny_yaml()), "--out", str(tmp_path / "run"), "--no-compile", *args]) == 2
+    assert main(["train", str(tiny_yaml(micro_batch=1, global_batch=12)), "--out", str(tmp_path / "run"), "--no-compile", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
