@@ -11,6 +11,8 @@
 #   fsdp   N GPUs, parallel.data=fsdp (FSDP2 per block, next block's all-gather prefetched)
 #   epE    N GPUs, parallel.expert=E, data ddp (skipped, with the reason, where E > N or E does not
 #          divide the spec's experts)
+#   overlap  N GPUs, FSDP2 and then E = 2 under torch.profiler (bench/comm_overlap.py): the share of
+#          the communication kernels' time hidden behind compute kernels, and the profiler table
 # Each run trains STEPS steps on a synthetic corpus (byte tokenizer; the machine has no internet) and is
 # cut off after its share of LIMIT. $OUT/multi_gpu.json (merged with an earlier one: call the script
 # once per spec when one call has too little time) and $OUT/multi_gpu.md hold, per run: tokens/s of
@@ -34,7 +36,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 DRY=${DRY:-0}
 LIMIT=${LIMIT:-570}
 SPECS=${SPECS:-examples/bench-small.yaml examples/baseline.yaml}
-RUNS=${RUNS:-one ddp fsdp ep2 ep4 ep8}
+RUNS=${RUNS:-one ddp fsdp ep2 ep4 ep8 overlap}
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 NGPU=${NGPU:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 4)}
 if [ "$DRY" = 1 ]; then STEPS=${STEPS:-4}; LOG_EVERY=${LOG_EVERY:-2}; COMPILE=${COMPILE:-false}
@@ -106,6 +108,24 @@ EOF
   rm -rf "$WORK/runs/$name/checkpoints"
 }
 
+profile() {   # profile SPEC NAME WHERE ARGS...: bench/comm_overlap.py on NGPU processes into $OUT/NAME.json
+  local spec=$1 name=$2 where=$3; shift 3
+  local budget=$(( ($(left) - 30) / (todo + 1) ))
+  [ "$budget" -lt 40 ] && { echo "== $name: skipped: no time left"; return; }
+  local micro env=()
+  micro=$([ "$DRY" = 1 ] && echo 2 || python3 -c "from spec import load_spec; print(load_spec('$spec').train.micro_batch)")
+  [ "$where" = cpu ] && env=(CUDA_VISIBLE_DEVICES=)
+  local sets=(--set data.tokenizer.kind=byte --set data.tokenizer.vocab_size=null --set model.vocab_size=257
+              --set "data.sources=[{path: $WORK/corpus}]" --set "data.cache_dir=$WORK/cache"
+              --set train.micro_batch=$micro --set train.global_batch=$(( micro * NGPU ))
+              --set compile.enabled=$COMPILE --set "compile.inductor_options={}")
+  [ "$DRY" = 1 ] && sets+=(--set model.n_layers=2 --set model.d_model=64 --set moe.expert_hidden=32 --set data.seq_len=128)
+  echo "== $name: profiled on $NGPU process(es) on $where, up to ${budget}s =="
+  env "${env[@]}" timeout --signal=TERM --kill-after=15 "$budget" python3 -m torch.distributed.run --standalone \
+    --nproc-per-node "$NGPU" bench/comm_overlap.py "$spec" "$OUT/$name.json" "${sets[@]}" "$@" > "$OUT/$name.log" 2>&1
+  tail -n 1 "$OUT/$name.log"
+}
+
 for spec in $SPECS; do
   for run in $RUNS; do
     where=$([ "$GPUS" -ge "$([ "$run" = one ] && echo 1 || echo "$NGPU")" ] && echo gpu || echo cpu)
@@ -117,6 +137,9 @@ for spec in $SPECS; do
       ddp)  train "$spec" ddp "$NGPU" 1 "$where" --set parallel.data=ddp ;;
       fsdp) train "$spec" fsdp "$NGPU" 1 "$where" --set parallel.data=fsdp ;;
       ep*)  train "$spec" "$run" "$NGPU" "${run#ep}" "$where" --set parallel.data=ddp ;;
+      overlap) todo=$((todo - 1))
+            profile "$spec" "$(basename "$spec" .yaml)-overlap-fsdp" "$where" --set parallel.data=fsdp
+            profile "$spec" "$(basename "$spec" .yaml)-overlap-ep2" "$where" --set parallel.data=ddp --set parallel.expert=2 ;;
       *)    echo "multi_gpu: unknown run $run (one, ddp, fsdp, epE)"; exit 2 ;;
     esac
   done
@@ -156,6 +179,16 @@ for r in doc["runs"]:
     md.append(f"| {r['spec']} | {r['run']} | {r['processes']} | {r['expert']} | {r['where']} | {r['exit_status']} | "
               f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
               f"{fmt(r.get('scaling_efficiency'), '.1%')} | {fmt(r['memory_gib'], '.1f')} | {fmt(r['max_loss_diff_vs_one'], '.1e')} |")
+profiled = sorted(out.glob("*-overlap-*.json"))
+if profiled:
+    md += ["", "| profiled run | ranks | parallel | comm ms | hidden behind compute |", "|---|---|---|---|---|"]
+    for path in profiled:
+        p = json.loads(path.read_text())
+        md.append(f"| {path.stem} | {p['ranks']} | {p['parallel']} | {fmt(p.get('comm_ms'), '.1f')} | "
+                  f"{fmt(p['overlap'], '.1%')} |")
+    doc["profiled"] = {path.stem: {k: v for k, v in json.loads(path.read_text()).items() if k != "table"}
+                       for path in profiled}
+    (out / "multi_gpu.json").write_text(json.dumps(doc, indent=1))
 (out / "multi_gpu.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 EOF
