@@ -20,7 +20,7 @@
 # efficiency = tok/s(N GPUs) / (N x tok/s(1 GPU)), peak memory, the largest loss difference to the
 # 1-GPU run, and the exit status and wall time; the logs are $OUT/SPEC-RUN.log.
 #
-# Dry runs (check the plumbing, numbers meaningless): DRY=1 shrinks the model (2 layers, d_model 64,
+# Dry runs (check the plumbing, numbers meaningless): DRY=1 shrinks the model (4 layers, d_model 64,
 # expert hidden 32, T = 128) and trains 4 steps. Without GPUs, or when a run needs more GPUs than there
 # are, that run goes to CPU processes with gloo (CUDA hidden), so `DRY=1 bash bench/multi_gpu.sh` works
 # on a CPU machine and on one GPU; the JSON says where each run ran.
@@ -77,7 +77,7 @@ train() {   # train SPEC RUN PROCS EXPERT WHERE [ARGS...]: one run, its share of
               --set train.eval_every=100000 --set train.eval_batches=1 --set train.checkpoint_every=100000
               --set train.keep_checkpoints=1 --set compile.enabled=$COMPILE --set "compile.inductor_options={}"
               --set parallel.expert=$expert)
-  [ "$DRY" = 1 ] && sets+=(--set model.n_layers=2 --set model.d_model=64 --set moe.expert_hidden=32 --set data.seq_len=128)
+  [ "$DRY" = 1 ] && sets+=(--set model.n_layers=4 --set model.d_model=64 --set moe.expert_hidden=32 --set data.seq_len=128)
   local env=()
   [ "$where" = cpu ] && env=(CUDA_VISIBLE_DEVICES=)
   [ "$procs" -gt 1 ] && sets+=(--nproc "$procs")
@@ -119,7 +119,7 @@ profile() {   # profile SPEC NAME WHERE ARGS...: bench/comm_overlap.py on NGPU p
               --set "data.sources=[{path: $WORK/corpus}]" --set "data.cache_dir=$WORK/cache"
               --set train.micro_batch=$micro --set train.global_batch=$(( micro * NGPU ))
               --set compile.enabled=$COMPILE --set "compile.inductor_options={}")
-  [ "$DRY" = 1 ] && sets+=(--set model.n_layers=2 --set model.d_model=64 --set moe.expert_hidden=32 --set data.seq_len=128)
+  [ "$DRY" = 1 ] && sets+=(--set model.n_layers=4 --set model.d_model=64 --set moe.expert_hidden=32 --set data.seq_len=128)
   echo "== $name: profiled on $NGPU process(es) on $where, up to ${budget}s =="
   env "${env[@]}" timeout --signal=TERM --kill-after=15 "$budget" python3 -m torch.distributed.run --standalone \
     --nproc-per-node "$NGPU" bench/comm_overlap.py "$spec" "$OUT/$name.json" "${sets[@]}" "$@" > "$OUT/$name.log" 2>&1
