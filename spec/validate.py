@@ -131,7 +131,7 @@ class _Checker:
                                             "use null for no global layers")
             return False
         if m.global_every is not None and m.global_every > m.n_layers >= 1:
-            self.err(p + ("global_every",), f"{m.global_every} places no global layer in a {m.n_layers}-layer model "
+            self.err(p + ("global_every",), f"global_every {m.global_every} places no global layer in a {m.n_layers}-layer model "
                                             f"(layer l is global iff l % {m.global_every} == 0, and no l in "
                                             f"1..{m.n_layers} is): use global_every <= {m.n_layers}, "
                                             "or null for no global layers", also=(p + ("n_layers",),))

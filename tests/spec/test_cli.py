@@ -49,7 +49,7 @@ def test_validate_several_files_one_line_each_exit_2_if_any_fails(capsys, tmp_pa
     assert out.splitlines() == [f"ok: {tiny} (4 layers: 3 local (W=32), 1 global; MoE 8 experts top-2 + 1 shared; "
                                 "2.05M params, 873.62K active; training state 31.33 MiB)"] * 2
     assert err.splitlines() == [
-        f"{bad}: model.global_every: 8 places no global layer in a 4-layer model (layer l is global iff l % 8 == 0, "
+        f"{bad}: model.global_every: global_every 8 places no global layer in a 4-layer model (layer l is global iff l % 8 == 0, "
         "and no l in 1..4 is): use global_every <= 4, or null for no global layers",
         f"{tmp_path / 'missing.yaml'}: no such spec file; check the path",
         "2 of 4 files failed",

@@ -22,7 +22,7 @@ RULES = [
     ({"model": {"global_every": 0}}, r"model\.global_every: 0 is not a period: layer l \(from 1\) is global iff "
                                      r"l % global_every == 0"),
     ({"model": {"n_layers": 4, "global_every": 8}},
-     r"^my\.yaml: model\.global_every: 8 places no global layer in a 4-layer model \(layer l is global iff l % 8 == 0, "
+     r"^my\.yaml: model\.global_every: global_every 8 places no global layer in a 4-layer model \(layer l is global iff l % 8 == 0, "
      r"and no l in 1\.\.4 is\): use global_every <= 4, or null for no global layers$"),
     ({"model": {"n_layers": 4, "layer_kinds": ["local", "global"]}},
      r"model\.layer_kinds: 2 kinds for n_layers = 4: give exactly one kind"),
