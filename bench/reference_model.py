@@ -111,7 +111,7 @@ class Block(nn.Module):
         self.flex = attention == "flex"
         self.qk_norm = spec.model.qk_norm
         pos = a.position
-        self.rotary = isinstance(pos, (GrapeM, RoPE))
+        self.rotary = pos.rotates
         self.shared_freq = isinstance(pos, GrapeM) and pos.share == "model"
         self.freq_scale = pos.log_freq_scale if isinstance(pos, GrapeM) else None
         self.rope_base = pos.base if isinstance(pos, RoPE) else None

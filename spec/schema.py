@@ -15,10 +15,11 @@ counts keys *including* the current token (query i sees keys i-W+1..i).
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal
 
 __all__ = [
-    "Init", "Model", "GrapeM", "GrapeA", "NoPE", "RoPE", "Position", "Attention", "AttentionKinds",
+    "Init", "Model", "PositionKind", "POSITION_KINDS", "position_kind", "GrapeM", "GrapeA", "NoPE", "RoPE",
+    "Position", "Attention", "AttentionKinds",
     "Router", "MoE", "FFN", "Precision", "Compile", "Source", "Tokenizer", "Data", "Optimizer",
     "Schedule", "Train", "Parallel", "Spec", "f", "doc_of", "LAYER_KINDS", "PASS_NAMES",
 ]
@@ -82,8 +83,86 @@ class Model:
 
 
 # ----------------------------------------------------------------------------- positions
+POSITION_KINDS: dict[str, type[PositionKind]] = {}
+
+
+def position_kind(cls: type) -> type:
+    """Register a position kind under its ``kind`` (a frozen dataclass subclassing ``PositionKind``)."""
+    kind = cls.__dataclass_fields__["kind"].default
+    if kind in POSITION_KINDS and POSITION_KINDS[kind] is not cls:
+        raise ValueError(f"position kind {kind!r} is registered twice")
+    POSITION_KINDS[kind] = cls
+    return cls
+
+
+class PositionKind:
+    """A position encoding of one layer kind: what the rest of grapefx asks of it.
+
+    Each kind is a frozen dataclass with a ``kind: Literal[...]`` field and its own keys, registered
+    with ``@position_kind`` (the YAML ``position: {kind: ...}`` picks it). Everything that depends
+    on the kind is here, so a new kind is one class (``docs/EXTENDING.md``):
+
+    - ``rotates``: q and k are turned by ``grape_m_rotate`` with the frequencies ``theta`` returns
+      (D/2 of them; rotation pairs coordinate i with i + D/2, so head_dim must be even).
+    - ``adds_bias``: an additive score bias from per-head ``slopes`` (``-m_h (i - j)``, MATH.md §3).
+    - ``theta(g)`` / ``slopes(g)``: build them in the lowering from the words of ``g``
+      (``compiler.lower.position.PositionGraph``; this module stays free of torch).
+    - ``problems()``: its own rules, as (key, message) pairs for ``spec.validate``.
+    - ``layer_parameters`` / ``model_parameters``: learnable parameters it adds (``describe``);
+      ``decays()``: whether its frequency vector gets weight decay.
+    - ``megatron_flags()``: its Megatron-LM flags, or None when Megatron cannot express it.
+    """
+    rotates: ClassVar[bool] = False
+    adds_bias: ClassVar[bool] = False
+    bias_name: ClassVar[str] = "an additive bias"     # how messages name the bias
+
+    @property
+    def model_wide(self) -> bool:
+        """One frequency vector owned by the model and passed to every block (GRAPE-M ``share: model``)."""
+        return False
+
+    def theta(self, g: Any) -> Any:
+        """The rotation frequencies (D/2,) fp32 as a graph node (kinds that rotate)."""
+        raise NotImplementedError(f"position kind {self.kind} rotates but builds no theta")
+
+    def slopes(self, g: Any) -> Any:
+        """The per-head bias slopes (Hq,) fp32 as a graph node (kinds that add a bias)."""
+        raise NotImplementedError(f"position kind {self.kind} adds a bias but builds no slopes")
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+    def layer_parameters(self, heads: int, head_dim: int) -> int:
+        return 0
+
+    def decays(self) -> bool:
+        """Whether its frequency vector gets weight decay (``runtime.optim``)."""
+        return False
+
+    def model_parameters(self, head_dim: int) -> int:
+        return 0
+
+    def megatron_flags(self) -> list[str] | None:
+        return None
+
+    def megatron_refusal(self) -> tuple[str, str] | None:
+        """(key, what) of a setting Megatron-LM flags cannot express; None when they can."""
+        return None if self.megatron_flags() is not None else ("kind", f"position kind {self.kind}")
+
+
+def _base_refusal(base: float) -> tuple[str, str] | None:
+    """Megatron's --rotary-base is an integer."""
+    return None if float(base) == int(base) else ("base", f"a non-integer rotary base {base} (--rotary-base is an integer)")
+
+
+def _base_problem(base: float) -> list[tuple[str, str]]:
+    return [] if base > 1 else [("base", f"{base} is not a usable base: theta_j = base^(-2j/D) needs base > 1 "
+                                         "(the seed uses 10000)")]
+
+
+@position_kind
 @dataclass(**_frozen)
-class GrapeM:
+class GrapeM(PositionKind):
     """GRAPE-M: learnable-frequency rotation, RoPE at init (MATH.md §2)."""
     kind: Literal["grape-m"] = "grape-m"
     base: float = f(10000.0, "RoPE base of the initial spectrum theta_j = base^(-2j/d)")
@@ -91,29 +170,99 @@ class GrapeM:
     log_freq_scale: float = f(16.0, "c in theta = exp(p / c); larger = smaller Adam steps on ln(theta)")
     share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the seed's fork) or one per layer (the paper's code)")
     weight_decay: bool = f(False, "apply weight decay to p (off: decay would drag ln(theta) toward 0)")
+    rotates: ClassVar[bool] = True
+
+    @property
+    def model_wide(self) -> bool:
+        return self.share == "model"
+
+    def theta(self, g: Any) -> Any:
+        return g.grape_m(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _base_problem(self.base)
+        if not self.log_freq_scale > 0:
+            out.append(("log_freq_scale", f"{self.log_freq_scale}: theta = exp(p / c) needs c > 0 (default 16)"))
+        return out
+
+    def layer_parameters(self, heads: int, head_dim: int) -> int:
+        return head_dim // 2 if self.learnable_freq and self.share == "layer" else 0
+
+    def decays(self) -> bool:
+        return self.weight_decay
+
+    def model_parameters(self, head_dim: int) -> int:
+        return head_dim // 2 if self.learnable_freq and self.share == "model" else 0
+
+    def megatron_flags(self) -> list[str] | None:
+        return ["--position-embedding-type", "grapem", "--no-rope-fusion", "--rotary-base", str(int(self.base)),
+                "--grapem-learnable-freq" if self.learnable_freq else "--no-grapem-learnable-freq",
+                "--grapem-log-freq-scale", repr(float(f"{self.log_freq_scale:.12g}"))]
+
+    def megatron_refusal(self) -> tuple[str, str] | None:
+        if _base_refusal(self.base):
+            return _base_refusal(self.base)
+        if self.share != "model":
+            return "share", "GRAPE-M frequencies per layer (the fork keeps one vector for the model)"
+        if self.weight_decay:
+            return "weight_decay", "weight decay on GRAPE-M frequencies"
+        return None
 
 
+@position_kind
 @dataclass(**_frozen)
-class GrapeA:
+class GrapeA(PositionKind):
     """GRAPE-A: ALiBi slopes, bias -m_h (i - j) after the 1/sqrt(d) scaling (MATH.md §3)."""
     kind: Literal["grape-a"] = "grape-a"
     learnable: bool = f(False, "learn m_h = softplus(r_h) * alibi_h (initialised at the ALiBi slopes); fixed by default")
+    adds_bias: ClassVar[bool] = True
+    bias_name: ClassVar[str] = "the ALiBi bias"
+
+    def slopes(self, g: Any) -> Any:
+        return g.alibi(learnable=self.learnable)
+
+    def layer_parameters(self, heads: int, head_dim: int) -> int:
+        return heads if self.learnable else 0
+
+    def megatron_flags(self) -> list[str] | None:
+        return ["--grape-a"]
+
+    def megatron_refusal(self) -> tuple[str, str] | None:
+        return ("learnable", "learnable ALiBi slopes") if self.learnable else None
 
 
+@position_kind
 @dataclass(**_frozen)
-class NoPE:
+class NoPE(PositionKind):
     """No position signal at all (the follow-up ablation on global layers)."""
     kind: Literal["nope"] = "nope"
 
+    def megatron_flags(self) -> list[str] | None:
+        return []
 
+
+@position_kind
 @dataclass(**_frozen)
-class RoPE:
+class RoPE(PositionKind):
     """Plain RoPE: GRAPE-M's rotation with fixed frequencies base^(-2j/d)."""
     kind: Literal["rope"] = "rope"
     base: float = f(10000.0, "RoPE base")
+    rotates: ClassVar[bool] = True
+
+    def theta(self, g: Any) -> Any:
+        return g.rope(self.base)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _base_problem(self.base)
+
+    def megatron_flags(self) -> list[str] | None:
+        return ["--position-embedding-type", "rope", "--rotary-base", str(int(self.base))]
+
+    def megatron_refusal(self) -> tuple[str, str] | None:
+        return _base_refusal(self.base)
 
 
-Position = Union[GrapeM, GrapeA, NoPE, RoPE]
+Position = PositionKind
 
 
 # ----------------------------------------------------------------------------- attention
@@ -124,7 +273,7 @@ class Attention:
     kv_heads: int = f(2, "key/value heads Hkv (GQA groups); heads must be divisible by kv_heads")
     head_dim: int = f(64, "per-head width D (even: rotation pairs i with i + D/2)")
     window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)")
-    position: Position = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope")
+    position: PositionKind = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope (spec.schema.POSITION_KINDS)")
     r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)")
     r_k: int | None = f(None, "TPA key rank R_K (default 2)")
     r_v: int | None = f(None, "TPA value rank R_V (default 2)")
@@ -141,8 +290,8 @@ class Attention:
         return hf, r_q, self.r_k if self.r_k is not None else 2, self.r_v if self.r_v is not None else 2
 
     def rotates(self) -> bool:
-        """True when q and k are rotated (GRAPE-M or RoPE)."""
-        return self.position.kind in ("grape-m", "rope")
+        """True when q and k are rotated (GRAPE-M, RoPE: the position kind says)."""
+        return self.position.rotates
 
 
 def _default_local() -> Attention:

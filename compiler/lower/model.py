@@ -51,7 +51,7 @@ def graph_kind(spec: Spec, index: int) -> str:
 def _shared_grape_m(spec: Spec) -> GrapeM | None:
     """The GRAPE-M settings whose vector is owned by the model (``share: model``), if any."""
     found = {kind: spec.attention.of(kind) for kind in set(spec.layer_kinds())
-             if isinstance(spec.attention.of(kind).position, GrapeM) and spec.attention.of(kind).position.share == "model"}
+             if spec.attention.of(kind).position.model_wide}
     if len({a.head_dim for a in found.values()}) > 1 or len({a.position for a in found.values()}) > 1:
         raise GrapefxError("attention.local.position / attention.global.position: a model-wide GRAPE-M vector "
                            "(share: model) needs the same head_dim and GRAPE-M settings on both kinds; "
@@ -67,7 +67,7 @@ def build_block(spec: Spec, index: int, cd: torch.dtype, init: Initializer) -> f
     b = GraphBuilder(prefix=f"layer{index + 1}_")
     x = b.input("x")                                                                      # (B, T, C)
     pos = attn.position
-    log_freq = b.input("grape_m_log_freq") if isinstance(pos, GrapeM) and pos.share == "model" else None
+    log_freq = b.input("grape_m_log_freq") if pos.model_wide else None
 
     h = rmsnorm(b, "attn_norm", x, b.param("attn_norm.weight", Initializer.ones((C,))), C, eps, cd)
     a = lower_attention(b, h, attn, C=C, eps=eps, qk_norm=spec.model.qk_norm, log_freq=log_freq,
