@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.builder import GraphBuilder
+from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.position import position_slopes
 from spec.schema import Attention
 
@@ -34,15 +34,17 @@ def attend(b: GraphBuilder, q: fx.Node, k: fx.Node, v: fx.Node, attn: Attention,
     """
     Hq, D = attn.heads, attn.head_dim
     G = Hq // Hkv
+    tag(q, "attention.q"), tag(k, "attention.k"), tag(v, "attention.v")
     # scores, GQA by grouping: the G query heads of one KV head stacked along rows
     qg = b.method("attn_q_grouped", "reshape", q, bsz, Hkv, rows, D)            # (B, Hkv, G*T, D)
     kt = b.method("attn_k_t", "transpose", k, -2, -1)                                                    # (B, Hkv, D, T)
     s = b("attn_qk", torch.matmul, qg, kt)                                                                # (B, Hkv, G*T, T)
     s = s if cd == torch.float32 else b.method("attn_qk_fp32", "float", s)
-    s = b("attn_scores", torch.mul, s, 1.0 / math.sqrt(D))                                               # fp32
+    s = tag(b("attn_scores", torch.mul, s, 1.0 / math.sqrt(D)), "attention.scores")                     # fp32
 
     slopes = position_slopes(b, attn, device)                                                            # (Hq,) fp32 or None
     if slopes is not None:
+        tag(slopes, "attention.slopes")
         bias = b("attn_alibi_bias", ops.alibi_bias, slopes, seqlen, seqlen)                              # (Hq, T, T) fp32
         bias = b.method("attn_alibi_bias_grouped", "reshape", bias, Hkv, rows, seqlen)
         s = b("attn_scores_biased", torch.add, s, bias)
@@ -60,4 +62,5 @@ def attend(b: GraphBuilder, q: fx.Node, k: fx.Node, v: fx.Node, attn: Attention,
     o = b("attn_weighted_values", torch.matmul, probs, v)                                                # (B, Hkv, G*T, D)
     o = b.method("attn_out_heads", "reshape", o, bsz, Hq, seqlen, D)                                     # (B, Hq, T, D)
     o = b.method("attn_out_tokens", "reshape", b.method("attn_out_t", "transpose", o, 1, 2), bsz, seqlen, Hq * D)  # (B, T, Hq*D)
+    tag(o, "attention.out")
     return b("attn_out", F.linear, o, wo)                                                               # (B, T, C)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from compiler.lower.attention import lower_attention
-from compiler.lower.builder import GraphBuilder
+from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.common import rmsnorm, weight
 from compiler.lower.ffn import lower_dense_ffn, lower_moe
 from compiler.lower.init import Initializer
@@ -102,7 +102,7 @@ def build_head(spec: Spec, cd: torch.dtype, init: Initializer) -> fx.GraphModule
     else:
         w = weight(b, "lm_head.weight", init.normal("head.lm_head.weight", (V, C)), cd)
     h = rmsnorm(b, "norm", x, b.param("norm.weight", Initializer.ones((C,))), C, spec.model.norm_eps, cd)
-    logits = b("logits", F.linear, h, w)                                                  # (B, T, V)
+    logits = tag(b("logits", F.linear, h, w), "head.logits")                              # (B, T, V)
     logits = logits if cd == torch.float32 else b.method("logits_fp32", "float", logits)
     flat = b.method("logits_flat", "reshape", logits, -1, V)                              # (N, V)
     loss = b("ce_loss", F.cross_entropy, flat, b.method("targets_flat", "reshape", targets, -1), ignore_index=-100)

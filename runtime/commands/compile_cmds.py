@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def _passes(args: argparse.Namespace, spec) -> list[str]:
-    from compiler.passes import check_pass_names
+    from compiler import check_pass_names
 
     if args.no_passes:
         return []
@@ -52,7 +52,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from torch._dynamo.utils import counters
 
     from compiler.dump import write_dumps, write_inductor_index
-    from compiler.pipeline import build_model, warm_up
+    from compiler import build_model, warm_up
     from runtime.device import pick_device
     from spec import load_spec
     from spec.report import human, summary_line
