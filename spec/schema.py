@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 LAYER_KINDS = ("local", "global")
-PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention")
+PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention", "linear_cross_entropy")
 
 
 def f(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING):

@@ -56,8 +56,9 @@ def test_report_layout(make_spec):
     report = apply_passes(lower(make_spec()), ["attention_formation", "rotary_attention"], seq_len=12)
     d = report.as_dict()
     assert list(d) == ALL                                          # every known pass, in registry order
-    assert d["bias_softmax"] == {"matches": 0, "layers": [], "enabled": False, "skipped": None, "nodes_removed": 0,
-                                 "nodes_added": 0, "reasons": {}}
+    assert d["bias_softmax"] == {"graph": "block", "matches": 0, "layers": [], "enabled": False, "skipped": None,
+                                 "nodes_removed": 0, "nodes_added": 0, "reasons": {}}
+    assert d["linear_cross_entropy"]["graph"] == "head" and not d["linear_cross_entropy"]["enabled"]
     assert report.entries["bias_softmax"].why_nothing() == "off (not in compile.passes)"
     assert d["rotary_attention"]["layers"] == [1, 2, 3] and d["rotary_attention"]["nodes_removed"] == 6
     assert report.order == ["attention_formation", "rotary_attention"]
