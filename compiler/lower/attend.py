@@ -19,6 +19,7 @@ from torch import fx
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
 from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.position import position_slopes
+from compiler.window import blocked as window_blocked
 from spec.schema import Attention
 
 ops = torch.ops.grapefx
@@ -52,9 +53,7 @@ def attend(b: GraphBuilder, q: fx.Node, k: fx.Node, v: fx.Node, attn: Attention,
     # mask: query i may read key j iff 0 <= i - j <= W - 1 (local) / i - j >= 0 (global)
     idx = b("attn_pos", torch.arange, seqlen, device=device)
     rel = b("attn_rel", torch.sub, b.method("attn_pos_i", "unsqueeze", idx, 1), b.method("attn_pos_j", "unsqueeze", idx, 0))  # (T, T) i - j
-    blocked = b("attn_future", torch.lt, rel, 0)
-    if attn.window is not None:
-        blocked = b("attn_blocked", torch.logical_or, blocked, b("attn_outside_window", torch.ge, rel, attn.window))
+    blocked = window_blocked(rel, attn.window, call=b)                                                   # (T, T)
     blocked = b.method("attn_blocked_grouped", "repeat", blocked, G, 1)                                  # (G*T, T)
     s = b.method("attn_scores_masked", "masked_fill", s, blocked, float("-inf"))
     probs = b("attn_probs", torch.softmax, s, -1)                                                        # fp32

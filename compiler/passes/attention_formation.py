@@ -35,6 +35,7 @@ from torch import fx
 
 from compiler.passes.match import (ATTENTION, PassResult, Reason, arg, count, dtype, finish, infer_meta, is_op,
                                    layer_prefix, only_user, shape, shape_args, val)
+from compiler.window import blocked as window_blocked
 
 NAME = "attention_formation"
 
@@ -44,10 +45,7 @@ def blocked_mask(T: int, window: int, G: int, device: torch.device | None = None
     """(G*T, T) bool: query i may not read key j (j > i, or i - j >= window when window > 0)."""
     idx = torch.arange(T, device=device)
     rel = idx.unsqueeze(1) - idx.unsqueeze(0)                                   # (T, T) i - j
-    blocked = rel < 0
-    if window:
-        blocked = blocked | (rel >= window)
-    return blocked.repeat(G, 1)                                                 # (G*T, T)
+    return window_blocked(rel, window).repeat(G, 1)                             # (G*T, T)
 
 
 def explicit_attention(q, k, v, bias, window: int, scale: float):

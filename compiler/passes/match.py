@@ -26,6 +26,7 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
+from compiler.ops.attention import ATTENTION_ARGS, ATTENTION_DEFAULTS
 
 # one op, its spellings: the call_function targets; the call_method name is the key itself
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
@@ -52,8 +53,6 @@ _FUNCTIONS: dict[str, tuple[Any, ...]] = {
 }
 
 ATTENTION = torch.ops.grapefx.attention
-ATTENTION_ARGS = ("q", "k", "v", "theta", "slopes", "window", "scale", "bias")
-ATTENTION_DEFAULTS = {"bias": None}
 
 
 def is_op(node: Any, name: str) -> bool:
