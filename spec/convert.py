@@ -8,7 +8,8 @@ Rules of the conversion (each failure is a ``SpecError`` naming the file that wr
   not ``"8"``); a ``float`` field takes any number; ``Literal`` fields take one of their choices.
 - YAML key ``global`` maps to the field ``global_`` (a Python keyword); in general a YAML key
   that is a Python keyword maps to the field with a trailing underscore.
-- Positions are a tagged union on ``kind`` (grape-m | grape-a | nope | rope). A key that belongs
+- Positions are a tagged union on ``kind`` over ``schema.POSITION_KINDS`` (grape-m | grape-a |
+  nope | rope, and any kind registered with ``@position_kind``). A key that belongs
   to another kind is an error naming the kinds that have it. ``position: nope`` (a bare kind) is
   shorthand for ``position: {kind: nope}``.
 - Lists become tuples (the dataclasses are frozen and hashable where possible).

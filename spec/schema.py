@@ -152,7 +152,9 @@ class PositionKind:
 
 def _base_refusal(base: float) -> tuple[str, str] | None:
     """Megatron's --rotary-base is an integer."""
-    return None if float(base) == int(base) else ("base", f"a non-integer rotary base {base} (--rotary-base is an integer)")
+    if float(base) == int(base):
+        return None
+    return "base", f"a non-integer rotary base {base} (--rotary-base is an integer)"
 
 
 def _base_problem(base: float) -> list[tuple[str, str]]:
