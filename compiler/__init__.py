@@ -10,7 +10,13 @@ The public API (what ``runtime`` imports; the modules behind it may move):
 
 Roles (``tagged``) are how code outside the compiler finds nodes: the lowering tags them
 (``compiler/lower/builder.py`` lists the roles), so node names stay free for reading.
+
+Importing any part of the compiler registers the Triton kernels with the ops (on CUDA, where triton
+is installed; nothing elsewhere): the one place ``compiler.kernels`` is brought in, so the ops
+themselves never import their kernels.
 """
+
+import compiler.kernels.register  # noqa: F401  (the kernels register themselves with compiler.ops)
 
 from compiler.lower import GrapeModel, ModelOutput, graph_kind, lower
 from compiler.lower.builder import tagged

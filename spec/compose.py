@@ -6,7 +6,7 @@ top. A chain that comes back to a file already on it is an error naming the cycl
 
 Merge rule (``deep_merge``): mappings merge key by key, recursively; anything else (scalars,
 lists, null) in the child replaces the parent's value. One exception keeps tagged unions sane:
-a ``position`` mapping whose ``kind`` differs from the parent's replaces it whole, so switching
+a ``position`` (or ``router``) mapping whose ``kind`` differs from the parent's replaces it whole, so switching
 a layer kind from ``grape-a`` to ``nope`` does not drag ``learnable`` along into a kind that has
 no such key.
 
@@ -28,7 +28,7 @@ from spec.yamlio import parse_scalar, parse_yaml
 
 __all__ = ["read_spec_file", "deep_merge", "apply_overrides", "TAGGED_UNION_KEYS"]
 
-TAGGED_UNION_KEYS = frozenset({"position"})
+TAGGED_UNION_KEYS = frozenset({"position", "router"})
 
 
 def deep_merge(parent: Any, child: Any, key: str | None = None) -> Any:

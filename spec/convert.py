@@ -1,6 +1,7 @@
 """Raw YAML mapping <-> typed frozen dataclasses (``spec.schema``).
 
-Rules of the conversion (each failure is a ``SpecError`` naming the file that wrote the key):
+Rules of the conversion (each failure is a ``SpecError`` naming the file that wrote the key; all of
+them are collected and raised together as ``SpecProblems``):
 
 - Unknown keys are errors with a did-you-mean (``difflib``) among the keys of that section; when
   the name belongs to another section, the message says where (``window`` -> attention.local).
@@ -33,20 +34,16 @@ from typing import Any, Literal, Union
 
 from spec import schema
 from spec.compose import deep_merge
-from spec.errors import SpecError
+from spec.errors import SpecError, SpecProblems
 from spec.origin import Origin, dotted
 
-__all__ = ["from_dict", "to_dict", "yaml_key", "field_for_key", "POSITION_KINDS"]
+__all__ = ["from_dict", "to_dict", "yaml_key", "POSITION_KINDS"]
 
 POSITION_KINDS = schema.POSITION_KINDS    # kind -> class, filled by ``@schema.position_kind``
 
 
 def yaml_key(field_name: str) -> str:
     return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
-
-
-def field_for_key(key: str) -> str:
-    return key + "_" if keyword.iskeyword(key) else key
 
 
 @cache
@@ -82,6 +79,7 @@ def _dataclasses_in(tp: Any) -> list[type]:
 class _Converter:
     def __init__(self, origin: Origin):
         self.origin = origin
+        self.problems: list[SpecError] = []   # one per bad key; the rest of the spec is still converted
 
     def error(self, path: tuple, message: str) -> SpecError:
         return SpecError(self.origin.file_of(path), dotted(path) or None, message)
@@ -160,9 +158,9 @@ class _Converter:
         if not isinstance(value, dict):
             raise self.error(path, f"expected a position mapping like {{kind: grape-m}}, got {_show(value)}")
         kind = value.get("kind")
-        if kind not in POSITION_KINDS:
+        if not isinstance(kind, str) or kind not in POSITION_KINDS:
             msg = f"position kind must be one of {', '.join(POSITION_KINDS)}; got {_show(kind)}"
-            close = difflib.get_close_matches(str(kind), list(POSITION_KINDS), n=1)
+            close = difflib.get_close_matches(kind, list(POSITION_KINDS), n=1) if isinstance(kind, str) else []
             if close:
                 msg += f" - did you mean {close[0]!r}?"
             raise self.error(path + ("kind",), msg)
@@ -183,14 +181,17 @@ class _Converter:
         fields = {yaml_key(fl.name): fl for fl in dataclasses.fields(cls)}
         kwargs = {}
         for key, v in value.items():
-            if not isinstance(key, str):
-                raise self.error(path, f"keys must be strings, got {key!r}")
-            if key not in fields:
-                raise self.error(path + (key,), self.unknown(key, list(fields), path))
-            default = _field_default(fields[key])
-            if isinstance(v, dict) and dataclasses.is_dataclass(default):
-                v = deep_merge(to_dict(default), v, key)
-            kwargs[fields[key].name] = self.value(v, _hints(cls)[fields[key].name], path + (key,))
+            try:
+                if not isinstance(key, str):
+                    raise self.error(path, f"keys must be strings, got {_show(key)}")
+                if key not in fields:
+                    raise self.error(path + (key,), self.unknown(key, list(fields), path))
+                default = _field_default(fields[key])
+                if isinstance(v, dict) and dataclasses.is_dataclass(default):
+                    v = deep_merge(to_dict(default), v, key)
+                kwargs[fields[key].name] = self.value(v, _hints(cls)[fields[key].name], path + (key,))
+            except SpecError as e:   # reported with the others; the key keeps its default meanwhile
+                self.problems.append(e)
         return cls(**kwargs)
 
     @staticmethod
@@ -230,8 +231,14 @@ def _show(value: Any) -> str:
 
 
 def from_dict(data: Any, origin: Origin) -> schema.Spec:
-    """Typed ``Spec`` from a merged raw mapping (no cross-field validation: see spec.validate)."""
-    return _Converter(origin).dataclass(data if data is not None else {}, schema.Spec, ())
+    """Typed ``Spec`` from a merged raw mapping (no cross-field validation: see spec.validate).
+
+    Raises ``SpecProblems`` listing every unknown key and every value of the wrong type."""
+    conv = _Converter(origin)
+    spec = conv.dataclass(data if data is not None else {}, schema.Spec, ())
+    if conv.problems:
+        raise SpecProblems(conv.problems)
+    return spec
 
 
 def to_dict(obj: Any) -> Any:

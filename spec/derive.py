@@ -1,10 +1,10 @@
 """Derived facts of a spec: per-layer table, parameter counts, training FLOPs per token, KV cache.
 
-Letters as in PLAN.md: C d_model, L layers, Hq query heads, Hkv kv heads, D head dim, W window,
+Letters: C d_model, L layers, Hq query heads, Hkv kv heads, D head dim, W window,
 E routed experts, K top-k, S shared experts, F expert hidden, Fd dense FFN hidden, V padded
 vocab, T training context (data.seq_len).
 
-Parameter counting follows the state-dict layout the lowering builds (PLAN.md "compiler (model)"):
+Parameter counting follows the state-dict layout the lowering builds (``compiler.lower``):
 
 - ``embed.weight`` V*C; ``lm_head.weight`` V*C unless tied; ``final_norm.weight`` C.
 - per layer: ``attn_norm`` C and ``ffn_norm`` C; attention GQA: wq C*Hq*D, wk and wv C*Hkv*D
@@ -29,7 +29,7 @@ the LM head; torchtitan's rule). Norm weights, GRAPE-M frequencies and ALiBi slo
 Attention: QK^T and AV each cost 2*Hq*D FLOPs per (query, key) pair in the forward, x3 for
 training; ctx = W keys on local layers and T/2 (the causal half) on global layers. TPA adds its
 per-token contraction 6*D*(R_Q*Hq + (R_K + R_V)*n).
-For bench-small (issue 7) this gives 813,662,208 = 813.7 MFLOP/token (BENCHMARKS.md: 813 M).
+For examples/bench-small.yaml this gives 813,662,208 = 813.7 MFLOP/token.
 
 KV cache: per layer and cached token GQA stores K and V, 2*Hkv*D values; TPA stores
 (R_K + R_V)*(n + D) (MATH.md §4); bytes = values * 2 in bf16 (4 in fp32, precision.compute).
@@ -50,7 +50,24 @@ from spec.convert import to_dict
 from spec.schema import Attention, Spec
 
 __all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "layers", "param_counts",
-           "flops_per_token", "kv_cache", "attention_costs", "describe", "FLOPS_CONVENTION"]
+           "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups", "describe",
+           "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
+
+# fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
+TRAIN_STATE_BYTES_PER_PARAM = 16
+
+# the spec fields that size each parameter group (param_counts), to name when a model is too large
+GROUP_FIELDS: dict[str, tuple[str, ...]] = {
+    "embedding": ("model.vocab_size", "model.d_model"),
+    "lm_head": ("model.vocab_size", "model.d_model", "model.tied_embeddings: true"),
+    "attention": ("attention.<kind>.heads", "attention.<kind>.head_dim", "model.n_layers"),
+    "norms": ("model.d_model", "model.n_layers"),
+    "positions": ("attention.<kind>.head_dim",),
+    "router": ("moe.experts", "model.d_model"),
+    "routed_experts": ("moe.experts", "moe.expert_hidden", "model.n_layers"),
+    "shared_experts": ("moe.shared_experts", "moe.expert_hidden", "model.n_layers"),
+    "dense_ffn": ("ffn.hidden", "model.n_layers"),
+}
 
 FLOPS_CONVENTION = ("6 x active matmul params (attention projections, router, top-k + shared experts, dense FFN, "
                     "LM head; embedding excluded) + 12 x Hq x D x ctx per layer for attention scores and values "
@@ -231,18 +248,43 @@ def attention_costs(spec: Spec) -> list[AttentionCost]:
     return out
 
 
+def training_state_bytes(spec: Spec) -> int:
+    """Bytes of the training state: every parameter's fp32 weight, gradient and AdamW m and v (MATH.md §6);
+    activations, the data and the compiled code come on top."""
+    return param_counts(spec).total * TRAIN_STATE_BYTES_PER_PARAM
+
+
+def largest_groups(spec: Spec, n: int = 3) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The ``n`` largest parameter groups as ``(group, parameters, spec fields that size it)``, largest first:
+    what to lower when a model does not fit."""
+    groups = param_counts(spec).groups
+    return [(g, groups[g], GROUP_FIELDS[g]) for g in sorted(groups, key=groups.get, reverse=True)[:n] if groups[g]]
+
+
 def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
-    """The ``grapefx describe --json`` document (keys: layers, params, flops_per_token,
-    kv_cache_bytes_per_token, router, attention)."""
-    pc = param_counts(spec)
+    """The ``grapefx describe --json`` document: everything the text shows. Keys: name, summary, layers (with
+    each layer's KV tokens and bytes), params (total, active, groups), training_state_bytes, flops_per_token,
+    flops (its terms, the context T and the convention), kv_cache_bytes_per_token, kv_cache (context, total),
+    router, attention (per layer kind, with GQA beside TPA) and spec (the resolved spec)."""
+    from spec.report import summary_line  # the report renders this module's figures
+
+    pc, fl, kv = param_counts(spec), flops_per_token(spec), kv_cache(spec, context)
     return {
+        "name": spec.name,
+        "summary": summary_line(spec),
         "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
-                        rotary=r.rotary, additive_bias=r.additive_bias, ffn=r.ffn) for r in layers(spec)],
-        "params": {"total": pc.total, "active": pc.active},
-        "flops_per_token": flops_per_token(spec).per_token,
-        "kv_cache_bytes_per_token": kv_cache(spec, context).bytes_per_token,
+                        rotary=r.rotary, additive_bias=r.additive_bias, ffn=r.ffn, kv_tokens=c.tokens,
+                        kv_bytes=c.bytes) for r, c in zip(layers(spec), kv.layers, strict=True)],
+        "params": {"total": pc.total, "active": pc.active, "groups": dict(pc.groups)},
+        "training_state_bytes": pc.total * TRAIN_STATE_BYTES_PER_PARAM,
+        "flops_per_token": fl.per_token,
+        "flops": {"matmul_params": fl.matmul_params, "attention": fl.attention, "tpa_contraction": fl.tpa_contraction,
+                  "seq_len": spec.data.seq_len, "convention": fl.convention},
+        "kv_cache_bytes_per_token": kv.bytes_per_token,
+        "kv_cache": {"context": kv.context, "total_bytes": kv.total_bytes, "dtype": spec.precision.compute},
         "router": to_dict(spec.moe.router) if spec.moe is not None else None,
         "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
+        "spec": to_dict(spec),
     }
 
 

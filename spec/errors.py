@@ -24,3 +24,15 @@ class SpecError(GrapefxError):
     def format(self) -> str:
         where = [p for p in (self.file or "<spec>", self.key) if p]
         return ": ".join(where + [self.message])
+
+
+class SpecProblems(SpecError):
+    """One or more problems of one spec; ``str()`` lists them, one per line, first problem first."""
+
+    def __init__(self, problems: list[SpecError]):
+        self.problems = problems
+        first = problems[0]
+        super().__init__(first.file, first.key, first.message)
+
+    def format(self) -> str:
+        return "\n".join(p.format() for p in self.problems)

@@ -58,6 +58,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
 def spec_from_dict(d: dict, file: str = "<dict>") -> Spec:
     """Type-check and validate a raw mapping (YAML-shaped: key ``global``, lists, nested mappings)."""
     origin = Origin(file)
+    origin.record(d, file)
     return _typed(d, origin)
 
 

@@ -6,21 +6,25 @@ import textwrap
 
 from tabulate import tabulate
 
-from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
+from spec.derive import (
+    TRAIN_STATE_BYTES_PER_PARAM,
+    attention_costs,
+    flops_per_token,
+    kv_cache,
+    layers,
+    param_counts,
+)
 from spec.load import dump_spec
 from spec.schema import Spec
 
 __all__ = ["describe_text", "summary_line", "human"]
 
-# fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
-TRAIN_STATE_BYTES_PER_PARAM = 16
-
 
 def human(n: float, unit: str = "") -> str:
     """1234567 -> '1.23M'; bytes with unit 'B' use binary prefixes (KiB, MiB, GiB)."""
     if unit == "B":
-        for p in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(n) < 1024 or p == "TiB":
+        for p in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+            if abs(n) < 1024 or p == "EiB":
                 return f"{n:.0f} {p}" if p == "B" else f"{n:.2f} {p}"
             n /= 1024
     for p, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -38,7 +42,8 @@ def summary_line(spec: Spec) -> str:
         shared = f" + {m.shared_experts} shared" if m.shared_experts else ""
         parts.append(f"MoE {m.experts} experts top-{m.top_k}{shared}")
     pc = param_counts(spec)
-    parts.append(f"{human(pc.total)} params, {human(pc.active)} active")
+    parts.append(f"{human(pc.total)} params, {human(pc.active)} active; training state "
+                 f"{human(pc.total * TRAIN_STATE_BYTES_PER_PARAM, 'B')}")
     return "; ".join(parts)
 
 
@@ -86,13 +91,6 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
     out += ["", f"KV cache at context {kv.context} ({dtype}): {kv.bytes_per_token:,.1f} B/token amortised, "
                 f"{human(kv.total_bytes, 'B')} per sequence (local layers keep min(W, context) tokens)"]
     if spec.moe is not None:
-        r = spec.moe.router
-        out += ["", f"router: {r.score_function} scores, top-{spec.moe.top_k}"
-                    + (f" in {r.group_topk} of {r.num_groups} groups" if r.num_groups > 1 else "")
-                    + f", load balancing {r.load_balancing}"
-                    + (f" (coeff {r.aux_coeff:g})" if r.load_balancing != "none" else "")
-                    + (f", expert bias on (rate {r.bias_update_rate:g}"
-                       + (", centred" if r.bias_centering else "") + ")" if r.expert_bias else ", no expert bias")
-                    + f", gate scaling {r.topk_scaling_factor:g}, {r.dtype}"]
+        out += ["", spec.moe.router.summary(spec.moe.top_k)]
     out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
     return "\n".join(out)

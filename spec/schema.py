@@ -14,32 +14,22 @@ counts keys *including* the current token (query i sees keys i-W+1..i).
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
+
+from spec.fields import doc_of, f
+from spec.routers import ROUTERS, DeepSeekV3Router
 
 __all__ = [
     "Init", "Model", "PositionKind", "POSITION_KINDS", "position_kind", "GrapeM", "GrapeA", "NoPE", "RoPE",
     "Position", "Attention", "AttentionKinds",
-    "Router", "MoE", "FFN", "Precision", "Compile", "Source", "Tokenizer", "Data", "Optimizer",
+    "Router", "DeepSeekV3Router", "ROUTERS", "MoE", "FFN", "Precision", "Compile", "Source", "Tokenizer", "Data",
+    "Optimizer",
     "Schedule", "Train", "Parallel", "Spec", "f", "doc_of", "LAYER_KINDS", "PASS_NAMES",
 ]
 
 LAYER_KINDS = ("local", "global")
 PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention", "linear_cross_entropy")
-
-
-def f(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING):
-    """A dataclass field with its documentation in metadata (shown by errors and describe)."""
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
-def doc_of(cls: type, name: str) -> str:
-    for fl in fields(cls):
-        if fl.name == name:
-            return fl.metadata.get("doc", "")
-    return ""
 
 
 _frozen = dict(frozen=True, kw_only=True)
@@ -55,12 +45,13 @@ class Init:
 @dataclass(**_frozen)
 class Model:
     vocab_size: int = f(257, "tokenizer vocabulary size (the byte tokenizer has 257 ids: 256 bytes + end-of-document); "
-                             "the embedding is padded up to a multiple of pad_vocab_to")
-    pad_vocab_to: int = f(64, "pad the embedding rows to a multiple of this (1 = no padding); 64 suits tensor cores")
-    d_model: int = f(256, "residual stream width C")
-    n_layers: int = f(4, "number of transformer blocks L")
+                             "the embedding is padded up to a multiple of pad_vocab_to", most=2**24)
+    pad_vocab_to: int = f(64, "pad the embedding rows to a multiple of this (1 = no padding); 64 suits tensor cores",
+                          most=2**16)
+    d_model: int = f(256, "residual stream width C", most=2**16)
+    n_layers: int = f(4, "number of transformer blocks L", most=4096)
     global_every: int | None = f(4, "layer l (counted from 1) is global iff l % global_every == 0 (MATH.md §1); "
-                                    "null with layer_kinds set")
+                                    "null with layer_kinds set", most=4096)
     layer_kinds: tuple[str, ...] | None = f(None, "explicit per-layer kinds, e.g. [local, local, local, global]; "
                                                  "mutually exclusive with global_every (a file that gives layer_kinds "
                                                  "and no global_every gets global_every: null)")
@@ -159,7 +150,7 @@ def _base_refusal(base: float) -> tuple[str, str] | None:
 
 def _base_problem(base: float) -> list[tuple[str, str]]:
     return [] if base > 1 else [("base", f"{base} is not a usable base: theta_j = base^(-2j/D) needs base > 1 "
-                                         "(the seed uses 10000)")]
+                                         "(the baseline uses 10000)")]
 
 
 @position_kind
@@ -170,7 +161,8 @@ class GrapeM(PositionKind):
     base: float = f(10000.0, "RoPE base of the initial spectrum theta_j = base^(-2j/d)")
     learnable_freq: bool = f(True, "train p (theta_j = exp(p_j / log_freq_scale)); false keeps p as a buffer")
     log_freq_scale: float = f(16.0, "c in theta = exp(p / c); larger = smaller Adam steps on ln(theta)")
-    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the seed's fork) or one per layer (the paper's code)")
+    share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the vpMoE Megatron fork) or one "
+                                                  "per layer (the paper's code)")
     weight_decay: bool = f(False, "apply weight decay to p (off: decay would drag ln(theta) toward 0)")
     rotates: ClassVar[bool] = True
 
@@ -205,7 +197,7 @@ class GrapeM(PositionKind):
         if _base_refusal(self.base):
             return _base_refusal(self.base)
         if self.share != "model":
-            return "share", "GRAPE-M frequencies per layer (the fork keeps one vector for the model)"
+            return "share", "GRAPE-M frequencies per layer (the vpMoE fork keeps one vector for the model)"
         if self.weight_decay:
             return "weight_decay", "weight decay on GRAPE-M frequencies"
         return None
@@ -271,21 +263,24 @@ Position = PositionKind
 @dataclass(**_frozen)
 class Attention:
     mechanism: Literal["gqa", "tpa"] = f("gqa", "gqa (grouped-query) or tpa (Tensor Product Attention, MATH.md §4)")
-    heads: int = f(4, "query heads Hq")
-    kv_heads: int = f(2, "key/value heads Hkv (GQA groups); heads must be divisible by kv_heads")
-    head_dim: int = f(64, "per-head width D (even: rotation pairs i with i + D/2)")
-    window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)")
-    position: PositionKind = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope (spec.schema.POSITION_KINDS)")
-    r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)")
-    r_k: int | None = f(None, "TPA key rank R_K (default 2)")
-    r_v: int | None = f(None, "TPA value rank R_V (default 2)")
-    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV groups (seed's fork); default heads")
+    heads: int = f(4, "query heads Hq", most=1024)
+    kv_heads: int = f(2, "key/value heads Hkv (GQA groups); heads must be divisible by kv_heads", most=1024)
+    head_dim: int = f(64, "per-head width D (even: rotation pairs i with i + D/2)", most=1024)
+    window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)",
+                           most=2**20)
+    position: PositionKind = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope "
+                                                 "(spec.schema.POSITION_KINDS)")
+    r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)", most=1024)
+    r_k: int | None = f(None, "TPA key rank R_K (default 2)", most=1024)
+    r_v: int | None = f(None, "TPA value rank R_V (default 2)", most=1024)
+    head_factors: Literal["heads", "kv_groups"] | None = f(None, "TPA: A_K, A_V span all query heads (paper) or the KV "
+                                                                "groups (the vpMoE Megatron fork); default heads")
 
     def tpa_ranks(self) -> tuple[str, int, int, int]:
         """Resolved TPA settings ``(head_factors, R_Q, R_K, R_V)`` (MATH.md §4).
 
         Defaults: head_factors ``heads`` (the paper); R_Q = 6 with ``heads`` (paper), 4 with
-        ``kv_groups`` (the seed's fork); R_K = R_V = 2 in both.
+        ``kv_groups`` (the vpMoE Megatron fork); R_K = R_V = 2 in both.
         """
         hf = self.head_factors or "heads"
         r_q = self.r_q if self.r_q is not None else (6 if hf == "heads" else 4)
@@ -308,45 +303,31 @@ def _default_global() -> Attention:
 class AttentionKinds:
     local: Attention = f(factory=_default_local, doc="attention of local (sliding-window) layers")
     global_: Attention = f(factory=_default_global, doc="attention of global (full causal) layers; YAML key `global`")
-    allow_position_mismatch: bool = f(False, "lift the seed's rule (global layers never rotate; GRAPE-A only on global layers)")
+    allow_position_mismatch: bool = f(False, "lift the position rule (global layers never rotate; GRAPE-A only on "
+                                             "global layers)")
 
     def of(self, kind: str) -> Attention:
         return self.local if kind == "local" else self.global_
 
 
 # ----------------------------------------------------------------------------- FFN / MoE
-@dataclass(**_frozen)
-class Router:
-    """DeepSeek-V3 router (MATH.md §5)."""
-    score_function: Literal["sigmoid", "softmax"] = f("sigmoid", "s = sigmoid(logits) (DSv3) or softmax")
-    load_balancing: Literal["none", "seq_aux", "aux"] = f("none", "auxiliary loss: none (pure aux-free), seq_aux (DSv3), aux (Switch, for comparison)")
-    aux_coeff: float = f(1e-4, "coefficient alpha of the seq_aux / aux loss (DSv3: 1e-4)")
-    z_loss_coeff: float = f(0.0, "router z-loss coefficient (0 = off)")
-    expert_bias: bool = f(True, "aux-loss-free balancing: top-k over s + b, gates from s (requires sigmoid)")
-    bias_update_rate: float = f(1e-3, "gamma in b_i += gamma * sign(mean(c) - c_i), once per optimizer step")
-    bias_freeze_after_steps: int | None = f(None, "stop updating b after this many optimizer steps (DSv3 froze it late)")
-    bias_freeze_after_tokens: int | None = f(None, "stop updating b after this many training tokens")
-    bias_centering: bool = f(False, "subtract the mean of each update so b stays zero-mean (torchtitan)")
-    topk_scaling_factor: float = f(1.0, "gates are multiplied by this (DSv3: 2.5)")
-    num_groups: int = f(1, "group-limited routing: split experts into this many groups (1 = off)")
-    group_topk: int = f(1, "keep the best group_topk groups before the top-k")
-    pre_softmax: bool = f(False, "softmax only: top-k after the softmax over all experts")
-    dtype: Literal["fp32"] = f("fp32", "router logits, scores, bias and counts dtype (fp32 only: MATH.md §5)")
+Router = DeepSeekV3Router     # the default router kind (spec.routers holds one class per kind)
 
 
 @dataclass(**_frozen)
 class MoE:
-    experts: int = f(8, "routed experts E")
-    top_k: int = f(2, "experts per token K")
-    shared_experts: int = f(1, "always-on shared experts, weight 1")
-    expert_hidden: int = f(256, "hidden width of each expert's SwiGLU")
-    first_k_dense: int = f(0, "the first k layers use the dense FFN (ffn.hidden) instead of MoE")
-    router: Router = f(factory=Router, doc="router settings")
+    experts: int = f(8, "routed experts E", most=2**16)
+    top_k: int = f(2, "experts per token K", most=2**16)
+    shared_experts: int = f(1, "always-on shared experts, weight 1", most=1024)
+    expert_hidden: int = f(256, "hidden width of each expert's SwiGLU", most=2**20)
+    first_k_dense: int = f(0, "the first k layers use the dense FFN (ffn.hidden) instead of MoE", most=4096)
+    router: Router = f(factory=Router, doc=f"router settings; kind: {' | '.join(ROUTERS)}")
 
 
 @dataclass(**_frozen)
 class FFN:
-    hidden: int = f(1024, "hidden width of the dense SwiGLU FFN (dense layers, and every layer when moe is null)")
+    hidden: int = f(1024, "hidden width of the dense SwiGLU FFN (dense layers, and every layer when moe is null)",
+                    most=2**20)
 
 
 # ----------------------------------------------------------------------------- compile / precision
@@ -377,7 +358,7 @@ class Source:
 @dataclass(**_frozen)
 class Tokenizer:
     kind: Literal["byte", "bpe"] = f("byte", "byte-level (256 ids + end-of-document) or a BPE trained locally")
-    vocab_size: int | None = f(None, "BPE vocabulary size to train (bpe only)")
+    vocab_size: int | None = f(None, "BPE vocabulary size to train (bpe only)", most=2**24)
     path: str | None = f(None, "an existing tokenizer.json to use instead of training one (bpe only)")
 
 
@@ -385,7 +366,7 @@ class Tokenizer:
 class Data:
     sources: tuple[Source, ...] = f((Source(),), "corpus sources with blend weights")
     tokenizer: Tokenizer = f(factory=Tokenizer, doc="tokenizer")
-    seq_len: int = f(512, "training context T (tokens per row)")
+    seq_len: int = f(512, "training context T (tokens per row)", most=2**20)
     valid_fraction: float = f(0.01, "held-out fraction of documents for validation")
     cache_dir: str | None = f(None, "where prepared data lives (default: the user cache folder, ~/.cache/grapefx)")
 
@@ -410,15 +391,15 @@ class Schedule:
 @dataclass(**_frozen)
 class Train:
     steps: int = f(1000, "optimizer steps")
-    micro_batch: int = f(8, "sequences per forward/backward")
-    global_batch: int = f(8, "sequences per optimizer step (micro-batches are accumulated)")
+    micro_batch: int = f(8, "sequences per forward/backward", most=2**20)
+    global_batch: int = f(8, "sequences per optimizer step (micro-batches are accumulated)", most=2**24)
     seed: int = f(1234, "run seed: initialisation (per parameter name), data order, dropout-free sampling")
     optimizer: Optimizer = f(factory=Optimizer, doc="AdamW settings")
     schedule: Schedule = f(factory=Schedule, doc="learning-rate schedule")
     grad_clip: float | None = f(1.0, "clip the global gradient norm to this (null = off)")
     log_every: int = f(10, "metrics line every N steps")
     eval_every: int = f(100, "validation loss every N steps")
-    eval_batches: int = f(8, "micro-batches per validation")
+    eval_batches: int = f(8, "micro-batches per validation", most=2**20)
     checkpoint_every: int = f(500, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = f(3, "keep the newest K checkpoints")
 

@@ -2,8 +2,15 @@
 
 Each message names the value, the rule and a fix. All problems are collected; ``validate``
 raises ``SpecProblems`` whose first line is the first problem (the CLI prints all of them).
+A rule that ties several keys (``moe.top_k`` and ``moe.router.group_topk``) is reported at the
+one written last, charged to the file or ``--set`` that wrote it (``Origin.latest``).
 
-The seed's rule (MATH.md §1): global layers are exactly the layers that skip the rotation, so
+Sizes first: every field with a ``most`` bound (``spec.fields.f``) is checked before any rule,
+and when one is out of bounds no rule runs, so validating costs the same whatever the values
+(no rule may loop over a value that is not bounded). The router's rules live with the router
+(``spec.routers``).
+
+The position rule (MATH.md §1): global layers are exactly the layers that skip the rotation, so
 a global layer never rotates (GRAPE-M/RoPE), a local layer always does, and the GRAPE-A bias
 appears only on global layers (optional there: NoPE global layers are the follow-up ablation).
 ``attention.allow_position_mismatch: true`` lifts it, and every message about it says so.
@@ -11,11 +18,14 @@ appears only on global layers (optional there: NoPE global layers are the follow
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
-from spec.errors import SpecError
+from spec.convert import yaml_key
+from spec.errors import SpecError, SpecProblems
 from spec.origin import Origin, dotted
+from spec.routers import divisors
 from spec.schema import LAYER_KINDS, PASS_NAMES, POSITION_KINDS, Attention, Spec
 
 __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
@@ -23,7 +33,7 @@ __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
 # The byte tokenizer's ids: 256 byte values + one end-of-document id (runtime.data).
 BYTE_TOKENIZER_VOCAB = 257
 
-_ESCAPE = "or set attention.allow_position_mismatch: true to break the seed's rule on purpose"
+_ESCAPE = "or set attention.allow_position_mismatch: true to break the position rule on purpose"
 
 
 def _rotating() -> str:
@@ -31,24 +41,15 @@ def _rotating() -> str:
     return " or ".join(k for k, c in POSITION_KINDS.items() if c.rotates)
 
 
-class SpecProblems(SpecError):
-    """One or more validation problems; ``str()`` lists them, one per line, first problem first."""
-
-    def __init__(self, problems: list[SpecError]):
-        self.problems = problems
-        first = problems[0]
-        super().__init__(first.file, first.key, first.message)
-
-    def format(self) -> str:
-        return "\n".join(p.format() for p in self.problems)
-
-
 class _Checker:
     def __init__(self, spec: Spec, origin: Origin):
         self.spec, self.origin = spec, origin
         self.problems: list[SpecError] = []
 
-    def err(self, path: tuple, message: str) -> None:
+    def err(self, path: tuple, message: str, also: tuple[tuple, ...] = ()) -> None:
+        """One problem, at ``path``; for a rule that ``also`` involves other keys, at whichever of them was
+        written last (the value the user changed), charged to the file or --set that wrote it."""
+        path = self.origin.latest((path, *also))
         self.problems.append(SpecError(self.origin.file_of(path), dotted(path), message))
 
     # ------------------------------------------------------------------ small rule helpers
@@ -56,7 +57,7 @@ class _Checker:
         v = getattr(obj, name)
         if v is None and optional:
             return True
-        if v < low:
+        if not v >= low:  # NaN too
             self.err(path + (name,), f"{v} is too small: {what or name} must be >= {low:g}")
             return False
         return True
@@ -73,6 +74,8 @@ class _Checker:
     # ------------------------------------------------------------------ sections
     def run(self) -> list[SpecError]:
         s = self.spec
+        if not self.bounds(s, ()):   # every rule below may loop over a size: bounded first, cost independent of values
+            return self.problems
         if not s.name or "/" in s.name or "\\" in s.name:
             self.err(("name",), f"{s.name!r} is not a usable run name: it names the folder runs/<name>, so it must be "
                                 "non-empty and contain no slashes")
@@ -90,6 +93,24 @@ class _Checker:
         self.data(kinds_ok)
         self.train()
         return self.problems
+
+    def bounds(self, obj: Any, path: tuple) -> bool:
+        """Every size field at most its ``most`` (``spec.fields.f``); False when one is larger."""
+        ok = True
+        for fl in dataclasses.fields(obj):
+            v, key = getattr(obj, fl.name), path + (yaml_key(fl.name),)
+            most = fl.metadata.get("most")
+            if most is not None and isinstance(v, int) and v > most:
+                self.err(key, f"{v:,} is too large: {fl.name} must be <= {most:,} (grapefx bounds every size so that "
+                              "checking and counting a spec stay instant; real models stay far below it)")
+                ok = False
+            elif dataclasses.is_dataclass(v):
+                ok &= self.bounds(v, key)
+            elif isinstance(v, tuple):
+                for i, item in enumerate(v):
+                    if dataclasses.is_dataclass(item):
+                        ok &= self.bounds(item, key + (i,))
+        return ok
 
     def model(self) -> None:
         m, p = self.spec.model, ("model",)
@@ -109,13 +130,20 @@ class _Checker:
             return False
         if m.global_every is not None and m.global_every < 1:
             self.err(p + ("global_every",), f"{m.global_every} is not a period: layer l (from 1) is global iff "
-                                            "l % global_every == 0, so global_every must be >= 1 (4 = the seed's 3:1); "
+                                            "l % global_every == 0, so global_every must be >= 1 (the baseline's 4 "
+                                            "gives 3 local layers per global one); "
                                             "use null for no global layers")
+            return False
+        if m.global_every is not None and m.global_every > m.n_layers >= 1:
+            self.err(p + ("global_every",), f"{m.global_every} places no global layer in a {m.n_layers}-layer model "
+                                            f"(layer l is global iff l % {m.global_every} == 0, and no l in "
+                                            f"1..{m.n_layers} is): use global_every <= {m.n_layers}, "
+                                            "or null for no global layers", also=(p + ("n_layers",),))
             return False
         if m.layer_kinds is not None:
             if len(m.layer_kinds) != m.n_layers:
                 self.err(p + ("layer_kinds",), f"{len(m.layer_kinds)} kinds for n_layers = {m.n_layers}: give exactly "
-                                               "one kind (local or global) per layer")
+                                               "one kind (local or global) per layer", also=(p + ("n_layers",),))
                 return False
             for i, k in enumerate(m.layer_kinds):
                 if k not in LAYER_KINDS:
@@ -132,30 +160,30 @@ class _Checker:
         ok = self.at_least(a, "heads", p, 1, "query heads") & self.at_least(a, "kv_heads", p, 1, "kv heads")
         self.at_least(a, "head_dim", p, 1)
         if ok and a.heads % a.kv_heads:
-            divisors = [d for d in range(1, a.heads + 1) if a.heads % d == 0]
             self.err(p + ("kv_heads",), f"{a.heads} query heads cannot be shared evenly by {a.kv_heads} kv heads (GQA: "
                                         f"query head h reads kv head h // (heads / kv_heads), so heads % kv_heads "
-                                        f"must be 0); use kv_heads in {divisors}")
+                                        f"must be 0); use kv_heads in {divisors(a.heads)}", also=(p + ("heads",),))
         if a.rotates() and a.head_dim % 2:
             self.err(p + ("head_dim",), f"{a.head_dim} is odd: the {a.position.kind} rotation pairs coordinate i with "
-                                        "i + head_dim/2, so head_dim must be even")
+                                        "i + head_dim/2, so head_dim must be even", also=(p + ("position", "kind"),))
         tpa_keys = [k for k in ("r_q", "r_k", "r_v", "head_factors") if getattr(a, k) is not None]
         if a.mechanism == "gqa" and tpa_keys:
             self.err(p + (tpa_keys[0],), f"{tpa_keys[0]} applies to mechanism tpa only (MATH.md §4); delete it or set "
-                                         f"attention.{kind}.mechanism: tpa")
+                                         f"attention.{kind}.mechanism: tpa", also=(p + ("mechanism",),))
         for r in ("r_q", "r_k", "r_v"):
             self.at_least(a, r, p, 1, f"the TPA rank {r}", optional=True)
         if a.mechanism == "tpa" and self.spec.model.qk_norm:
             self.err(p + ("mechanism",), "tpa with model.qk_norm: TPA rotates the B factors before the contraction "
                                          "(MATH.md §4), but QK-norm must normalise the contracted q and k before any "
-                                         "rotation (MATH.md §2); set model.qk_norm: false, or use mechanism: gqa")
+                                         "rotation (MATH.md §2); set model.qk_norm: false, or use mechanism: gqa",
+                     also=(("model", "qk_norm"),))
         if kind == "local":
             if a.window is None:
                 self.err(p + ("window",), "local layers need a window: W keys including the current token (query i "
-                                          "sees keys i-W+1..i); the seed uses window: 128")
+                                          "sees keys i-W+1..i); the baseline uses window: 128")
             elif a.window < 1:
                 self.err(p + ("window",), f"{a.window} keys is not a window: W counts keys including the current "
-                                          "token, so W >= 1 (W = 1 sees only itself; the seed uses 128)")
+                                          "token, so W >= 1 (W = 1 sees only itself; the baseline uses W = 128)")
         elif a.window is not None:
             self.err(p + ("window",), f"global layers attend to the whole causal context; a window ({a.window}) is "
                                       "only for local layers: delete it, or make those layers local "
@@ -169,16 +197,16 @@ class _Checker:
         if not att.allow_position_mismatch:
             if glo.rotates():
                 self.err(("attention", "global", "position", "kind"),
-                         f"{glo.position.kind} rotates q and k, but in the seed's design global layers never rotate "
+                         f"{glo.position.kind} rotates q and k, but by the position rule global layers never rotate "
                          "(they are exactly the layers that skip the rotation, MATH.md §1): use grape-a (ALiBi bias) "
                          f"or nope, {_ESCAPE}")
             if loc.position.adds_bias:
                 self.err(("attention", "local", "position", "kind"),
-                         f"{loc.position.kind} ({loc.position.bias_name}) appears only on global layers in the seed's design "
-                         f"(MATH.md §1): use {_rotating()} on local layers, {_ESCAPE}")
+                         f"{loc.position.kind} ({loc.position.bias_name}) appears only on global layers by the position "
+                         f"rule (MATH.md §1): use {_rotating()} on local layers, {_ESCAPE}")
             elif not loc.rotates():
                 self.err(("attention", "local", "position", "kind"),
-                         f"{loc.position.kind}: local layers rotate in the seed's design (the layers that skip the "
+                         f"{loc.position.kind}: local layers rotate by the position rule (the layers that skip the "
                          f"rotation are exactly the global ones, MATH.md §1): use {_rotating()}, {_ESCAPE}")
         if loc.position.kind == glo.position.kind and (loc.position.model_wide or glo.position.model_wide):
             if loc.position != glo.position or loc.head_dim != glo.head_dim:
@@ -193,52 +221,13 @@ class _Checker:
         ok = self.at_least(m, "experts", p, 1, "routed experts") & self.at_least(m, "top_k", p, 1)
         if ok and m.top_k > m.experts:
             self.err(p + ("top_k",), f"top_k = {m.top_k} picks more experts than exist (experts = {m.experts}); "
-                                     f"use top_k <= {m.experts}")
+                                     f"use top_k <= {m.experts}", also=(p + ("experts",),))
         self.at_least(m, "shared_experts", p, 0, "shared experts (0 = none)")
         self.at_least(m, "expert_hidden", p, 1, "the expert hidden width")
         if not 0 <= m.first_k_dense <= n_layers:
             self.err(p + ("first_k_dense",), f"{m.first_k_dense} dense layers in a {n_layers}-layer model: "
-                                             f"first_k_dense must be in 0..{n_layers}")
-        r, rp = m.router, p + ("router",)
-        if self.at_least(r, "num_groups", rp, 1, "num_groups (1 = no group-limited routing)") and ok:
-            if m.experts % r.num_groups:
-                self.err(rp + ("num_groups",), f"{m.experts} experts cannot be split into {r.num_groups} equal groups "
-                                               "(experts % num_groups must be 0); use num_groups in "
-                                               f"{[d for d in range(1, m.experts + 1) if m.experts % d == 0]}")
-            elif self.at_least(r, "group_topk", rp, 1):
-                if r.group_topk > r.num_groups:
-                    self.err(rp + ("group_topk",), f"keeps {r.group_topk} of {r.num_groups} groups: group_topk must "
-                                                   "be <= num_groups")
-                elif m.top_k // r.group_topk < 1:
-                    self.err(rp + ("group_topk",), f"top_k // group_topk = {m.top_k} // {r.group_topk} = 0: each kept "
-                                                   "group is scored by its top (top_k // group_topk) experts, which "
-                                                   f"must be >= 1; use group_topk <= {m.top_k}")
-                elif m.top_k > r.group_topk * (m.experts // r.num_groups):
-                    self.err(rp + ("group_topk",), f"the {r.group_topk} kept groups hold "
-                                                   f"{r.group_topk * (m.experts // r.num_groups)} experts, fewer than "
-                                                   f"top_k = {m.top_k}; raise group_topk")
-        if r.expert_bias and r.score_function != "sigmoid":
-            self.err(rp + ("expert_bias",), f"expert_bias needs score_function: sigmoid (MATH.md §5; Megatron refuses "
-                                            f"it too): with {r.score_function} a per-expert offset reweights every "
-                                            "expert; set score_function: sigmoid or expert_bias: false")
-        if r.pre_softmax and r.score_function == "sigmoid":
-            self.err(rp + ("pre_softmax",), "pre_softmax means 'softmax over all experts before the top-k' and has no "
-                                            "meaning with score_function: sigmoid; delete it (or use softmax)")
-        if r.expert_bias:
-            self.positive(r, "bias_update_rate", rp, "bias_update_rate (gamma) with expert_bias on; to keep the bias "
-                                                     "fixed use expert_bias: false")
-        for k in ("bias_freeze_after_steps", "bias_freeze_after_tokens"):
-            self.at_least(r, k, rp, 1, k, optional=True)
-        if r.bias_freeze_after_steps is not None and r.bias_freeze_after_tokens is not None:
-            self.err(rp + ("bias_freeze_after_tokens",), "give one freeze point: bias_freeze_after_steps or "
-                                                         "bias_freeze_after_tokens, not both")
-        if r.load_balancing != "none":
-            self.positive(r, "aux_coeff", rp, f"aux_coeff with load_balancing: {r.load_balancing} (to turn the loss "
-                                              "off use load_balancing: none)")
-        else:
-            self.at_least(r, "aux_coeff", rp, 0)
-        self.at_least(r, "z_loss_coeff", rp, 0, "z_loss_coeff (0 = off)")
-        self.positive(r, "topk_scaling_factor", rp)
+                                             f"first_k_dense must be in 0..{n_layers}", also=(("model", "n_layers"),))
+        m.router.check(m, self, p + ("router",))
 
     def compile(self) -> None:
         seen = set()
@@ -258,7 +247,8 @@ class _Checker:
             if w is not None and "local" in s.layer_kinds() and d.seq_len < w:
                 self.err(p + ("seq_len",), f"a {w}-key window never binds in a {d.seq_len}-token context (local layers "
                                            "would attend like global ones): data.seq_len must be >= "
-                                           "attention.local.window; raise seq_len or lower the window")
+                                           "attention.local.window; raise seq_len or lower the window",
+                         also=(("attention", "local", "window"),))
         if not d.sources:
             self.err(p + ("sources",), "no data sources; give at least one, e.g. [{path: builtin:shakespeare}]")
         for i, src in enumerate(d.sources):
@@ -277,7 +267,7 @@ class _Checker:
             if s.model.vocab_size < BYTE_TOKENIZER_VOCAB:
                 self.err(("model", "vocab_size"), f"{s.model.vocab_size} is smaller than the byte tokenizer's "
                                                   f"{BYTE_TOKENIZER_VOCAB} ids (256 bytes + end-of-document): set "
-                                                  f"model.vocab_size: {BYTE_TOKENIZER_VOCAB}")
+                                                  f"model.vocab_size: {BYTE_TOKENIZER_VOCAB}", also=(tp + ("kind",),))
         else:
             if (t.vocab_size is None) == (t.path is None):
                 self.err(tp + ("vocab_size",), "a bpe tokenizer needs exactly one of vocab_size (train a BPE of that "
@@ -288,7 +278,8 @@ class _Checker:
                                                "e.g. 4096")
             elif t.vocab_size is not None and s.model.vocab_size < t.vocab_size:
                 self.err(("model", "vocab_size"), f"{s.model.vocab_size} is smaller than the tokenizer's "
-                                                  f"{t.vocab_size} ids: set model.vocab_size >= {t.vocab_size}")
+                                                  f"{t.vocab_size} ids: set model.vocab_size >= {t.vocab_size}",
+                         also=(tp + ("vocab_size",),))
 
     def train(self) -> None:
         t, p = self.spec.train, ("train",)
@@ -299,7 +290,8 @@ class _Checker:
             if t.global_batch % t.micro_batch:
                 self.err(p + ("global_batch",), f"{t.global_batch} sequences cannot be made of whole micro-batches of "
                                                 f"{t.micro_batch}: global_batch must be a multiple of micro_batch "
-                                                f"(e.g. {lower or t.micro_batch} or {lower + t.micro_batch})")
+                                                f"(e.g. {lower or t.micro_batch} or {lower + t.micro_batch})",
+                         also=(p + ("micro_batch",),))
         self.at_least(t, "seed", p, 0)
         o, op = t.optimizer, p + ("optimizer",)
         self.positive(o, "lr", op, "the learning rate")

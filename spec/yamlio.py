@@ -52,6 +52,10 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (list, dict)):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a name, not a {'list' if isinstance(key, list) else 'mapping'} "
+                            "(`? [...]` or `? {...}`): write `name: value`", key_node.start_mark)
         if key in seen:
             first = seen[key].start_mark
             raise yaml.constructor.ConstructorError(

@@ -1,8 +1,10 @@
-"""Triton kernels behind the fused ops (issue 7). CUDA only; the CPU paths never need them.
+"""Triton kernels behind the fused ops. CUDA only; the CPU paths never need them.
 
-Importing this package is safe without triton or a GPU. Where both are present it registers the
-attention kernels with ``grapefx::attention`` through ``compiler.ops.attention.register_cuda_impl``
-(the op imports this package on its first CUDA call). ``available()`` says whether that happened.
+The dependency points one way: the ops (``compiler.ops``) define each op's contract, reference
+math and a ``register_cuda_impl`` hook, and import nothing from here; ``compiler.kernels.register``
+hands the kernels to those hooks. It is imported once, by ``compiler/__init__.py``, so every use
+of ``torch.ops.grapefx`` gets the kernels where triton and a GPU are present (``available()``).
+Importing this package itself is safe without triton or a GPU and registers nothing.
 
 Launch paths: by default the kernels are reached through ``torch.library.triton_op``s that
 torch.compile decomposes, so Inductor launches them from its generated code (``traced``).
@@ -57,17 +59,5 @@ def launch(kernel):
     # Triton's interpreter (TRITON_INTERPRET=1, CPU tests) gives no JITFunction: nothing to trace there
     return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
-
-def _register() -> None:
-    if available():
-        from compiler.kernels.attention import cuda_backward, cuda_forward
-        from compiler.ops.attention import register_cuda_impl
-        traced = None
-        if not opaque():
-            from compiler.kernels.attention_ops import traced_attention as traced
-        register_cuda_impl(cuda_forward, cuda_backward, traced)
-
-
-_register()
 
 __all__ = ["available", "triton_installed", "opaque", "launch", "traceable_launches"]

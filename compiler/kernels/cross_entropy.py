@@ -13,8 +13,8 @@ Per row r with target t (MATH.md §6: the statistics in fp32, whatever the logit
 The row is read twice (statistics, then the gradient); a row of 32k bf16 logits is 64 KiB, so the
 second pass mostly hits L2. Bytes: one read of the chunk (loss only) or two reads and one write.
 
-Importing this module needs triton; ``compiler.ops.linear_cross_entropy`` imports it lazily and only
-for CUDA tensors. Targets outside [0, V) other than ``ignore_index`` are not checked here (the op's
+Importing this module needs triton; ``compiler.kernels.register`` imports it where a GPU is present
+and registers ``ce_rows`` with ``compiler.ops.linear_cross_entropy``, which calls it for CUDA tensors. Targets outside [0, V) other than ``ignore_index`` are not checked here (the op's
 CPU path raises on them, as ``F.cross_entropy`` does).
 """
 

@@ -12,7 +12,8 @@ Rows r are the N*K (token, slot) assignments sorted by expert; ``gu`` (R, 2F) ho
         db = dh silu(a);  hg = g h  (the left factor of dW_down = hg^T dy)
 
 All math in fp32, outputs in the inputs' dtype. ``pos`` is the inverse of the sort: row of
-assignment t*K + k. Importing this module needs triton; the op imports it only for CUDA tensors.
+assignment t*K + k. Importing this module needs triton; ``compiler.kernels.register`` imports it where a GPU
+is present and registers it with ``compiler.ops.experts``, which calls it only for CUDA tensors.
 Launches go through ``compiler.kernels.launch``: inside the ``triton_op``s of
 ``compiler.kernels.moe_ops`` torch.compile records them (``wrap_triton``) and Inductor issues them
 from its generated code.

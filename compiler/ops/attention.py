@@ -39,15 +39,15 @@ online softmax; the backward recomputes P = exp(S - lse) per block. Memory is
 O(BLOCK_Q * BLOCK_K) per (batch, head) beyond the O(T * D) tensors, and a sliding window costs
 O(T * (W + BLOCK_Q)).
 
-CUDA. ``compiler.kernels`` (imported on the first CUDA call, when triton is installed) registers its
-Triton kernels with ``register_cuda_impl``. By default ``grapefx::attention`` then calls the
-kernels' ``triton_op``s (``traced``), which torch.compile decomposes into kernel launches that
-Inductor issues itself; the opaque ops above keep the reference (and, with
-``GRAPEFX_OPAQUE_KERNELS=1``, launch the kernels from their Python bodies instead). Calls the
-kernels do not cover (a dense ``bias``, other dtypes or head dims) run the reference on CUDA too.
+CUDA. This module imports no kernels: it exposes ``register_cuda_impl``, and ``compiler.kernels``
+(imported once, by ``compiler/__init__.py``, where triton and a GPU are present) registers its Triton
+kernels there. By default ``grapefx::attention`` then calls the kernels' ``triton_op``s (``traced``),
+which torch.compile decomposes into kernel launches that Inductor issues itself; the opaque ops
+above keep the reference (and, with ``GRAPEFX_OPAQUE_KERNELS=1``, launch the kernels from their
+Python bodies instead). Calls the kernels do not cover (a dense ``bias``, other dtypes or head
+dims) run the reference on CUDA too; so does everything when nothing is registered.
 """
 
-import importlib
 from typing import Callable, Optional
 
 import torch
@@ -262,11 +262,10 @@ def _backward_ref(grad_out, q, k, v, out, lse, theta, slopes, window, scale, bia
 
 _cuda_kernels: Optional[tuple[Callable, Callable]] = None
 _traced_kernels: Optional[Callable] = None
-_cuda_kernels_searched = False
 
 
 def register_cuda_impl(fwd: Optional[Callable], bwd: Optional[Callable], traced: Optional[Callable] = None) -> None:
-    """Route CUDA inputs to kernels; ``(None, None)`` unregisters.
+    """Route CUDA inputs to kernels; ``(None, None)`` unregisters. ``compiler.kernels`` calls this.
 
     ``fwd(q, k, v, theta, slopes, window, scale) -> (out, lse)``: out (B, Hq, T, D) in q's dtype,
     lse (B, Hq, T) fp32 = natural-log logsumexp over the visible keys of the scaled, biased scores.
@@ -286,14 +285,7 @@ def register_cuda_impl(fwd: Optional[Callable], bwd: Optional[Callable], traced:
 
 
 def _cuda_impl() -> Optional[tuple[Callable, Callable]]:
-    global _cuda_kernels_searched
-    if not _cuda_kernels_searched:
-        _cuda_kernels_searched = True
-        try:
-            importlib.import_module("compiler.kernels")
-        except ModuleNotFoundError as e:   # no kernels package: the reference serves CUDA too
-            if e.name not in ("compiler.kernels", "compiler"):
-                raise
+    """The registered (fwd, bwd), or None: the reference serves CUDA too."""
     return _cuda_kernels
 
 
@@ -384,7 +376,7 @@ _lib.define("attention(" + ", ".join(f"{t} {n}" + ("=None" if n in ATTENTION_DEF
 
 
 def _attention_kernel(q, k, v, theta, slopes, window, scale, bias=None):
-    if q.is_cuda and bias is None and _cuda_impl() is not None and _traced_kernels is not None:
+    if q.is_cuda and bias is None and _traced_kernels is not None:
         out = _traced_kernels(q, k, v, theta, slopes, window, scale)
         if out is not None:
             return out

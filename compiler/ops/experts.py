@@ -16,7 +16,7 @@ and no per-token Python:
                                             (cumulative int32 group ends, no bincount / .item())
     xs  = x[order // K]                     (R, C), R = N*K rows grouped by expert
     gu  = grouped_mm(xs, [W_gate | W_up])   (R, 2F): ONE grouped GEMM over the concatenated weights
-    h   = silu(a) * b                       (R, F)   Triton (compiler.kernels.moe.swiglu_fwd)
+    h   = silu(a) * b                       (R, F)   Triton on CUDA (registered ``swiglu_fwd``)
     y   = grouped_mm(h, W_down)             (R, C)
     out[t] = sum_k g[t,k] y[pos[t*K+k]]     (N, C)   Triton gather-sum with the gates, fp32 sum;
                                             pos = the inverse permutation: no scatter/index_add
@@ -40,16 +40,17 @@ Structure: ``grapefx::expert_ffn`` is a CompositeImplicitAutograd forwarder to
 ``grapefx::expert_ffn_fwd`` -> (out, gu, order, offs) (the last three empty on the reference
 path) whose autograd calls ``grapefx::expert_ffn_backward``, as ``grapefx::attention`` does: a
 custom op's autograd only sees its outputs, so what the backward reuses must be an output.
-On CUDA with triton the lean path goes instead through the ``triton_op``s of
-``compiler.kernels.moe_ops`` (same functions, same autograd), which torch.compile decomposes so
-that Inductor issues the sort, gathers, grouped GEMMs and Triton launches from its generated code
-(no Python op body per call); ``GRAPEFX_OPAQUE_KERNELS=1`` keeps the opaque ops.
+
+CUDA. This module imports no kernels: ``compiler.kernels`` (imported once, by
+``compiler/__init__.py``, where triton and a GPU are present) registers through
+``register_cuda_impl`` the Triton elementwise steps of the lean path and, by default, the
+``triton_op``s of ``compiler.kernels.moe_ops`` (same functions, same autograd), which torch.compile
+decomposes so that Inductor issues the sort, gathers, grouped GEMMs and Triton launches from its
+generated code (no Python op body per call); ``GRAPEFX_OPAQUE_KERNELS=1`` keeps the opaque ops.
 """
 
 import functools
-import importlib
-import importlib.util
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -194,16 +195,30 @@ def _lean_applies(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> bo
     return ok_dtype and x.shape[1] % align == 0 and w_gate.shape[2] % align == 0
 
 
-@functools.cache
-def _triton_moe():
-    """compiler.kernels.moe, or None where triton is not installed."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    return importlib.import_module("compiler.kernels.moe")
+# ---------------------------------------------------------------------------------------------
+# the lean path's CUDA kernels hook, and its elementwise steps (the registered kernels, else torch ops)
+
+_cuda_kernels = None                    # swiglu_fwd, swiglu_bwd, gather_sum: see register_cuda_impl
+_traced_lean: Optional[Callable] = None
+
+
+def register_cuda_impl(elementwise, traced: Optional[Callable] = None) -> None:
+    """Route the lean path's CUDA work to kernels; ``None`` unregisters. ``compiler.kernels`` calls this.
+
+    ``elementwise``: an object (``compiler.kernels.moe``) with the three steps whose torch versions
+    follow, same arguments and results: ``swiglu_fwd(gu)``, ``swiglu_bwd(gu, u, g)`` and
+    ``gather_sum(src, pos, gates, K)``. They serve CUDA tensors only.
+    ``traced(x, indices, gates, w_gate, w_up, w_down) -> (out, gu, order, offs)``: the lean forward
+    as a traceable op with its autograd, which ``grapefx::expert_ffn`` calls on CUDA where the lean
+    path applies (None: the opaque ``grapefx::expert_ffn_fwd`` serves).
+    """
+    global _cuda_kernels, _traced_lean
+    _cuda_kernels = elementwise
+    _traced_lean = None if elementwise is None else traced
 
 
 def _swiglu_fwd(gu: Tensor) -> Tensor:
-    k = _triton_moe() if gu.is_cuda else None
+    k = _cuda_kernels if gu.is_cuda else None
     if k is not None:
         return k.swiglu_fwd(gu)
     a, b = gu.float().chunk(2, dim=-1)
@@ -211,7 +226,7 @@ def _swiglu_fwd(gu: Tensor) -> Tensor:
 
 
 def _gather_sum(src: Tensor, pos: Tensor, gates: Optional[Tensor], K: int) -> Tensor:
-    k = _triton_moe() if src.is_cuda else None
+    k = _cuda_kernels if src.is_cuda else None
     if k is not None:
         return k.gather_sum(src, pos, gates, K)
     R, C = src.shape
@@ -222,7 +237,7 @@ def _gather_sum(src: Tensor, pos: Tensor, gates: Optional[Tensor], K: int) -> Te
 
 
 def _swiglu_bwd(gu: Tensor, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    k = _triton_moe() if gu.is_cuda else None
+    k = _cuda_kernels if gu.is_cuda else None
     if k is not None:
         return k.swiglu_bwd(gu, u, g)
     a, b = gu.float().chunk(2, dim=-1)
@@ -364,19 +379,9 @@ _lib = torch.library.Library("grapefx", "FRAGMENT")
 _lib.define("expert_ffn(Tensor x, Tensor indices, Tensor gates, Tensor w_gate, Tensor w_up, Tensor w_down) -> Tensor")
 
 
-@functools.cache
-def _traced_lean():
-    """``compiler.kernels.moe_ops`` (the lean path as traceable ops), or None: no triton, or
-    ``GRAPEFX_OPAQUE_KERNELS=1``."""
-    if _triton_moe() is None:
-        return None
-    from compiler.kernels import opaque
-    return None if opaque() else importlib.import_module("compiler.kernels.moe_ops")
-
-
 def _expert_ffn_kernel(x, indices, gates, w_gate, w_up, w_down):
-    if x.is_cuda and _lean_applies(x, w_gate, w_up, w_down) and _traced_lean() is not None:
-        return _traced_lean().expert_ffn_lean_fwd(x, indices, gates, w_gate, w_up, w_down)[0]
+    if x.is_cuda and _traced_lean is not None and _lean_applies(x, w_gate, w_up, w_down):
+        return _traced_lean(x, indices, gates, w_gate, w_up, w_down)[0]
     return torch.ops.grapefx.expert_ffn_fwd(x, indices, gates, w_gate, w_up, w_down)[0]
 
 

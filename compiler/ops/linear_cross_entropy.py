@@ -27,13 +27,12 @@ The decision is taken while tracing, so under torch.compile the training graph h
 and a ``no_grad`` graph the second (Dynamo guards on grad mode).
 
 CUDA: the per-chunk logsumexp, target logit and dz are one Triton kernel over the chunk, in place
-(``compiler.kernels.cross_entropy``); elsewhere, and where triton is missing, torch ops do the same
-math. dW is accumulated over chunks in W's dtype by ``addmm_`` (fp32 accumulation inside each
+(``compiler.kernels.cross_entropy``, which registers it through ``register_cuda_impl``: this module
+imports no kernels); elsewhere, and where nothing is registered, torch ops do the same math. dW is accumulated over chunks in W's dtype by ``addmm_`` (fp32 accumulation inside each
 matmul, one rounding per chunk).
 """
 
-import functools
-import importlib.util
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -61,13 +60,18 @@ def _check(x: Tensor, weight: Tensor, targets: Tensor) -> None:
         raise ValueError(f"linear_cross_entropy: x and weight must share a float dtype; got {x.dtype}, {weight.dtype}")
 
 
-@functools.cache
-def _triton_rows():
-    """The Triton row kernel, or None where triton is not installed."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from compiler.kernels.cross_entropy import ce_rows
-    return ce_rows
+_cuda_rows: Optional[Callable] = None
+
+
+def register_cuda_impl(rows: Optional[Callable]) -> None:
+    """Route CUDA chunks to a row kernel; None unregisters. ``compiler.kernels`` calls this.
+
+    ``rows(z, targets, scale, ignore_index, grad) -> loss (R,) fp32``: what ``_rows_torch`` computes,
+    with dz (scale * (softmax - onehot), 0 on ignored rows) written into z in place when ``grad``
+    (z untouched otherwise); ``scale`` is an fp32 () tensor.
+    """
+    global _cuda_rows
+    _cuda_rows = rows
 
 
 def _rows_torch(z: Tensor, targets: Tensor, scale: Tensor, ignore_index: int, grad: bool) -> tuple[Tensor, Tensor]:
@@ -95,7 +99,7 @@ def _run(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, grad: bo
     sd = compute_dtype(x.dtype, weight.dtype)                                        # statistics dtype
     count = (targets != ignore_index).sum()                                          # () int64, stays on device
     scale = 1.0 / count.clamp(min=1).to(sd)                                          # dz scale; 0 counted -> no grads
-    rows_kernel = _triton_rows() if x.is_cuda else None
+    rows_kernel = _cuda_rows if x.is_cuda else None
     rows = chunk_rows(N, V, x.element_size())
     buf = x.new_empty(min(rows, N), V) if N else None                               # one chunk of logits, reused
     loss_sum = torch.zeros((), dtype=sd, device=x.device)

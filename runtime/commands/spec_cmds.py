@@ -16,9 +16,9 @@ from pathlib import Path
 from runtime.commands import add_overrides
 from spec import dump_spec, load_spec, spec_from_dict
 from spec.derive import describe
-from spec.errors import SpecError
+from spec.errors import GrapefxError, SpecError
 from spec.megatron import import_megatron, megatron_notes, to_megatron
-from spec.patterns import RECIPE
+from spec.megatron.patterns import RECIPE
 from spec.report import describe_text, summary_line
 
 
@@ -28,14 +28,21 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("validate", help="check a spec (or an ablation matrix); print 'ok' or every problem")
-    _add_spec_args(p)
+    p = subparsers.add_parser("validate", help="check specs (or ablation matrices): an 'ok' line per good file, "
+                                               "every problem of the others (exit 2 if any fails)",
+                              description="Check each SPEC: load it, merge `extends:`, apply --set, check every rule. "
+                                          "Prints `ok: FILE (layers; MoE; parameters; training state)` for each good "
+                                          "file and `FILE: key.path: message` for every problem of the others; exit "
+                                          "status 2 if any file fails.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="YAML specs, e.g. examples/*.yaml")
+    add_overrides(p, "train.steps=50", "one value (in every SPEC)")
     p.set_defaults(func=cmd_validate)
 
     p = subparsers.add_parser("describe", help="per-layer table, parameters, FLOPs/token, KV cache, resolved spec")
     _add_spec_args(p)
-    p.add_argument("--json", action="store_true", help="machine-readable: layers, params, flops_per_token, "
-                                                       "kv_cache_bytes_per_token, router")
+    p.add_argument("--json", action="store_true", help="machine-readable, everything the text shows: layers (with KV "
+                                                       "bytes), params (with groups), training state, FLOPs, KV cache, "
+                                                       "router, attention costs, the resolved spec")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="context length for the KV-cache figures (default: data.seq_len)")
     p.set_defaults(func=cmd_describe)
@@ -55,21 +62,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Each file on its own: one ``ok`` line, or its problems; exit 2 when any file fails."""
+    failed = 0
+    for file in args.specs:
+        try:
+            print(f"ok: {file} ({_validate_one(file, args.overrides)})", flush=True)
+        except GrapefxError as e:
+            print(str(e), file=sys.stderr, flush=True)
+            failed += 1
+    if failed and len(args.specs) > 1:
+        print(f"{failed} of {len(args.specs)} files failed", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _validate_one(file: str, overrides: list[str]) -> str:
+    """What the ``ok`` line says about ``file`` (a spec or an ablation matrix); raises its problems."""
     from runtime.ablate_matrix import check_variants, is_matrix_file, load_matrix, run_spec
-    if is_matrix_file(args.spec):          # an ablation matrix: every run's spec, and the fairness check
-        matrix = load_matrix(args.spec)
+    if is_matrix_file(file):          # an ablation matrix: every run's spec, and the fairness check
+        matrix = load_matrix(file)
         for variant in matrix.variants:
             for seed in matrix.seeds:
-                run_spec(matrix, variant, seed, args.overrides)
-        diffs = check_variants(matrix, args.overrides)
+                run_spec(matrix, variant, seed, overrides)
+        diffs = check_variants(matrix, overrides)
         differing = "; ".join(f"{name}: {', '.join(c.key for c in changes) or 'the baseline'}"
                               for name, changes in diffs.items())
-        print(f"ok: {args.spec} (ablation matrix: {len(matrix.variants)} variants x {len(matrix.seeds)} seeds; "
-              f"{differing})")
-        return 0
-    spec = load_spec(args.spec, args.overrides)
-    print(f"ok: {args.spec} ({summary_line(spec)})")
-    return 0
+        return f"ablation matrix: {len(matrix.variants)} variants x {len(matrix.seeds)} seeds; {differing}"
+    return summary_line(load_spec(file, overrides))
 
 
 def cmd_describe(args: argparse.Namespace) -> int:

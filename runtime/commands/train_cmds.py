@@ -35,7 +35,9 @@ def register(subparsers) -> None:
         "train", help="train a spec (the main job)",
         description="Train SPEC: prepare its data (cached), build the model, train to train.steps, writing "
                     "metrics, checkpoints and a loss plot into the run folder. Ctrl-C saves a checkpoint "
-                    "and stops; --resume continues from the newest complete one.")
+                    "and stops; --resume continues from the newest complete one. Before launching or allocating "
+                    "anything it checks that global_batch splits over the ranks and that the training state "
+                    "(16 B per parameter) fits in the device's memory.")
     p.add_argument("spec", help="the spec YAML file")
     p.add_argument("--out", metavar="RUN", help="run folder (default: the spec's output, else runs/<name>)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (same as --set train.steps=N)")
@@ -68,6 +70,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides += [f"train.steps={args.steps}"] if args.steps is not None else []
     overrides += ["compile.enabled=false"] if args.no_compile else []
     spec = load_spec(args.spec, overrides)                  # a user error stops here, before any launch
+    preflight(spec, args.spec, args.nproc)                  # and so does a batch or a size this launch cannot run
     run = Path(args.out or spec.output or Path("runs") / spec.name)
     if args.nproc is not None:
         return _launch(args, launched_by_torchrun())
@@ -75,6 +78,61 @@ def _train(args: argparse.Namespace) -> int:
         return _fit(spec, run, args)
     with process_group() as (world, device):
         return _fit(spec, run, args, world=world, device=device)
+
+
+def preflight(spec, file: str, nproc: int | None) -> None:
+    """Refuse, before launching or allocating, what the ranks would refuse or could not hold.
+
+    - the global batch must split into whole micro-batches on every rank: global_batch % (micro_batch x ranks)
+      == 0, ranks = ``--nproc`` (or torchrun's WORLD_SIZE);
+    - the training state alone (``spec.derive.training_state_bytes``: 16 B per parameter, divided by the ranks
+      under FSDP) must fit in one GPU's memory, or on CPU in the system RAM for all the processes of this machine.
+    """
+    from spec.derive import TRAIN_STATE_BYTES_PER_PARAM, largest_groups, param_counts
+    from spec.errors import SpecError
+    from spec.report import human
+
+    t = spec.train
+    ranks = nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    step = t.micro_batch * max(ranks, 1)
+    if t.global_batch % step:
+        lower = t.global_batch // step * step
+        raise SpecError(file, "train.global_batch",
+                        f"{t.global_batch} sequences cannot be split into micro-batches of {t.micro_batch} on {ranks} "
+                        f"ranks: global_batch must be a multiple of micro_batch x ranks = {step} (e.g. "
+                        + (f"{lower} or " if lower else "") + f"{lower + step}); or change micro_batch or the "
+                        "number of processes")
+    total = param_counts(spec).total
+    fsdp = spec.parallel.data == "fsdp" and ranks > 1
+    per_rank = total * TRAIN_STATE_BYTES_PER_PARAM // (ranks if fsdp else 1)
+    memory, where, processes = _memory(nproc)
+    need = per_rank * processes
+    if memory is not None and need > memory:
+        groups = ", ".join(f"{g.replace('_', ' ')} {human(n)} ({', '.join(fields)})"
+                           for g, n, fields in largest_groups(spec))
+        raise SpecError(file, None,
+                        f"the training state alone needs {human(need, 'B')} ({total:,} parameters x "
+                        f"{TRAIN_STATE_BYTES_PER_PARAM} B: fp32 weights, gradients, AdamW m and v"
+                        + (f", sharded over {ranks} ranks" if fsdp else "")
+                        + (f", for {processes} processes" if processes > 1 else "")
+                        + f"), more than {where} holds ({human(memory, 'B')}); lower the largest parameter groups: "
+                        f"{groups}")
+
+
+def _memory(nproc: int | None) -> tuple[int | None, str, int]:
+    """(bytes, what they are, how many processes share them): one GPU's memory (one process per GPU), or the
+    system RAM shared by this machine's processes; None where the system does not say."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"one GPU ({props.name})", 1
+    processes = nproc if nproc is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None, "", processes
+    return ram, "this machine's RAM", max(processes, 1)
 
 
 def _fit(spec, run: Path, args: argparse.Namespace, **where) -> int:

@@ -11,7 +11,7 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")     # only inspected: no G
 
 def spec(graphs=True, enabled=True, checkpointing=False):
     options = {"triton.cudagraphs": True, "max_autotune": False} if graphs else {"max_autotune": False}
-    return spec_from_dict({"name": "t", "model": {"vocab_size": 257, "d_model": 32, "n_layers": 2},
+    return spec_from_dict({"name": "t", "model": {"vocab_size": 257, "d_model": 32, "n_layers": 2, "global_every": None},
                            "attention": {"local": {"heads": 2, "kv_heads": 1, "head_dim": 16, "window": 8}},
                            "compile": {"enabled": enabled, "inductor_options": options,
                                        "activation_checkpointing": checkpointing}})

@@ -1,6 +1,7 @@
 """``grapefx validate | describe | from-megatron | to-megatron`` in-process: output, exit codes, first stderr line."""
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -35,7 +36,26 @@ def test_validate_every_example(capsys, name):
 def test_validate_baseline_summary(capsys):
     _, out, _ = run(capsys, "validate", BASELINE)
     assert out.strip() == (f"ok: {BASELINE} (24 layers: 18 local (W=128), 6 global; MoE 64 experts top-6 + 1 shared; "
-                           "1.36B params, 263.77M active)")
+                           "1.36B params, 263.77M active; training state 20.24 GiB)")
+    # 1,358,480,416 parameters x 16 B (fp32 weight, gradient, AdamW m and v) = 21,735,686,656 B = 20.24 GiB
+
+
+def test_validate_several_files_one_line_each_exit_2_if_any_fails(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {n_layers: 4, global_every: 8}\n")
+    tiny = str(EXAMPLES / "tiny.yaml")
+    code, out, err = run(capsys, "validate", tiny, str(bad), str(tmp_path / "missing.yaml"), tiny)
+    assert code == 2
+    assert out.splitlines() == [f"ok: {tiny} (4 layers: 3 local (W=32), 1 global; MoE 8 experts top-2 + 1 shared; "
+                                "2.05M params, 873.62K active; training state 31.33 MiB)"] * 2
+    assert err.splitlines() == [
+        f"{bad}: model.global_every: 8 places no global layer in a 4-layer model (layer l is global iff l % 8 == 0, "
+        "and no l in 1..4 is): use global_every <= 4, or null for no global layers",
+        f"{tmp_path / 'missing.yaml'}: no such spec file; check the path",
+        "2 of 4 files failed",
+    ]
+    code, out, err = run(capsys, "validate", tiny, tiny)
+    assert code == 0 and err == "" and len(out.splitlines()) == 2
 
 
 def test_validate_error_exit_code_and_first_line(capsys, tmp_path):
@@ -57,9 +77,9 @@ def test_validate_syntax_error_first_line(capsys, tmp_path):
 def test_set_on_validate(capsys):
     code, _, err = run(capsys, "validate", BASELINE, "--set", "attention.local.window=8192")
     assert code == 2
-    # the broken rule is on data.seq_len, which baseline.yaml wrote
-    assert err.splitlines()[0].startswith(f"{BASELINE}: data.seq_len: a 8192-key window never binds in a 4096-token "
-                                          "context")
+    # the rule ties data.seq_len (baseline.yaml) to the window, which the --set wrote last: the --set is blamed
+    assert err.splitlines()[0].startswith(f"{BASELINE} (--set): attention.local.window: a 8192-key window never binds "
+                                          "in a 4096-token context")
 
 
 def test_set_unknown_key(capsys):
@@ -89,15 +109,40 @@ def test_describe_json(capsys):
     code, out, _ = run(capsys, "describe", str(EXAMPLES / "bench-small.yaml"), "--json", "--context", "4096",
                        "--set", "train.steps=50")
     d = json.loads(out)
-    assert code == 0 and list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router",
-                                                   "attention"]
+    assert code == 0 and list(d) == ["name", "summary", "layers", "params", "training_state_bytes", "flops_per_token",
+                                     "flops", "kv_cache_bytes_per_token", "kv_cache", "router", "attention", "spec"]
+    # 9 local layers * 128 tokens + 3 global * 4096, each 2*4*64*2 = 1024 B per cached token
     assert len(d["layers"]) == 12 and d["layers"][3] == {
         "index": 4, "kind": "global", "mechanism": "gqa", "window": None, "position": "grape-a", "rotary": False,
-        "additive_bias": True, "ffn": "moe"}
+        "additive_bias": True, "ffn": "moe", "kv_tokens": 4096, "kv_bytes": 4096 * 1024}
+    assert d["layers"][0]["kv_tokens"] == 128 and d["layers"][0]["kv_bytes"] == 128 * 1024
     assert d["flops_per_token"] == 813_662_208
-    # 9 local layers * 128 tokens + 3 global * 4096, each 2*4*64*2 = 1024 B per cached token, over 4096 tokens
+    assert d["kv_cache"] == {"context": 4096, "total_bytes": (9 * 128 + 3 * 4096) * 1024, "dtype": "bf16"}
     assert d["kv_cache_bytes_per_token"] == (9 * 128 + 3 * 4096) * 1024 / 4096
     assert d["router"]["expert_bias"] is True and d["router"]["score_function"] == "sigmoid"
+    assert d["spec"]["train"]["steps"] == 50 and d["spec"]["name"] == d["name"]
+
+
+def test_describe_json_carries_every_figure_of_the_text(capsys):
+    """Each number the text shows (with thousands separators) is in the JSON document."""
+    _, text, _ = run(capsys, "describe", str(EXAMPLES / "baseline-tpa.yaml"))
+    _, out, _ = run(capsys, "describe", str(EXAMPLES / "baseline-tpa.yaml"), "--json")
+    d = json.loads(out)
+    numbers = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and x == int(x):
+            numbers.add(int(x))
+    walk(d)
+    shown = {int(n.replace(",", "")) for n in re.findall(r"\b\d{1,3}(?:,\d{3})+\b", text)}
+    assert shown and shown <= numbers, shown - numbers
+    assert d["summary"] in text and d["params"]["groups"]["routed_experts"] == 24 * 64 * 3 * 1024 * 256
 
 
 def test_describe_bad_context(capsys):
@@ -157,3 +202,18 @@ def test_to_megatron(capsys):
 def test_to_megatron_error_names_the_spec(capsys):
     code, _, err = run(capsys, "to-megatron", BASELINE, "--set", "moe.router.bias_centering=true")
     assert code == 2 and err.startswith(f"{BASELINE}: moe.router.bias_centering: zero-mean expert-bias updates")
+
+
+@pytest.mark.parametrize("item, line", [
+    ("attention.local.position.kind=[grape-m]",
+     "attention.local.position.kind: position kind must be one of grape-m, grape-a, nope, rope; got a list ['grape-m']"),
+    ("attention.global.position.kind={a: 1}",
+     "attention.global.position.kind: position kind must be one of grape-m, grape-a, nope, rope; got a mapping"),
+    ("model.n_layers=1099511627776",
+     "model.n_layers: 1,099,511,627,776 is too large: n_layers must be <= 4,096 (grapefx bounds every size so that "
+     "checking and counting a spec stay instant; real models stay far below it)"),
+])
+def test_inputs_that_used_to_crash_or_hang_exit_2_with_one_line(capsys, item, line):
+    tiny = str(EXAMPLES / "tiny.yaml")
+    code, out, err = run(capsys, "validate", tiny, "--set", item)
+    assert code == 2 and out == "" and err == f"{tiny} (--set): {line}\n"

@@ -149,11 +149,12 @@ def test_bench_medium_is_about_two_billion():
 
 def test_describe_json_keys():
     d = describe(small(), context=32)
-    assert list(d) == ["layers", "params", "flops_per_token", "kv_cache_bytes_per_token", "router",
-                       "attention"]
+    assert list(d) == ["name", "summary", "layers", "params", "training_state_bytes", "flops_per_token", "flops",
+                       "kv_cache_bytes_per_token", "kv_cache", "router", "attention", "spec"]
     assert set(d["layers"][0]) == {"index", "kind", "mechanism", "window", "position", "rotary", "additive_bias",
-                                   "ffn"}
-    assert d["params"] == {"total": 13878, "active": 11574}
+                                   "ffn", "kv_tokens", "kv_bytes"}
+    assert d["params"]["total"] == 13878 and d["params"]["active"] == 11574
+    assert sum(d["params"]["groups"].values()) == 13878 and d["training_state_bytes"] == 16 * 13878
     assert d["flops_per_token"] == 63744 and d["kv_cache_bytes_per_token"] == 56.0
     assert d["router"]["score_function"] == "sigmoid" and d["router"]["expert_bias"] is True
 

@@ -45,6 +45,17 @@ def test_duplicate_key_is_an_error(tmp_path):
         load_spec(p)
 
 
+@pytest.mark.parametrize("text, kind, column", [("? [a, b]\n: 1\n", "list", 3),
+                                                ("model:\n  ? {a: 1}\n  : 2\n", "mapping", 5)])
+def test_a_list_or_mapping_as_a_key_is_an_error(tmp_path, text, kind, column):
+    p = write(tmp_path, "k.yaml", text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    line = text.count("\n", 0, text.index("?")) + 1
+    assert str(e.value) == (f"{p}: line {line}, column {column}: a key must be a name, not a {kind} (`? [...]` or "
+                            "`? {...}`): write `name: value`")
+
+
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     p = write(tmp_path, "f.yaml", "moe:\n  router: {bias_update_rate: 2e-3}\ntrain:\n  optimizer: {lr: 1E-4}\n")
     s = load_spec(p)
@@ -117,6 +128,14 @@ def test_unknown_position_kind_did_you_mean():
     with pytest.raises(SpecError, match=r"attention\.local\.position\.kind: position kind must be one of grape-m, "
                                         r"grape-a, nope, rope; got the string 'grapem' - did you mean 'grape-m'\?"):
         spec_from_dict({"attention": {"local": {"position": {"kind": "grapem"}}}})
+
+
+@pytest.mark.parametrize("kind, shown", [(["grape-m"], "a list ['grape-m']"), ({"a": 1}, "a mapping"), (3, "3")])
+def test_position_kind_of_the_wrong_type_is_a_spec_error(kind, shown):
+    with pytest.raises(SpecError) as e:
+        spec_from_dict({"attention": {"local": {"position": {"kind": kind}}}}, file="my.yaml")
+    assert str(e.value) == ("my.yaml: attention.local.position.kind: position kind must be one of grape-m, grape-a, "
+                            f"nope, rope; got {shown}")
 
 
 def test_partial_section_keeps_the_kind_defaults():

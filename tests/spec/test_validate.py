@@ -1,5 +1,7 @@
 """Every validation rule, with its message (file, key path, value, rule, fix)."""
 
+import time
+
 import pytest
 
 from spec import SpecError, SpecProblems, spec_from_dict
@@ -19,6 +21,9 @@ RULES = [
      r"one: delete layer_kinds, or set `global_every: null`"),
     ({"model": {"global_every": 0}}, r"model\.global_every: 0 is not a period: layer l \(from 1\) is global iff "
                                      r"l % global_every == 0"),
+    ({"model": {"n_layers": 4, "global_every": 8}},
+     r"^my\.yaml: model\.global_every: 8 places no global layer in a 4-layer model \(layer l is global iff l % 8 == 0, "
+     r"and no l in 1\.\.4 is\): use global_every <= 4, or null for no global layers$"),
     ({"model": {"n_layers": 4, "layer_kinds": ["local", "global"]}},
      r"model\.layer_kinds: 2 kinds for n_layers = 4: give exactly one kind"),
     ({"model": {"n_layers": 2, "layer_kinds": ["local", "globl"]}},
@@ -44,20 +49,20 @@ RULES = [
      r"local layers"),
     ({"data": {"seq_len": 64}}, r"data\.seq_len: a 128-key window never binds in a 64-token context .* data\.seq_len "
                                 r"must be >= attention\.local\.window"),
-    # --- positions: parameters and the seed's rule
+    # --- positions: parameters and the position rule
     ({"attention": {"local": {"position": {"base": 1.0}}}}, r"attention\.local\.position\.base: 1\.0 is not a "
                                                             r"usable base: .* base > 1"),
     ({"attention": {"local": {"position": {"log_freq_scale": 0.0}}}}, r"position\.log_freq_scale: 0\.0: .* c > 0"),
     ({"attention": {"global": {"position": {"kind": "rope"}}}},
-     r"attention\.global\.position\.kind: rope rotates q and k, but in the seed's design global layers never "
+     r"attention\.global\.position\.kind: rope rotates q and k, but by the position rule global layers never "
      r"rotate .*: use grape-a \(ALiBi bias\) or nope, " + ESCAPE),
     ({"attention": {"global": {"position": {"kind": "grape-m"}}}},
      r"attention\.global\.position\.kind: grape-m rotates"),
     ({"attention": {"local": {"position": {"kind": "grape-a"}}}},
-     r"attention\.local\.position\.kind: grape-a \(the ALiBi bias\) appears only on global layers in the seed's "
-     r"design .* " + ESCAPE),
+     r"attention\.local\.position\.kind: grape-a \(the ALiBi bias\) appears only on global layers by the "
+     r"position rule .* " + ESCAPE),
     ({"attention": {"local": {"position": {"kind": "nope"}}}},
-     r"attention\.local\.position\.kind: nope: local layers rotate in the seed's design .* " + ESCAPE),
+     r"attention\.local\.position\.kind: nope: local layers rotate by the position rule .* " + ESCAPE),
     ({"attention": {"allow_position_mismatch": True, "global": {"position": {"kind": "grape-m", "base": 500.0}}}},
      r"attention\.global\.position: both layer kinds use GRAPE-M with share: model, .* make them equal, or use "
      r"share: layer"),
@@ -164,3 +169,35 @@ def test_every_message_is_file_key_message():
 ])
 def test_valid_specs(d):
     spec_from_dict(d)
+
+
+# ----------------------------------------------------------------------------- bounded sizes
+def test_sizes_are_bounded_before_any_rule_runs():
+    # 2^40 layers used to take minutes (one entry per layer); now the bound answers at once, and the
+    # rules that would loop over the size (here: layer_kinds against n_layers) do not run
+    t0 = time.perf_counter()
+    with pytest.raises(SpecProblems) as e:
+        spec_from_dict({"model": {"n_layers": 2**40}, "attention": {"local": {"heads": 10**7}},
+                        "moe": {"expert_hidden": 2**40}}, file="my.yaml")
+    assert time.perf_counter() - t0 < 0.5
+    bound = "(grapefx bounds every size so that checking and counting a spec stay instant; real models stay far below it)"
+    assert str(e.value).splitlines() == [
+        f"my.yaml: model.n_layers: 1,099,511,627,776 is too large: n_layers must be <= 4,096 {bound}",
+        f"my.yaml: attention.local.heads: 10,000,000 is too large: heads must be <= 1,024 {bound}",
+        f"my.yaml: moe.expert_hidden: 1,099,511,627,776 is too large: expert_hidden must be <= 1,048,576 {bound}",
+    ]
+
+
+def test_the_largest_sizes_validate_quickly():
+    t0 = time.perf_counter()
+    with pytest.raises(SpecProblems, match=r"kv_heads: 1024 query heads cannot be shared evenly by 1023 kv heads .* "
+                                           r"use kv_heads in \[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024\]"):
+        spec_from_dict({"model": {"n_layers": 4096, "global_every": 4096, "d_model": 2**16},
+                        "attention": {"local": {"heads": 1024, "kv_heads": 1023}}}, file="my.yaml")
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_nan_is_never_in_range():
+    with pytest.raises(SpecProblems, match=r"moe\.router\.z_loss_coeff: nan is too small: z_loss_coeff \(0 = off\) "
+                                           r"must be >= 0"):
+        spec_from_dict({"moe": {"router": {"z_loss_coeff": float("nan")}}})

@@ -1,6 +1,6 @@
 """compiler.kernels without a GPU (CI): it imports with or without triton, says it is not
-available, hooks into grapefx::attention only when it is, and its CUDA entry points hand every
-call they cannot take to the op's reference."""
+available, hooks into the ops (attention, experts, linear cross-entropy) only when it is, and its
+CUDA entry points hand every call they cannot take to the op's reference."""
 
 import importlib
 
@@ -9,36 +9,62 @@ import torch
 
 import compiler.kernels as kernels
 from compiler.kernels import attention as kattn
+from compiler.kernels import register as kregister
 
 ops_attention = importlib.import_module("compiler.ops.attention")   # the package attribute is the op wrapper
+ops_experts = importlib.import_module("compiler.ops.experts")
+ops_lce = importlib.import_module("compiler.ops.linear_cross_entropy")
+
+
+@pytest.fixture
+def unregistered(monkeypatch):
+    """Every op hook emptied for the test (and restored after it)."""
+    for module, names in ((ops_attention, ("_cuda_kernels", "_traced_kernels")),
+                          (ops_experts, ("_cuda_kernels", "_traced_lean")), (ops_lce, ("_cuda_rows",))):
+        for name in names:
+            monkeypatch.setattr(module, name, None)
 
 
 def test_imports_without_gpu_and_reports_availability():
     assert kernels.available() == (kernels.triton_installed() and torch.cuda.is_available())
 
 
-def test_registers_with_the_op_only_when_available(monkeypatch):
-    monkeypatch.setattr(ops_attention, "_cuda_kernels", None)
-    monkeypatch.setattr(ops_attention, "_traced_kernels", None)
+def test_importing_the_compiler_registers_nothing_without_a_gpu():
+    """CI has no GPU: the ops keep their references (the hooks stay empty after ``import compiler``)."""
+    if kernels.available():
+        pytest.skip("a GPU and triton are present: the kernels are registered")
+    assert ops_attention._cuda_impl() is None and ops_attention._traced_kernels is None
+    assert ops_experts._cuda_kernels is None and ops_experts._traced_lean is None
+    assert ops_lce._cuda_rows is None
+
+
+def test_registers_with_the_ops_only_when_available(monkeypatch, unregistered):
     monkeypatch.setattr(kernels, "available", lambda: False)
-    kernels._register()
-    assert ops_attention._cuda_kernels is None
+    kregister.register()
+    assert ops_attention._cuda_kernels is None and ops_experts._cuda_kernels is None and ops_lce._cuda_rows is None
+
+
+@pytest.mark.skipif(not kernels.triton_installed(), reason="the moe and cross-entropy kernels import triton")
+def test_opaque_registers_the_kernels_without_the_traced_ops(monkeypatch, unregistered):
+    from compiler.kernels import cross_entropy, moe
     monkeypatch.setattr(kernels, "available", lambda: True)
     monkeypatch.setenv("GRAPEFX_OPAQUE_KERNELS", "1")
-    kernels._register()
+    kregister.register()
     assert ops_attention._cuda_kernels == (kattn.cuda_forward, kattn.cuda_backward)
     assert ops_attention._traced_kernels is None                 # opaque: the op bodies launch the kernels
+    assert ops_experts._cuda_kernels is moe and ops_experts._traced_lean is None
+    assert ops_lce._cuda_rows is cross_entropy.ce_rows
 
 
 @pytest.mark.skipif(not kernels.triton_installed(), reason="defining the triton_ops needs triton")
-def test_registers_the_traced_ops_by_default(monkeypatch):
-    monkeypatch.setattr(ops_attention, "_cuda_kernels", None)
-    monkeypatch.setattr(ops_attention, "_traced_kernels", None)
+def test_registers_the_traced_ops_by_default(monkeypatch, unregistered):
     monkeypatch.setattr(kernels, "available", lambda: True)
     monkeypatch.delenv("GRAPEFX_OPAQUE_KERNELS", raising=False)
-    kernels._register()
+    kregister.register()
     from compiler.kernels.attention_ops import traced_attention
+    from compiler.kernels.moe_ops import expert_ffn_lean_fwd
     assert ops_attention._traced_kernels is traced_attention
+    assert ops_experts._traced_lean is expert_ffn_lean_fwd
 
 
 def test_unsupported_calls_go_to_the_reference():

@@ -189,8 +189,8 @@ def test_cuda_dispatches_to_registered_kernels(monkeypatch):
         calls.append("bwd")
         return attn_module._backward_ref(*args)
 
-    monkeypatch.setattr(attn_module, "_cuda_kernels_searched", True)
     monkeypatch.setattr(attn_module, "_cuda_kernels", None)
+    monkeypatch.setattr(attn_module, "_traced_kernels", None)
     attn_module.register_cuda_impl(fwd, bwd)
     q, k, v, theta, slopes = (t.cuda().requires_grad_(True) for t in inputs(dtype=torch.float32))
     attention(q, k, v, theta, slopes, 4, 0.35).sum().backward()
@@ -200,8 +200,8 @@ def test_cuda_dispatches_to_registered_kernels(monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("window", [0, 5])
 def test_cuda_without_kernels_runs_the_reference(window, monkeypatch, blockwise):
-    monkeypatch.setattr(attn_module, "_cuda_kernels_searched", True)
     monkeypatch.setattr(attn_module, "_cuda_kernels", None)
+    monkeypatch.setattr(attn_module, "_traced_kernels", None)
     q, k, v, theta, slopes = inputs(T=23, dtype=torch.float32, grad=True)
     cuda = [t.detach().cuda().requires_grad_(True) for t in (q, k, v, theta, slopes)]
     out = attention(*cuda, window, 0.35)

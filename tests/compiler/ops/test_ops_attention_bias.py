@@ -105,7 +105,7 @@ def test_opcheck_with_bias():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_kernels_never_see_a_bias():
+def test_cuda_kernels_never_see_a_bias(monkeypatch):
     calls = []
 
     def fwd(*args):
@@ -117,13 +117,11 @@ def test_cuda_kernels_never_see_a_bias():
         return attn_module._backward_ref(*args)
 
     q, k, v, bias = (t.float().cuda().requires_grad_(True) for t in inputs())
-    saved = attn_module._cuda_impl()
+    monkeypatch.setattr(attn_module, "_cuda_kernels", None)      # restored after the test
+    monkeypatch.setattr(attn_module, "_traced_kernels", None)
     attn_module.register_cuda_impl(fwd, bwd)
-    try:
-        attention(q, k, v, None, None, 0, 0.35, bias).sum().backward()
-        assert calls == []                                   # the reference ran, with the bias
-        attention(q, k, v, None, None, 0, 0.35).sum().backward()
-    finally:
-        attn_module.register_cuda_impl(*(saved or (None, None)))
+    attention(q, k, v, None, None, 0, 0.35, bias).sum().backward()
+    assert calls == []                                       # the reference ran, with the bias
+    attention(q, k, v, None, None, 0, 0.35).sum().backward()
     assert calls == [7, 10]                                  # bias-free calls keep the kernels' signature
     assert bias.grad is not None

@@ -8,13 +8,13 @@ import pytest
 
 from spec import SpecError, load_spec, spec_from_dict
 from spec.megatron import from_megatron, import_megatron, to_megatron
-from spec.patterns import MAX_LEN, format_pattern, parse_int_or_pattern, parse_pattern
+from spec.megatron.patterns import MAX_LEN, format_pattern, parse_int_or_pattern, parse_pattern
 from spec.schema import GrapeA, GrapeM, NoPE, RoPE
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
-# the seed's recipe as the issue gives it
-SEED = ("--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --group-query-attention --num-query-groups 4 "
+# the baseline's recipe as Megatron-LM flags
+BASELINE_FLAGS = ("--num-layers 24 --hidden-size 1024 --num-attention-heads 16 --group-query-attention --num-query-groups 4 "
         "--window-size 127,0 --window-attn-skip-freq 4 --position-embedding-type grapem --grapem-learnable-freq "
         "--no-rope-freq 4 --grape-a --num-experts 64 --moe-router-topk 6 --moe-router-load-balancing-type none "
         "--moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-3 --moe-router-score-function sigmoid "
@@ -153,7 +153,7 @@ def test_polarity_trap_same_list_to_both_flags():
                           "10, ... (9 layers)) are exactly the local (sliding-window) layers")
     assert "in a --window-attn-skip-freq list 1 means sliding window (a local layer), but in a --no-rope-freq list " \
            "1 means skip the rotation" in msg
-    assert "the same list given to both flags inverts the plan - and this recipe does exactly that" in msg
+    assert "the same list given to both flags inverts the layer plan - and this recipe does exactly that" in msg
     assert "Fix: --no-rope-freq '([0]*3+[1])*3'" in msg
 
 
@@ -289,7 +289,7 @@ def test_strict_refuses_unmodelled_flags():
 
 
 def test_omitted_flags_take_megatron_defaults():
-    r = import_megatron(SEED)
+    r = import_megatron(BASELINE_FLAGS)
     s = spec_from_dict(r.spec)
     assert s.model.tied_embeddings  # no --untie-embeddings-and-output-weights
     assert s.model.norm_eps == 1e-5 and s.model.init.std == 0.02 and s.model.pad_vocab_to == 128
@@ -298,9 +298,9 @@ def test_omitted_flags_take_megatron_defaults():
     assert "--norm-epsilon 1e-05" in r.defaults and "--init-method-std 0.02" in r.defaults
 
 
-# ----------------------------------------------------------------------------- the seed and round trips
-def test_seed_recipe_matches_baseline_schedule_positions_router():
-    s = spec_from_dict(from_megatron(SEED)[0])
+# ----------------------------------------------------------------------------- the baseline recipe and round trips
+def test_baseline_recipe_matches_baseline_schedule_positions_router():
+    s = spec_from_dict(from_megatron(BASELINE_FLAGS)[0])
     b = load_spec(EXAMPLES / "baseline.yaml")
     assert s.layer_kinds() == b.layer_kinds() and s.model.global_every == 4
     assert s.attention.local.window == b.attention.local.window == 128
@@ -332,7 +332,7 @@ def test_spec_to_megatron_and_back(name):
 
 
 def test_from_to_from_preserves_the_recipe():
-    first = spec_from_dict(from_megatron(SEED)[0])
+    first = spec_from_dict(from_megatron(BASELINE_FLAGS)[0])
     again = spec_from_dict(from_megatron(to_megatron(first))[0])
     assert again == first
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from spec.errors import SpecError
-from spec.megatron_flags import fmt_number
-from spec.patterns import format_pattern
+from spec.megatron.flags import fmt_number
+from spec.megatron.patterns import format_pattern
 from spec.schema import Spec
 
 __all__ = ["to_megatron", "megatron_notes"]
@@ -51,7 +51,7 @@ def to_megatron(spec: Spec) -> list[str]:
     if "local" in used and att.local.mechanism == "tpa":
         hf, r_q, r_k, r_v = att.local.tpa_ranks()
         if hf != "kv_groups" or r_k != r_v:
-            raise _fail("attention.local", "TPA other than the fork's (head_factors: kv_groups, r_k == r_v)")
+            raise _fail("attention.local", "TPA other than the vpMoE fork's (head_factors: kv_groups, r_k == r_v)")
         fl += ["--use-tpa", "--tpa-rank", str(r_k), "--tpa-q-rank", str(r_q)]
     if spec.moe is not None:
         fl += _moe_flags(spec)
@@ -112,26 +112,7 @@ def _moe_flags(spec: Spec) -> list[str]:
         fl += ["--moe-shared-expert-intermediate-size", str(m.shared_experts * m.expert_hidden)]
     if m.first_k_dense:
         fl += ["--moe-layer-freq", format_pattern([0] * m.first_k_dense + [1] * (n - m.first_k_dense))]
-    fl += ["--moe-router-score-function", r.score_function, "--moe-router-load-balancing-type",
-           {"none": "none", "aux": "aux_loss", "seq_aux": "seq_aux_loss"}[r.load_balancing]]
-    if r.load_balancing != "none":
-        fl += ["--moe-aux-loss-coeff", fmt_number(r.aux_coeff)]
-    if r.z_loss_coeff:
-        fl += ["--moe-z-loss-coeff", fmt_number(r.z_loss_coeff)]
-    if r.expert_bias:
-        fl += ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", fmt_number(r.bias_update_rate)]
-    for key in ("bias_freeze_after_steps", "bias_freeze_after_tokens"):
-        if getattr(r, key) is not None:
-            raise _fail(f"moe.router.{key}", "a freeze point for the expert-bias updates")
-    if r.bias_centering:
-        raise _fail("moe.router.bias_centering", "zero-mean expert-bias updates")
-    if r.topk_scaling_factor != 1.0:
-        fl += ["--moe-router-topk-scaling-factor", fmt_number(r.topk_scaling_factor)]
-    if r.num_groups > 1:
-        fl += ["--moe-router-num-groups", str(r.num_groups), "--moe-router-group-topk", str(r.group_topk)]
-    if r.pre_softmax:
-        fl.append("--moe-router-pre-softmax")
-    return fl + ["--moe-router-dtype", "fp32"]
+    return fl + r.megatron_flags(_fail)
 
 
 def megatron_notes(spec: Spec) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 from spec.convert import to_dict
 from spec.errors import SpecError
 from spec.load import spec_from_dict
-from spec.megatron_flags import (
+from spec.megatron.flags import (
     MEGATRON_DEFAULTS,
     MULTI_FLAGS,
     NOT_MODELLED,
@@ -19,15 +19,15 @@ from spec.megatron_flags import (
     is_execution_only,
     split_flags,
 )
-from spec.patterns import RECIPE, format_pattern, parse_int_or_pattern
-from spec.schema import POSITION_KINDS, GrapeA, GrapeM, Model, NoPE, RoPE, Train
+from spec.megatron.patterns import RECIPE, format_pattern, parse_int_or_pattern
+from spec.schema import POSITION_KINDS, ROUTERS, GrapeA, GrapeM, Model, NoPE, RoPE, Train
 from spec.validate import BYTE_TOKENIZER_VOCAB
 
 __all__ = ["from_megatron", "import_megatron", "MegatronImport"]
 
 _POLARITY = ("Polarity: in a --window-attn-skip-freq list 1 means sliding window (a local layer), but in a "
-             "--no-rope-freq list 1 means skip the rotation (a global layer in the seed's design), so the same list "
-             "given to both flags inverts the plan")
+             "--no-rope-freq list 1 means skip the rotation (a global layer, by the position rule), so the same list "
+             "given to both flags inverts the layer plan")
 
 
 @dataclass
@@ -187,7 +187,7 @@ class _Importer:
             self._window = a + 1
             if a >= 64 and a & (a - 1) == 0:
                 self.warn(f"--window-size {a},0 is W = {a + 1} keys (i-{a}..i); if you meant {a} keys including the "
-                          f"current token, write --window-size {a - 1},0 (the seed's W = 128 is 127,0)")
+                          f"current token, write --window-size {a - 1},0 (the baseline's W = 128 is 127,0)")
         if self._window is None:
             if skip is not None:
                 self.warn("--window-attn-skip-freq has no effect without --window-size: every layer is full attention")
@@ -284,7 +284,7 @@ class _Importer:
                 raise SpecError(RECIPE, "--no-rope-freq",
                                 f"the layers that skip the rotation ({_layers(skipped)}) are exactly the local "
                                 f"(sliding-window) layers, and the global layers ({_layers(members['global'])}) "
-                                f"rotate: the inverse of the seed's plan. {_POLARITY}"
+                                f"rotate: the inverse of the position rule. {_POLARITY}"
                                 + (" - and this recipe does exactly that" if same else "")
                                 + f". Fix: --no-rope-freq '{format_pattern(fix_bits)}' (1 on the global layers). "
                                 "If the inversion is intended, write the YAML spec with "
@@ -297,7 +297,7 @@ class _Importer:
                     raise SpecError(RECIPE, "--no-rope-freq",
                                     f"{k} layers {_layers(skip_k)} skip the rotation but {k} layers "
                                     f"{_layers(members[k] - skip_k)} rotate; grapefx gives every layer of a kind one "
-                                    "position mechanism, and in the seed's design the no-rope layers are exactly the "
+                                    "position mechanism, and by the position rule the no-rope layers are exactly the "
                                     f"global layers ({_layers(members['global']) or 'none here'})"
                                     + (f". {_POLARITY}" if lists else "")
                                     + ". Fix: make --no-rope-freq select exactly the global layers (the int form N "
@@ -310,13 +310,13 @@ class _Importer:
                 if r:
                     raise SpecError(RECIPE, "--grape-a",
                                     f"the global layers ({_layers(members['global'])}) would both rotate and add the "
-                                    "ALiBi bias; grapefx gives each layer kind one position mechanism and the seed's "
-                                    "global layers never rotate: add --no-rope-freq selecting the global layers "
-                                    "(e.g. the same N as --window-attn-skip-freq)")
+                                    "ALiBi bias; grapefx gives each layer kind one position mechanism and by the "
+                                    "position rule global layers never rotate: add --no-rope-freq selecting the global "
+                                    "layers (e.g. the same N as --window-attn-skip-freq)")
                 pos[k] = to_dict(GrapeA())
             elif members[k]:
                 pos[k] = rotation if r and rotation is not None else to_dict(NoPE())
-            else:  # unused kind: a value that keeps the seed's rule
+            else:  # unused kind: a value that keeps the position rule
                 pos[k] = (rotation or to_dict(GrapeM())) if k == "local" else to_dict(GrapeA() if grape_a else NoPE())
         if grape_a and not members["global"]:
             self.warn("--grape-a has no effect: the recipe has no full-attention (global) layers")
@@ -327,9 +327,9 @@ class _Importer:
         if members["local"] and not POSITION_KINDS[pos["local"]["kind"]].rotates:
             mismatch.append(f"the local layers ({_layers(members['local'])}) do not rotate")
         if mismatch:
-            self.warn("; ".join(mismatch) + ": this breaks the seed's rule (global layers are exactly the layers that "
+            self.warn("; ".join(mismatch) + ": this breaks the position rule (global layers are exactly the layers that "
                       "skip the rotation), so the spec says attention.allow_position_mismatch: true. To follow the "
-                      "seed, add --no-rope-freq N with the N of --window-attn-skip-freq")
+                      "position rule, add --no-rope-freq N with the N of --window-attn-skip-freq")
         return pos["local"], pos["global"], bool(mismatch)
 
     def windows_and_tpa(self, att: dict, kinds: tuple[str, ...]) -> None:
@@ -340,9 +340,9 @@ class _Importer:
         rank, q_rank = self.get("--tpa-rank", int), self.get("--tpa-q-rank", int)
         if self.has("--use-tpa"):
             if "local" not in kinds:
-                self.warn("--use-tpa has no effect: the fork applies TPA on sliding-window layers and there are none")
+                self.warn("--use-tpa has no effect: the vpMoE fork applies TPA on sliding-window layers and there are none")
             if rank is None or q_rank is None:
-                self.warn("--use-tpa without --tpa-rank/--tpa-q-rank: the fork's defaults were not checked; using "
+                self.warn("--use-tpa without --tpa-rank/--tpa-q-rank: the vpMoE fork's defaults were not checked; using "
                           "grapefx's kv_groups defaults R_Q = 4, R_K = R_V = 2 (MATH.md §4)")
             att["local"].update(mechanism="tpa", head_factors="kv_groups", r_q=q_rank if q_rank is not None else 4,
                                 r_k=rank if rank is not None else 2, r_v=rank if rank is not None else 2)
@@ -392,54 +392,7 @@ class _Importer:
         return out
 
     def router(self) -> dict:
-        score = self.get("--moe-router-score-function", str)
-        if score not in ("softmax", "sigmoid"):
-            raise SpecError(RECIPE, "--moe-router-score-function", f"{score} is not modelled (softmax or sigmoid)")
-        lb_vals = (self.flags.values.get("--moe-router-load-balancing-type") or ["aux_loss"])
-        self.get("--moe-router-load-balancing-type", str)
-        coeff_vals = self.flags.values.get("--moe-aux-loss-coeff") or ["0.0"]
-        self.get("--moe-aux-loss-coeff", float)
-        if len(lb_vals) > 1 or len(coeff_vals) > 1:
-            raise SpecError(RECIPE, "--moe-router-load-balancing-type", f"{' '.join(lb_vals)}: combined load-balancing "
-                                                                        "losses are not modelled; give one type")
-        lb, coeff = lb_vals[0], float(coeff_vals[0])
-        names = {"aux_loss": "aux", "seq_aux_loss": "seq_aux", "none": "none"}
-        if lb not in names:
-            raise SpecError(RECIPE, "--moe-router-load-balancing-type", f"{lb} is not modelled; grapefx has none, "
-                                                                        "seq_aux_loss and aux_loss")
-        balancing = names[lb]
-        if balancing != "none" and coeff == 0:
-            self.warn(f"--moe-router-load-balancing-type {lb} with --moe-aux-loss-coeff 0 (Megatron's defaults) adds "
-                      "no loss: imported as load_balancing: none")
-            balancing = "none"
-        rate = self.get("--moe-router-bias-update-rate", float)
-        bias = self.has("--moe-router-enable-expert-bias")
-        if bias and rate == 0:
-            self.warn("--moe-router-bias-update-rate 0 never moves the expert bias (it stays 0): imported as "
-                      "expert_bias: false")
-            bias = False
-        pre = self.has("--moe-router-pre-softmax")
-        if pre and score == "sigmoid":
-            self.warn("--moe-router-pre-softmax does nothing with --moe-router-score-function sigmoid (it chooses "
-                      "softmax-before-top-k); dropped")
-            pre = False
-        groups = self.get("--moe-router-num-groups", int)
-        group_topk = self.get("--moe-router-group-topk", int)
-        dtype = self.get("--moe-router-dtype", str)
-        if dtype != "fp32":
-            self.warn(f"--moe-router-dtype {dtype or 'unset (Megatron: the model dtype)'}: grapefx always computes "
-                      "router logits, scores, bias and counts in fp32 (MATH.md §5)")
-        z = self.get("--moe-z-loss-coeff", float)
-        scale = self.get("--moe-router-topk-scaling-factor", float)
-        return {
-            "score_function": score, "load_balancing": balancing,
-            "aux_coeff": coeff if balancing != "none" else 1e-4,
-            "z_loss_coeff": z if z is not None else 0.0, "expert_bias": bias, "bias_update_rate": rate,
-            "topk_scaling_factor": scale if scale is not None else 1.0,
-            "num_groups": groups if groups is not None else 1,
-            "group_topk": group_topk if group_topk is not None else 1,
-            "pre_softmax": pre, "dtype": "fp32",
-        }
+        return ROUTERS["deepseek-v3"].from_megatron(self)
 
     def data(self) -> dict:
         out: dict[str, Any] = {}

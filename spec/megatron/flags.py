@@ -17,7 +17,7 @@ Three kinds of flags besides the ones we map:
 from __future__ import annotations
 
 from spec.errors import SpecError
-from spec.patterns import RECIPE
+from spec.megatron.patterns import RECIPE
 
 __all__ = ["fmt_number", "MEGATRON_DEFAULTS", "VALUE_FLAGS", "SWITCHES", "MULTI_FLAGS", "EXECUTION_ONLY",
            "NOT_MODELLED", "is_execution_only", "split_flags", "ParsedFlags"]
