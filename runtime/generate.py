@@ -45,8 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx
 
-from compiler import TPA_CONTRACTION, GrapeModel, tagged
-from compiler.window import blocked as window_blocked
+from compiler import TPA_CONTRACTION, GrapeModel, tagged, window
 from spec.errors import GrapefxError
 
 __all__ = ["Decoder", "LayerCache", "sample", "subgraph", "Generation", "generate_text"]
@@ -257,7 +256,7 @@ def _attend(layer: _Layer, q: Tensor, p: int, slopes: Tensor | None) -> Tensor:
     dist = (p - pos).to(acc)                                                         # (S,) i - j
     if slopes is not None:
         s = s + (-slopes.to(acc)[:, None] * dist).reshape(Hkv, G, S)                 # -m_h (i - j)
-    blocked = (pos < 0) | window_blocked(dist, layer.window)                        # empty slots, the window rule
+    blocked = (pos < 0) | window.blocked(dist, layer.window)                        # empty slots, the window rule
     probs = torch.softmax(s.masked_fill(blocked, float("-inf")), -1).to(v.dtype)
     o = torch.matmul(probs, v)                                                       # (B, Hkv, G, D)
     return o.reshape(B, 1, layer.Hq * D)                                             # heads in order h = kv * G + g

@@ -14,6 +14,7 @@ counts keys *including* the current token (query i sees keys i-W+1..i).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -101,7 +102,8 @@ class PositionKind:
     - ``problems()``: its own rules, as (key, message) pairs for ``spec.validate``.
     - ``layer_parameters`` / ``model_parameters``: learnable parameters it adds (``describe``);
       ``decays()``: whether its frequency vector gets weight decay.
-    - ``megatron_flags()``: its Megatron-LM flags, or None when Megatron cannot express it.
+    - ``megatron_flags(fail, at)``: its Megatron-LM flags; raises ``fail(key, what)`` for what no
+      flag can say (the default: the kind itself), as the router classes do (``spec.routers``).
     """
     rotates: ClassVar[bool] = False
     adds_bias: ClassVar[bool] = False
@@ -133,19 +135,17 @@ class PositionKind:
     def model_parameters(self, head_dim: int) -> int:
         return 0
 
-    def megatron_flags(self) -> list[str] | None:
-        return None
-
-    def megatron_refusal(self) -> tuple[str, str] | None:
-        """(key, what) of a setting Megatron-LM flags cannot express; None when they can."""
-        return None if self.megatron_flags() is not None else ("kind", f"position kind {self.kind}")
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        """Megatron-LM's flags for this kind; ``fail(key, what)`` is raised for what no flag can say
+        (``at``: where the position is, e.g. ``attention.local.position``)."""
+        raise fail(f"{at}.kind", f"position kind {self.kind}")
 
 
-def _base_refusal(base: float) -> tuple[str, str] | None:
-    """Megatron's --rotary-base is an integer."""
-    if float(base) == int(base):
-        return None
-    return "base", f"a non-integer rotary base {base} (--rotary-base is an integer)"
+def _rotary_base(base: float, fail: Callable[[str, str], Exception], at: str) -> str:
+    """Megatron's --rotary-base, an integer."""
+    if float(base) != int(base):
+        raise fail(f"{at}.base", f"a non-integer rotary base {base} (--rotary-base is an integer)")
+    return str(int(base))
 
 
 def _base_problem(base: float) -> list[tuple[str, str]]:
@@ -188,19 +188,17 @@ class GrapeM(PositionKind):
     def model_parameters(self, head_dim: int) -> int:
         return head_dim // 2 if self.learnable_freq and self.share == "model" else 0
 
-    def megatron_flags(self) -> list[str] | None:
-        return ["--position-embedding-type", "grapem", "--no-rope-fusion", "--rotary-base", str(int(self.base)),
-                "--grapem-learnable-freq" if self.learnable_freq else "--no-grapem-learnable-freq",
-                "--grapem-log-freq-scale", repr(float(f"{self.log_freq_scale:.12g}"))]
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        from spec.megatron.flags import fmt_number
 
-    def megatron_refusal(self) -> tuple[str, str] | None:
-        if _base_refusal(self.base):
-            return _base_refusal(self.base)
+        base = _rotary_base(self.base, fail, at)
         if self.share != "model":
-            return "share", "GRAPE-M frequencies per layer (the vpMoE fork keeps one vector for the model)"
+            raise fail(f"{at}.share", "GRAPE-M frequencies per layer (the vpMoE fork keeps one vector for the model)")
         if self.weight_decay:
-            return "weight_decay", "weight decay on GRAPE-M frequencies"
-        return None
+            raise fail(f"{at}.weight_decay", "weight decay on GRAPE-M frequencies")
+        return ["--position-embedding-type", "grapem", "--no-rope-fusion", "--rotary-base", base,
+                "--grapem-learnable-freq" if self.learnable_freq else "--no-grapem-learnable-freq",
+                "--grapem-log-freq-scale", fmt_number(self.log_freq_scale)]
 
 
 @position_kind
@@ -218,11 +216,10 @@ class GrapeA(PositionKind):
     def layer_parameters(self, heads: int, head_dim: int) -> int:
         return heads if self.learnable else 0
 
-    def megatron_flags(self) -> list[str] | None:
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        if self.learnable:
+            raise fail(f"{at}.learnable", "learnable ALiBi slopes")
         return ["--grape-a"]
-
-    def megatron_refusal(self) -> tuple[str, str] | None:
-        return ("learnable", "learnable ALiBi slopes") if self.learnable else None
 
 
 @position_kind
@@ -231,7 +228,7 @@ class NoPE(PositionKind):
     """No position signal at all (the follow-up ablation on global layers)."""
     kind: Literal["nope"] = "nope"
 
-    def megatron_flags(self) -> list[str] | None:
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
         return []
 
 
@@ -249,11 +246,8 @@ class RoPE(PositionKind):
     def problems(self) -> list[tuple[str, str]]:
         return _base_problem(self.base)
 
-    def megatron_flags(self) -> list[str] | None:
-        return ["--position-embedding-type", "rope", "--rotary-base", str(int(self.base))]
-
-    def megatron_refusal(self) -> tuple[str, str] | None:
-        return _base_refusal(self.base)
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        return ["--position-embedding-type", "rope", "--rotary-base", _rotary_base(self.base, fail, at)]
 
 
 Position = PositionKind

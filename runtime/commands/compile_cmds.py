@@ -51,7 +51,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import torch
     from torch._dynamo.utils import counters
 
-    from compiler.dump import write_dumps, write_inductor_index
+    from compiler import write_dumps, write_inductor_index
     from compiler import build_model, warm_up
     from runtime.device import pick_device
     from spec import load_spec

@@ -83,10 +83,7 @@ def _position_flags(spec: Spec, used: list[str]) -> list[str]:
         pos = att.of(rot[0]).position
         if any(att.of(k).position != pos for k in rot):
             raise _fail("attention.global.position", "different rotations on local and global layers")
-        refusal, flags = pos.megatron_refusal(), pos.megatron_flags()
-        if refusal is not None:
-            raise _fail(f"attention.{rot[0]}.position.{refusal[0]}", refusal[1])
-        fl += flags
+        fl += pos.megatron_flags(_fail, f"attention.{rot[0]}.position")
         skip = [0 if k in rot else 1 for k in kinds]
         if any(skip):
             p, n = spec.model.global_every, spec.model.n_layers
@@ -97,10 +94,7 @@ def _position_flags(spec: Spec, used: list[str]) -> list[str]:
     if "local" in used and att.local.position.adds_bias:
         raise _fail("attention.local.position", "ALiBi on sliding-window layers (--grape-a applies to global layers)")
     if "global" in used and att.global_.position.adds_bias:
-        refusal = att.global_.position.megatron_refusal()
-        if refusal is not None:
-            raise _fail(f"attention.global.position.{refusal[0]}", refusal[1])
-        fl += att.global_.position.megatron_flags()
+        fl += att.global_.position.megatron_flags(_fail, "attention.global.position")
     return fl
 
 

@@ -19,7 +19,7 @@ from runtime.generate import Decoder, subgraph
 from spec import spec_from_dict
 from spec.derive import param_counts
 from spec.errors import SpecError
-from spec.megatron_export import to_megatron
+from spec.megatron import to_megatron
 from spec.schema import POSITION_KINDS, PositionKind, position_kind
 from spec.validate import SpecProblems
 
