@@ -23,7 +23,7 @@ from spec.routers import ROUTERS, DeepSeekV3Router
 
 __all__ = [
     "Init", "Model", "PositionKind", "POSITION_KINDS", "position_kind", "GrapeM", "GrapeA", "NoPE", "RoPE",
-    "Position", "Attention", "AttentionKinds",
+    "Attention", "AttentionKinds",
     "Router", "DeepSeekV3Router", "ROUTERS", "MoE", "FFN", "Precision", "Compile", "Source", "Tokenizer", "Data",
     "Optimizer",
     "Schedule", "Train", "Parallel", "Spec", "f", "doc_of", "LAYER_KINDS", "PASS_NAMES",
@@ -248,9 +248,6 @@ class RoPE(PositionKind):
 
     def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
         return ["--position-embedding-type", "rope", "--rotary-base", _rotary_base(self.base, fail, at)]
-
-
-Position = PositionKind
 
 
 # ----------------------------------------------------------------------------- attention
