@@ -29,10 +29,10 @@ from torch import nn
 
 from spec.schema import PositionKind, Schedule, Spec
 
-__all__ = ["decays", "param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
+__all__ = ["frequency_owner", "decays", "param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
 
 
-def _grape_m_of(spec: Spec, name: str) -> PositionKind | None:
+def frequency_owner(spec: Spec, name: str) -> PositionKind | None:
     """The position settings that own the frequency vector ``name`` (model-wide or one layer's)."""
     if name == "grape_m.log_freq":
         kinds = [spec.attention.of(k).position for k in ("local", "global")]
@@ -46,7 +46,7 @@ def decays(name: str, param: torch.Tensor, spec: Spec) -> bool:
     if name == "embed.weight":
         return spec.train.optimizer.decay_embeddings
     if name.endswith("grape_m.log_freq"):
-        pos = _grape_m_of(spec, name)
+        pos = frequency_owner(spec, name)
         return bool(pos and pos.decays())
     if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("alibi.slope_logit"):
         return False
