@@ -732,7 +732,7 @@ def main():
                 log("  sweep FAILED: " + rec["errors"]["sweep"].strip().splitlines()[-1][:300])
             torch.cuda.empty_cache()
             save()
-    for name, rec in res["bench"].items():
+    for rec in res["bench"].values():
         req = TARGETS.get((rec["kind"], rec["shape"]["D"]))
         impl = rec.get("impl", {})
         flex = impl.get("flex", {}).get("fwdbwd_ms")

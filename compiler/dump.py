@@ -10,7 +10,9 @@
     passes.md     the same for people, with why a pass matched nothing
     graph.html    each distinct block graph drawn (inline SVG, no Graphviz), fused nodes marked
 
-Shapes come from fake tensors for a (batch, seq_len) input: nothing runs, any model size is cheap.
+Shapes come from fake tensors for a (batch, seq_len) input: nothing runs, any model size is cheap,
+and the model may live on the meta device (no weights), as ``grapefx compile`` builds it when it
+does not compile.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def graph_svg(gm: fx.GraphModule) -> str:
     order = {d: list(r) for d, r in rows.items()}
 
     def place():
-        for d, row in order.items():
+        for row in order.values():
             pos = 0.0
             for n in row:
                 x[n] = pos + width[n] / 2
@@ -273,10 +275,10 @@ def write_dumps(folder: str | Path, model, report: BuildReport, *, batch: int, s
     lowered = report.lowered
     if lowered is None:
         raise ValueError("write_dumps needs the lowered graphs: build the model with keep_lowered=True")
-    for i, gm in enumerate(lowered):
-        propagate(gm, *block_example_inputs(model, i, batch, seq_len))
-    for i, gm in enumerate(model.layers):
-        propagate(gm, *block_example_inputs(model, i, batch, seq_len))
+    # shapes for the graphs shown: one per distinct block graph (``_write_code_and_tables``)
+    for graphs, groups in ((lowered, report.lowered_groups), (model.layers, report.groups)):
+        for i in (group.layers[0] for group in groups):
+            propagate(graphs[i], *block_example_inputs(model, i, batch, seq_len))
     V, C = spec.model.padded_vocab_size, spec.model.d_model
     tokens = torch.empty(batch, seq_len, dtype=torch.int64, device="meta")
     propagate(model.embed, tokens)

@@ -244,7 +244,8 @@ class BuildReport:
 
 def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
                 passes: Sequence[str] | None = None, keep_lowered: bool = False,
-                shard: Callable[[GrapeModel], None] | None = None) -> tuple[GrapeModel, BuildReport]:
+                shard: Callable[[GrapeModel], None] | None = None,
+                compute: str | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
@@ -252,9 +253,11 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     block graphs as lowered (before the passes; they share the model's parameters) for dumps.
     ``shard``: applied to the model on ``device`` before compiling (FSDP2 ``fully_shard`` per block,
     ``runtime.distributed``): blocks are compiled after wrapping, as PyTorch recommends.
+    ``compute``: the compute dtype ("fp32" / "bf16"); None: ``device``'s (``compute_dtype``). A build
+    on the ``meta`` device (graphs and shapes, no weights: dumps) passes the training device's.
     """
     device = torch.device(device)
-    cd = compute_dtype(spec, device)
+    cd = compute or compute_dtype(spec, device)
     model = lower(spec, dtype=cd)
     lowered = None
     if keep_lowered:

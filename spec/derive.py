@@ -44,13 +44,11 @@ so ``describe`` shows the trade beside each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
-from spec.convert import to_dict
 from spec.schema import Attention, Spec
 
 __all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "layers", "param_counts",
-           "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups", "describe",
+           "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
            "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
 
 # fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
@@ -259,37 +257,3 @@ def largest_groups(spec: Spec, n: int = 3) -> list[tuple[str, int, tuple[str, ..
     what to lower when a model does not fit."""
     groups = param_counts(spec).groups
     return [(g, groups[g], GROUP_FIELDS[g]) for g in sorted(groups, key=groups.get, reverse=True)[:n] if groups[g]]
-
-
-def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
-    """The ``grapefx describe --json`` document: everything the text shows. Keys: name, summary, layers (with
-    each layer's KV tokens and bytes), params (total, active, groups), training_state_bytes, flops_per_token,
-    flops (its terms, the context T and the convention), kv_cache_bytes_per_token, kv_cache (context, total),
-    router, attention (per layer kind, with GQA beside TPA) and spec (the resolved spec)."""
-    from spec.report import summary_line  # the report renders this module's figures
-
-    pc, fl, kv = param_counts(spec), flops_per_token(spec), kv_cache(spec, context)
-    return {
-        "name": spec.name,
-        "summary": summary_line(spec),
-        "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
-                        rotary=r.rotary, additive_bias=r.additive_bias, ffn=r.ffn, kv_tokens=c.tokens,
-                        kv_bytes=c.bytes) for r, c in zip(layers(spec), kv.layers, strict=True)],
-        "params": {"total": pc.total, "active": pc.active, "groups": dict(pc.groups)},
-        "training_state_bytes": pc.total * TRAIN_STATE_BYTES_PER_PARAM,
-        "flops_per_token": fl.per_token,
-        "flops": {"matmul_params": fl.matmul_params, "attention": fl.attention, "tpa_contraction": fl.tpa_contraction,
-                  "seq_len": spec.data.seq_len, "convention": fl.convention},
-        "kv_cache_bytes_per_token": kv.bytes_per_token,
-        "kv_cache": {"context": kv.context, "total_bytes": kv.total_bytes, "dtype": spec.precision.compute},
-        "router": to_dict(spec.moe.router) if spec.moe is not None else None,
-        "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
-        "spec": to_dict(spec),
-    }
-
-
-def _cost_dict(a: AttentionCost) -> dict[str, Any]:
-    """One layer kind's attention cost, with GQA's beside it for TPA (``gqa``: None for GQA itself)."""
-    def plain(c: AttentionCost) -> dict[str, int]:
-        return {"params_per_layer": c.params_per_layer, "kv_bytes_per_cached_token": c.kv_bytes_per_cached_token}
-    return {"mechanism": a.mechanism, **plain(a), "gqa": None if a.gqa is None else plain(a.gqa)}

@@ -6,8 +6,12 @@ import textwrap
 
 from tabulate import tabulate
 
+from typing import Any
+
+from spec.convert import to_dict
 from spec.derive import (
     TRAIN_STATE_BYTES_PER_PARAM,
+    AttentionCost,
     attention_costs,
     flops_per_token,
     kv_cache,
@@ -94,3 +98,35 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
         out += ["", spec.moe.router.summary(spec.moe.top_k)]
     out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
     return "\n".join(out)
+
+
+def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
+    """The ``grapefx describe --json`` document: everything the text shows. Keys: name, summary, layers (with
+    each layer's KV tokens and bytes), params (total, active, groups), training_state_bytes, flops_per_token,
+    flops (its terms, the context T and the convention), kv_cache_bytes_per_token, kv_cache (context, total),
+    router, attention (per layer kind, with GQA beside TPA) and spec (the resolved spec)."""
+    pc, fl, kv = param_counts(spec), flops_per_token(spec), kv_cache(spec, context)
+    return {
+        "name": spec.name,
+        "summary": summary_line(spec),
+        "layers": [dict(index=r.index, kind=r.kind, mechanism=r.mechanism, window=r.window, position=r.position,
+                        rotary=r.rotary, additive_bias=r.additive_bias, ffn=r.ffn, kv_tokens=c.tokens,
+                        kv_bytes=c.bytes) for r, c in zip(layers(spec), kv.layers, strict=True)],
+        "params": {"total": pc.total, "active": pc.active, "groups": dict(pc.groups)},
+        "training_state_bytes": pc.total * TRAIN_STATE_BYTES_PER_PARAM,
+        "flops_per_token": fl.per_token,
+        "flops": {"matmul_params": fl.matmul_params, "attention": fl.attention, "tpa_contraction": fl.tpa_contraction,
+                  "seq_len": spec.data.seq_len, "convention": fl.convention},
+        "kv_cache_bytes_per_token": kv.bytes_per_token,
+        "kv_cache": {"context": kv.context, "total_bytes": kv.total_bytes, "dtype": spec.precision.compute},
+        "router": to_dict(spec.moe.router) if spec.moe is not None else None,
+        "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
+        "spec": to_dict(spec),
+    }
+
+
+def _cost_dict(a: AttentionCost) -> dict[str, Any]:
+    """One layer kind's attention cost, with GQA's beside it for TPA (``gqa``: None for GQA itself)."""
+    def plain(c: AttentionCost) -> dict[str, int]:
+        return {"params_per_layer": c.params_per_layer, "kv_bytes_per_cached_token": c.kv_bytes_per_cached_token}
+    return {"mechanism": a.mechanism, **plain(a), "gqa": None if a.gqa is None else plain(a.gqa)}

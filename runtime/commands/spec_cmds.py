@@ -15,11 +15,11 @@ from pathlib import Path
 
 from runtime.commands import add_overrides
 from spec import dump_spec, load_spec, spec_from_dict
-from spec.derive import describe
+
 from spec.errors import GrapefxError, SpecError
 from spec.megatron import import_megatron, megatron_notes, to_megatron
 from spec.megatron.patterns import RECIPE
-from spec.report import describe_text, summary_line
+from spec.report import describe, describe_text, summary_line
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from compiler.lower import lower
-from runtime.bench import RUN_ORDER, _reference_module, format_table, kernel_group
+from runtime.bench import RUN_ORDER, format_table, kernel_group
+from runtime.bench.reference_model import ReferenceModel
 from runtime.cli import main
 from spec import load_spec
 
@@ -29,8 +30,7 @@ VARIANTS = {
 def test_reference_model_computes_the_lowered_model(variant):
     spec = load_spec(TINY, SMALL + VARIANTS[variant])
     ours = lower(spec)
-    ref = _reference_module().ReferenceModel.from_state_dict(spec, ours.state_dict(), attention="dense",
-                                                               dtype=torch.float32)
+    ref = ReferenceModel.from_state_dict(spec, ours.state_dict(), attention="dense", dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.model.vocab_size, (2, 12), generator=g)
     targets = torch.randint(0, spec.model.vocab_size, (2, 12), generator=g)

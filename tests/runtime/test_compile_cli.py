@@ -1,14 +1,18 @@
-"""``grapefx compile``: the dumps and the one-screen summary (passes and dumps only: --no-compile;
-the compiled path is tests/compiler/test_pipeline.py's)."""
+"""``grapefx compile``: the dumps and the one-screen summary (passes and dumps only: --no-compile,
+built on the meta device; the compiled path is tests/compiler/test_pipeline.py's)."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from runtime.cli import main
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 SMALL = ["model.n_layers=8", "model.d_model=32", "model.vocab_size=257", "data.tokenizer.kind=byte",
          "data.tokenizer.vocab_size=null", "data.seq_len=32", "attention.local.window=8",
          "attention.local.heads=4", "attention.local.kv_heads=2", "attention.local.head_dim=8",
@@ -96,3 +100,67 @@ def test_user_errors_exit_2(capsys):
     assert "did you mean 'rotary_attention'" in capsys.readouterr().err
     assert _compile("baseline.yaml", "--inductor-code") == 2
     assert "--inductor-code: give --dump DIR" in capsys.readouterr().err
+
+
+def test_inductor_code_compiles_a_spec_that_turns_the_compile_off(tmp_path, capsys, monkeypatch):
+    """tiny.yaml has compile.enabled: false; --inductor-code asks for Inductor's code, so the model is
+    built for compiling and warmed up with Inductor's trace on. The build runs eager here (a cold
+    Inductor compile of CPU graphs costs minutes): what is pinned is the decision, not Inductor."""
+    import torch
+
+    import compiler.pipeline as pipeline
+
+    asked, traced = [], []
+    real_build, real_warm_up = pipeline.build_model, pipeline.warm_up
+
+    def build_model(spec, device, *, compile=None, **kw):
+        asked.append((spec.compile.enabled, compile, torch.device(device).type))
+        model, report = real_build(spec, device, compile=False, **kw)
+        report.compiled = compile
+        return model, report
+
+    def warm_up(*args):
+        traced.append(torch._inductor.config.trace.enabled)
+        return real_warm_up(*args)
+
+    monkeypatch.setattr(pipeline, "build_model", build_model)
+    monkeypatch.setattr(pipeline, "warm_up", warm_up)
+    args = ["compile", str(EXAMPLES / "tiny.yaml"), "--dump", str(tmp_path), "--inductor-code"]
+    for s in SMALL:
+        args += ["--set", s]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert asked == [(False, True, "cpu")]
+    assert traced == [True, False]                       # the first (compiling) call writes the code
+    assert "compile: on for --inductor-code (the spec has compile.enabled: false)" in out
+    assert (tmp_path / "inductor" / "INDEX.md").exists()
+
+
+def test_inductor_code_with_no_compile_is_refused(tmp_path, capsys):
+    assert _compile("tiny.yaml", "--dump", str(tmp_path), "--inductor-code") == 2
+    assert ("--inductor-code asks for the code Inductor generates when it compiles, and --no-compile turns the "
+            "compile off: drop one of them") in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_passes_only_dump_of_the_full_baseline_builds_no_weights(tmp_path):
+    """The baseline at full size (1.36B parameters: 5.4 GB of fp32 weights) dumps from the meta
+    device: the process's peak memory stays far under its weights (about 400 MB measured). A child
+    process, so the peak is this command's alone."""
+    code = ("import resource, sys, time\n"
+            "from runtime.cli import main\n"
+            "start = time.perf_counter()\n"
+            f"rc = main(['compile', {str(EXAMPLES / 'baseline.yaml')!r}, '--no-compile', '--dump', {str(tmp_path)!r}])\n"
+            "print('seconds', time.perf_counter() - start)\n"
+            "print('peak_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+            "sys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "lowered on the meta device (shapes only, no weights" in out
+    assert "24 matches in layers 1-24" in out                               # attention_formation, every layer
+    figures = dict(line.split() for line in out.splitlines() if line.startswith(("seconds", "peak_mib")))
+    assert float(figures["peak_mib"]) < 1500, out                           # the weights alone are 5.8 GB
+    assert float(figures["seconds"]) < 60, out      # 31 s measured with imports on 2 cores shared with 8 jobs
+    assert "layer1_attn_fused *" in (tmp_path / "fused.txt").read_text()

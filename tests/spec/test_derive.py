@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from spec import load_spec, spec_from_dict
-from spec.derive import attention_costs, describe, flops_per_token, kv_cache, layers, param_counts
+from spec.report import describe
+from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

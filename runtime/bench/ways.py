@@ -3,8 +3,8 @@
     eager      the lowered graphs as they are: no passes, no compile
     compile    the lowered graphs under plain torch.compile (the pipeline's per-graph compile, no passes)
     flex       our fused graphs with FlexAttention in place of the fused attention op
-               (``compiler.flex``), plus the fused head loss, compiled
-    reference  ``bench/reference_model.py``: the same model written by hand (FlexAttention with block
+               (``runtime.bench.flex``), plus the fused head loss, compiled
+    reference  ``runtime.bench.reference_model``: the same model written by hand (FlexAttention with block
                masks and an ALiBi score_mod, separate rotation, ``torch._grouped_mm`` experts,
                per-block torch.compile with the spec's ``compile.inductor_options``, as every
                compiled way), started from the SAME initial weights
@@ -44,7 +44,6 @@ import platform
 import re
 import shutil
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -146,18 +145,6 @@ def _same_initial_weights(cache: dict):
         Initializer.normal = draw
 
 
-def _reference_module():
-    """``bench/reference_model.py`` (the repository's bench folder, not an installed package)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "reference_model.py"
-    if not path.exists():
-        raise GrapefxError(f"the reference way needs {path} (run grapefx bench from a checkout of the repository)")
-    spec_ = importlib.util.spec_from_file_location("grapefx_bench_reference_model", path)
-    module = importlib.util.module_from_spec(spec_)
-    sys.modules[spec_.name] = module
-    spec_.loader.exec_module(module)
-    return module
-
-
 @dataclass
 class Built:
     model: torch.nn.Module
@@ -188,7 +175,7 @@ class Bench:
         if "linear_cross_entropy" in report.passes.order:
             notes["head_fused"] = report.passes.entries["linear_cross_entropy"].matches
         if flex:
-            from compiler import flex as flex_mod
+            from runtime.bench import flex as flex_mod
             if self.device.type != "cuda":
                 raise GrapefxError("the flex way needs CUDA (FlexAttention has no CPU backward)")
             notes["flex_layers"] = flex_mod.use_flex(model)
@@ -205,15 +192,15 @@ class Bench:
 
     def _reference(self) -> Built:
         from compiler.lower import lower
+        from runtime.bench.reference_model import ReferenceModel
 
-        ref_mod = _reference_module()
         if self.initial_state is None:
             with _same_initial_weights(self.init_cache):
                 self._keep_initial(lower(self.spec))
         cuda = self.device.type == "cuda"
         dt = torch.bfloat16 if compute_dtype(self.spec, self.device) == "bf16" else torch.float32
-        model = ref_mod.ReferenceModel.from_state_dict(self.spec, self.initial_state,
-                                                       attention="flex" if cuda else "dense", dtype=dt)
+        model = ReferenceModel.from_state_dict(self.spec, self.initial_state,
+                                               attention="flex" if cuda else "dense", dtype=dt)
         model.to(self.device)
         model.prepare(self.spec.data.seq_len)
         options = dict(self.spec.compile.inductor_options)
