@@ -23,11 +23,12 @@ import compiler.kernels.register  # noqa: F401  (the kernels register themselves
 from compiler import window
 from compiler.dump import write_dumps, write_inductor_index
 from compiler.lower import GrapeModel, ModelOutput, graph_kind, lower
+from compiler.lower.ffn import ExpertGroup
 from compiler.lower.builder import tagged
 from compiler.lower.tpa import TPA_CONTRACTION
 from compiler.passes import PASSES, PassReport, apply_passes, check_pass_names
 from compiler.pipeline import BuildReport, build_model, compute_dtype, warm_up
 
-__all__ = ["GrapeModel", "ModelOutput", "graph_kind", "lower", "tagged", "TPA_CONTRACTION", "PASSES", "PassReport",
+__all__ = ["GrapeModel", "ModelOutput", "ExpertGroup", "graph_kind", "lower", "tagged", "TPA_CONTRACTION", "PASSES", "PassReport",
            "apply_passes", "check_pass_names", "BuildReport", "build_model", "compute_dtype", "warm_up", "window",
            "write_dumps", "write_inductor_index"]

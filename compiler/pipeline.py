@@ -46,6 +46,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from compiler.lower import GrapeModel, lower
+from compiler.lower.ffn import ExpertGroup
 from compiler.passes import PassReport, apply_passes, layers_text
 from spec.schema import Spec
 
@@ -245,7 +246,8 @@ class BuildReport:
 def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
                 passes: Sequence[str] | None = None, keep_lowered: bool = False,
                 shard: Callable[[GrapeModel], None] | None = None,
-                compute: str | None = None) -> tuple[GrapeModel, BuildReport]:
+                compute: str | None = None,
+                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
@@ -255,10 +257,12 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     ``runtime.distributed``): blocks are compiled after wrapping, as PyTorch recommends.
     ``compute``: the compute dtype ("fp32" / "bf16"); None: ``device``'s (``compute_dtype``). A build
     on the ``meta`` device (graphs and shapes, no weights: dumps) passes the training device's.
+    ``experts``: this process's expert group under expert parallelism (``compiler.lower.ffn``);
+    None: every expert in this process.
     """
     device = torch.device(device)
     cd = compute or compute_dtype(spec, device)
-    model = lower(spec, dtype=cd)
+    model = lower(spec, dtype=cd, experts=experts)
     lowered = None
     if keep_lowered:
         lowered = [fx.GraphModule(layer, copy.deepcopy(layer.graph), class_name=type(layer).__name__)

@@ -1,4 +1,7 @@
-"""``grapefx export RUN --out DIR``: a run's newest checkpoint as a self-contained folder.
+"""``grapefx export RUN --out DIR [--format grapefx|hf]``: a run's newest checkpoint as a self-contained folder.
+
+``--format hf`` writes a folder for Hugging Face ``transformers`` instead (``runtime/hf``,
+docs/hf-export.md). The default, grapefx's own format:
 
     DIR/
         model.safetensors   the model's state dict (every parameter and buffer, PyTorch key names:
@@ -36,10 +39,11 @@ from spec.convert import to_dict
 from spec.derive import param_counts
 from spec.errors import GrapefxError
 
-__all__ = ["export", "Exported", "FORMAT_VERSION"]
+__all__ = ["export", "Exported", "FORMAT_VERSION", "FORMATS"]
 
 FORMAT_VERSION = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = ("grapefx", "hf")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Exported:
     folder: Path
     step: int | None
     bytes: int                   # size of model.safetensors
+    note: str | None = None      # something the user should know about the folder (hf: no tokenizer files)
 
 
 def _stored(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -60,13 +65,15 @@ def _stored(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Ten
     return out
 
 
-def export(run: str | Path, out: str | Path, *, dtype: str = "fp32") -> Exported:
-    """Write the export folder ``out`` from the newest complete checkpoint of ``run``."""
+def export(run: str | Path, out: str | Path, *, dtype: str = "fp32", format: str = "grapefx") -> Exported:
+    """Write the export folder ``out`` (``format``: grapefx or hf) from the newest complete checkpoint of ``run``."""
     from safetensors.torch import save_file
 
     run, out = Path(run), Path(out)
     if dtype not in DTYPES:
         raise GrapefxError(f"--dtype: {dtype!r} is not an export dtype; use fp32 or bf16")
+    if format not in FORMATS:
+        raise GrapefxError(f"--format: {format!r} is not an export format; use grapefx or hf")
     if run.is_dir() and is_export(run):
         raise GrapefxError(f"{run}: this is an export folder already; export from the run folder it came from")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -76,6 +83,8 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "fp32") -> Exported
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if format == "hf":
+        return _finish(tmp, out, trained.step, _write_hf(tmp, trained, run, dtype))
     save_file(_stored(trained.model.state_dict(), dtype), tmp / "model.safetensors",
               metadata={"format": "grapefx", "dtype": dtype})
     (tmp / "spec.yaml").write_text(dump_spec(spec))
@@ -95,7 +104,27 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "fp32") -> Exported
         "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "file": tok_file},
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return _finish(tmp, out, trained.step, None)
+
+
+def _write_hf(tmp: Path, trained, run: Path, dtype: str) -> str | None:
+    """The Hugging Face files (``runtime.hf.write_hf``); returns the note to show, if any."""
+    from runtime.hf import write_hf
+
+    spec = trained.spec
+    source = {"name": spec.name, "version": package_version("grapefx"), "run": run.resolve().name, "step": trained.step}
+    try:
+        done = write_hf(tmp, spec, trained.model.state_dict(), trained.tokenizer, source=source,
+                        stored=lambda tensors: _stored(tensors, dtype))
+    except GrapefxError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return done.note
+
+
+def _finish(tmp: Path, out: Path, step: int | None, note: str | None) -> Exported:
+    """Move the finished temporary folder to ``out`` (atomic: a rename)."""
     if out.exists():
         out.rmdir()                              # empty (checked above)
     os.replace(tmp, out)
-    return Exported(out, trained.step, (out / "model.safetensors").stat().st_size)
+    return Exported(out, step, (out / "model.safetensors").stat().st_size, note)

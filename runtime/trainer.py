@@ -23,7 +23,8 @@ Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C 
 With several ranks, every rank stops after the same step: the ranks agree on it after each step.
 
 Distributed (``runtime.distributed``): ``world`` places this process among the ranks,
-``spec.parallel.data`` picks DDP or FSDP2; the model is wrapped before compiling.
+``spec.parallel`` picks DDP or FSDP2 and the expert parallelism E; the model is lowered with this
+rank's experts and wrapped before compiling.
 
 CUDA graphs (``compile.inductor_options: {triton.cudagraphs: true}``): every forward starts a new
 graph step (``torch.compiler.cudagraph_mark_step_begin``), and what the loop keeps of a forward's
@@ -52,7 +53,7 @@ from runtime.build import build_model, cuda_graphs
 from runtime.checkpoint import Checkpointer
 from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
-from runtime.distributed import DataParallel, grad_norm
+from runtime.distributed import Parallel
 from runtime.metrics import MetricsLogger, plot_loss
 from runtime.optim import build_optimizer, build_scheduler
 from runtime.rng import rng_state, seed_all, set_rng_state
@@ -103,11 +104,11 @@ class Trainer:
         seed_all(t.seed)
         self.data = self._prepare_data()
         self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
-        self.parallel = DataParallel(spec.parallel.data, world, self.device)
+        self.parallel = Parallel(spec.parallel, world, self.device)          # data x expert mesh
         # _graph_outputs: outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
         build_spec, self._graph_outputs, graphs_off = cuda_graphs(spec, self.device, world.size)
         self.model, self.build_report = build_model(build_spec, self.device, compile=spec.compile.enabled,
-                                                    shard=self.parallel.shard)
+                                                    shard=self.parallel.shard, experts=self.parallel.expert_group)
         self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
         self.optimizer = build_optimizer(self.model, spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
@@ -199,7 +200,7 @@ class Trainer:
         sizes = [int((y != -100).sum()) for _, y in batches]                   # target tokens per micro-batch
         W = self.world.size
         total = int(self.world.all_reduce(torch.tensor([sum(sizes)], dtype=torch.int64, device=self.device)).item())
-        sums = torch.zeros(3, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted)
+        sums = torch.zeros(4, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted), dropped
         for m, ((x, y), size) in enumerate(zip(batches, sizes)):
             with self.parallel.micro_batch(self.ddp, last=m == len(batches) - 1):
                 forward = self.model if self.ddp is None else self.ddp
@@ -209,16 +210,19 @@ class Trainer:
                 (out.loss * (share * W)).backward()                           # DDP / FSDP2 divide by W
                 if self._graph_outputs and m < len(batches) - 1:
                     self._own_gradients()
-            sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
+            sums[:3] += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
+            if out.dropped is not None:                                       # parallel.capacity_factor
+                sums[3] += out.dropped.detach()
             if out.counts is not None:
                 self.balancer.add(out.counts)
-        loss, ce, aux = self.world.all_reduce(sums).tolist()                  # global token-weighted means
-        norm_t = grad_norm(self.model.parameters())                           # global (all ranks' gradients)
+        self.parallel.reduce_expert_grads(self.model)                         # expert parallelism only
+        loss, ce, aux, dropped = self.world.all_reduce(sums).tolist()         # global token-weighted means
+        norm_t = self.parallel.grad_norm(self.model)                          # global (all ranks' gradients)
         norm = norm_t.item()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
         if self.spec.train.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.spec.train.grad_clip, norm_t)
+            self.parallel.clip(self.model, self.spec.train.grad_clip, norm_t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -227,13 +231,16 @@ class Trainer:
         counts = self.balancer.step(n, self.tokens) if self.balancer else None
         self.step, self.tokens = n, self.tokens + step_tokens
         return {"step": n, "loss": loss, "ce_loss": ce, "aux_loss": aux, "lr": lr, "grad_norm": norm,
-                "tokens_step": step_tokens, "counts": counts}
+                "tokens_step": step_tokens, "counts": counts,
+                "dropped": dropped if self.spec.parallel.capacity_factor is not None else None}
 
     def _log(self, record: dict, window_tokens: int, window_time: float, elapsed: float) -> None:
         tps = window_tokens / max(window_time, 1e-9)
         mfu = self.flops_per_token * tps / (self.peak.flops * self.world.size) if self.peak.flops else None
         line = {k: record[k] for k in ("step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm")}
         line.update(tokens=self.tokens, tokens_per_s=tps, mfu=mfu)
+        if record["dropped"] is not None:      # assignments over an expert's capacity this step, all ranks
+            line.update(dropped_assignments=int(record["dropped"]))
         if self.balancer and record["counts"] is not None:
             line.update(self.balancer.balance(record["counts"]))
             line.update(expert_bias=self.balancer.bias_stats(), zero_token_experts=self.balancer.take_window())
@@ -299,7 +306,7 @@ class Trainer:
     def _tensors(self) -> tuple[dict, dict]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         rng_tensors, rng_scalars = rng_state(self.device)
-        tensors = {"model": model_sd, "optimizer": optim_sd["state"], "rng": rng_tensors}
+        tensors = self.parallel.checkpoint_view({"model": model_sd, "optimizer": optim_sd["state"], "rng": rng_tensors})
         state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                  "optimizer_param_groups": optim_sd["param_groups"], "sampler": self.sampler.state_dict(),
                  "rng": rng_scalars, "spec": dump_spec(self.spec)}
@@ -317,6 +324,7 @@ class Trainer:
             return
         tensors, _ = self._tensors()   # templates: DCP loads into them in place (optimizer state is created first)
         state = self.checkpoints.load(path, tensors)
+        tensors = self.parallel.local_view(tensors)
         groups = [{**g, "betas": tuple(g["betas"])} for g in state["optimizer_param_groups"]]
         set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
                        optim_state_dict={"state": tensors["optimizer"], "param_groups": groups})

@@ -47,9 +47,9 @@ from dataclasses import dataclass, replace
 
 from spec.schema import Attention, Spec
 
-__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "layers", "param_counts",
-           "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
-           "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
+__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "ExpertTraffic", "layers",
+           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
+           "expert_traffic", "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
 
 # fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
 TRAIN_STATE_BYTES_PER_PARAM = 16
@@ -124,6 +124,31 @@ class AttentionCost:
     params_per_layer: int            # attention projection parameters of one layer
     kv_bytes_per_cached_token: int   # per layer, in the compute dtype
     gqa: AttentionCost | None        # TPA only: GQA with the same heads, kv_heads and head_dim
+
+
+@dataclass(frozen=True)
+class ExpertTraffic:
+    expert: int                      # E = parallel.expert
+    forward: float                   # bytes per token per MoE layer leaving its rank, forward
+    training: float                  # forward + backward
+
+
+def expert_traffic(spec: Spec) -> ExpertTraffic | None:
+    """Bytes a token sends to other ranks per MoE layer with expert parallelism E (None without MoE).
+
+    Each of its K assignments is a row of C values in the compute dtype (b bytes). With the
+    experts split over E ranks and the load balanced (what the expert bias steers to), an
+    assignment lands on another rank with probability (E - 1) / E. The dispatch sends the row
+    there and the combine brings the expert's output back; the backward sends both gradients
+    the reverse ways. Forward 2*K*C*b*(E-1)/E, training twice that; the exchange of counts
+    (E*X/E integers per rank and layer) is not per token and is left out.
+    """
+    if spec.moe is None:
+        return None
+    E, K, C = spec.parallel.expert, spec.moe.top_k, spec.model.d_model
+    b = 2 if spec.precision.compute == "bf16" else 4
+    forward = 2 * K * C * b * (E - 1) / E
+    return ExpertTraffic(E, forward, 2 * forward)
 
 
 def layers(spec: Spec) -> list[LayerInfo]:

@@ -398,6 +398,12 @@ class Train:
 @dataclass(**_frozen)
 class Parallel:
     data: Literal["ddp", "fsdp"] = f("ddp", "data parallelism when launched with torchrun: DDP or FSDP2 per block")
+    expert: int = f(1, "expert parallelism E: the routed experts are split over groups of E ranks (rank e of a group "
+                       "holds experts [e*X/E, (e+1)*X/E)) and tokens move to them; E divides moe.experts and the "
+                       "number of ranks (1 = every rank holds every expert)")
+    capacity_factor: float | None = f(None, "tokens an expert takes per micro-batch and rank, as a factor of the even "
+                                            "share N*K/X; assignments beyond it are dropped and counted "
+                                            "(null = dropless)")
 
 
 # ----------------------------------------------------------------------------- the whole spec

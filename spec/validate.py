@@ -92,6 +92,7 @@ class _Checker:
         self.compile()
         self.data(kinds_ok)
         self.train()
+        self.parallel()
         return self.problems
 
     def bounds(self, obj: Any, path: tuple) -> bool:
@@ -135,7 +136,7 @@ class _Checker:
                                             "use null for no global layers")
             return False
         if m.global_every is not None and m.global_every > m.n_layers >= 1:
-            self.err(p + ("global_every",), f"{m.global_every} places no global layer in a {m.n_layers}-layer model "
+            self.err(p + ("global_every",), f"global_every {m.global_every} places no global layer in a {m.n_layers}-layer model "
                                             f"(layer l is global iff l % {m.global_every} == 0, and no l in "
                                             f"1..{m.n_layers} is): use global_every <= {m.n_layers}, "
                                             "or null for no global layers", also=(p + ("n_layers",),))
@@ -308,6 +309,22 @@ class _Checker:
         self.positive(t, "grad_clip", p, "grad_clip (null = no clipping)", optional=True)
         for k in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
             self.at_least(t, k, p, 1)
+
+    def parallel(self) -> None:
+        par, p, moe = self.spec.parallel, ("parallel",), self.spec.moe
+        if self.at_least(par, "expert", p, 1, "expert parallelism E (1 = off)") and par.expert > 1:
+            if moe is None:
+                self.err(p + ("expert",), f"expert: {par.expert} splits the routed experts over ranks, but this model "
+                                          "has none (moe: null); delete parallel.expert")
+            elif moe.experts % par.expert:
+                self.err(p + ("expert",), f"{moe.experts} experts cannot be split evenly over {par.expert} ranks "
+                                          "(rank e holds experts [e*X/E, (e+1)*X/E), so moe.experts % expert must be "
+                                          f"0); use expert in {[d for d in range(1, moe.experts + 1) if moe.experts % d == 0]}")
+        if par.capacity_factor is not None:
+            if moe is None:
+                self.err(p + ("capacity_factor",), "a capacity factor limits the tokens per routed expert, but this "
+                                                   "model has none (moe: null); delete it")
+            self.positive(par, "capacity_factor", p, "capacity_factor (null = dropless)", optional=True)
 
 
 def check(spec: Spec, origin: Origin | str = "<spec>") -> list[SpecError]:
