@@ -32,15 +32,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from compiler.lower import lower
-from compiler.lower.model import GrapeModel
+from compiler import GrapeModel, lower
 from runtime.ablate_matrix import Change, Matrix, check_variants, load_matrix, run_name, run_spec, saved_spec_changes
 from runtime.ablate_report import write_report
 from runtime.balance import max_vio
@@ -48,8 +46,9 @@ from runtime.build import compute_dtype
 from runtime.checkpoint import Checkpointer
 from runtime.data import Sampler, prepare
 from runtime.device import pick_device
+from runtime.optim import frequency_owner
 from spec.errors import GrapefxError, SpecError
-from spec.schema import GrapeM, Spec
+from spec.schema import Spec
 
 __all__ = ["Run", "ablate", "plan", "evaluate", "EVAL_FILE"]
 
@@ -194,18 +193,12 @@ def grape_m_vectors(model: GrapeModel, spec: Spec) -> list[dict]:
     for name, p in model.state_dict().items():
         if not name.endswith("grape_m.log_freq"):
             continue
-        pos = _grape_m_settings(spec, name)
+        pos = frequency_owner(spec, name)
         half = p.numel()                                                      # D/2
         ln_init = [-2.0 * j / (2 * half) * math.log(pos.base) for j in range(half)]
         out.append({"name": name, "ln_theta": (p.double() / pos.log_freq_scale).tolist(), "ln_theta_init": ln_init,
                     "learnable": pos.learnable_freq})
     return out
-
-
-def _grape_m_settings(spec: Spec, name: str) -> GrapeM:
-    m = re.match(r"layers\.(\d+)\.", name)
-    kinds = [spec.layer_kinds()[int(m.group(1))]] if m else ["local", "global"]
-    return next(spec.attention.of(k).position for k in kinds if isinstance(spec.attention.of(k).position, GrapeM))
 
 
 def _cached_eval(run: Run, matrix: Matrix) -> dict | None:

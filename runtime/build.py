@@ -11,10 +11,8 @@ from typing import Callable
 
 import torch
 
-from compiler import pipeline
-from compiler.lower import GrapeModel
-from compiler.lower.ffn import ExpertGroup
-from compiler.pipeline import BuildReport, compute_dtype
+import compiler
+from compiler import BuildReport, ExpertGroup, GrapeModel, compute_dtype
 from spec.schema import Spec
 
 __all__ = ["compute_dtype", "build_model", "cuda_graphs"]
@@ -30,7 +28,7 @@ def build_model(spec: Spec, device: torch.device, *, compile: bool,
     ``shard`` (FSDP2 per block, ``runtime.distributed``) is applied on ``device`` before compiling;
     ``experts``: this rank's expert group with ``parallel.expert`` > 1 (``runtime.distributed.Parallel``).
     """
-    return pipeline.build_model(spec, device, compile=compile, shard=shard, experts=experts)   # passes: compile.passes
+    return compiler.build_model(spec, device, compile=compile, shard=shard, experts=experts)   # passes: compile.passes
 
 
 CUDA_GRAPHS = "triton.cudagraphs"     # the Inductor option (compile.inductor_options) that turns them on

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compiler.lower import GrapeModel, lower
+from compiler import GrapeModel, lower
 from runtime.build import compute_dtype
 from runtime.checkpoint import Checkpointer
 from spec import load_spec

@@ -158,7 +158,7 @@ def layers(spec: Spec) -> list[LayerInfo]:
         out.append(LayerInfo(
             index=i + 1, kind=kind, mechanism=a.mechanism,
             window=a.window if kind == "local" else None,
-            position=a.position.kind, rotary=a.rotates(), additive_bias=a.position.kind == "grape-a",
+            position=a.position.kind, rotary=a.rotates(), additive_bias=a.position.adds_bias,
             ffn=spec.ffn_kind(i),
         ))
     return out
@@ -208,14 +208,9 @@ def param_counts(spec: Spec) -> ParamCount:
         a = spec.attention.of(info.kind)
         g["attention"] += attention_matmul_params(c, a)
         g["norms"] += 2 * c + (2 * a.head_dim if spec.model.qk_norm else 0)
-        pos = a.position
-        if pos.kind == "grape-m" and pos.learnable_freq:
-            if pos.share == "layer":
-                g["positions"] += a.head_dim // 2
-            else:
-                grape_model.add(a.head_dim // 2)
-        if pos.kind == "grape-a" and pos.learnable:
-            g["positions"] += a.heads
+        g["positions"] += a.position.layer_parameters(a.heads, a.head_dim)
+        if a.position.model_parameters(a.head_dim):
+            grape_model.add(a.position.model_parameters(a.head_dim))
         if info.ffn == "dense":
             g["dense_ffn"] += 3 * c * spec.ffn.hidden
         else:

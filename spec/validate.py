@@ -26,7 +26,7 @@ from spec.convert import yaml_key
 from spec.errors import SpecError, SpecProblems
 from spec.origin import Origin, dotted
 from spec.routers import divisors
-from spec.schema import LAYER_KINDS, PASS_NAMES, Attention, Spec
+from spec.schema import LAYER_KINDS, PASS_NAMES, POSITION_KINDS, Attention, Spec
 
 __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
 
@@ -34,6 +34,11 @@ __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
 BYTE_TOKENIZER_VOCAB = 257
 
 _ESCAPE = "or set attention.allow_position_mismatch: true to break the position rule on purpose"
+
+
+def _rotating() -> str:
+    """The position kinds that rotate: 'grape-m or rope'."""
+    return " or ".join(k for k, c in POSITION_KINDS.items() if c.rotates)
 
 
 class _Checker:
@@ -184,12 +189,8 @@ class _Checker:
             self.err(p + ("window",), f"global layers attend to the whole causal context; a window ({a.window}) is "
                                       "only for local layers: delete it, or make those layers local "
                                       "(model.global_every / model.layer_kinds)")
-        pos, pp = a.position, p + ("position",)
-        if pos.kind in ("grape-m", "rope") and not pos.base > 1:
-            self.err(pp + ("base",), f"{pos.base} is not a usable base: theta_j = base^(-2j/D) needs base > 1 "
-                                     "(the baseline uses 10000)")
-        if pos.kind == "grape-m" and not pos.log_freq_scale > 0:
-            self.err(pp + ("log_freq_scale",), f"{pos.log_freq_scale}: theta = exp(p / c) needs c > 0 (default 16)")
+        for key, message in a.position.problems():
+            self.err(p + ("position", key), message)
 
     def positions(self) -> None:
         att = self.spec.attention
@@ -200,15 +201,15 @@ class _Checker:
                          f"{glo.position.kind} rotates q and k, but by the position rule global layers never rotate "
                          "(they are exactly the layers that skip the rotation, MATH.md §1): use grape-a (ALiBi bias) "
                          f"or nope, {_ESCAPE}")
-            if loc.position.kind == "grape-a":
+            if loc.position.adds_bias:
                 self.err(("attention", "local", "position", "kind"),
-                         "grape-a (the ALiBi bias) appears only on global layers by the position rule (MATH.md §1): "
-                         f"use grape-m or rope on local layers, {_ESCAPE}")
+                         f"{loc.position.kind} ({loc.position.bias_name}) appears only on global layers by the position "
+                         f"rule (MATH.md §1): use {_rotating()} on local layers, {_ESCAPE}")
             elif not loc.rotates():
                 self.err(("attention", "local", "position", "kind"),
                          f"{loc.position.kind}: local layers rotate by the position rule (the layers that skip the "
-                         f"rotation are exactly the global ones, MATH.md §1): use grape-m or rope, {_ESCAPE}")
-        if loc.position.kind == glo.position.kind == "grape-m" and "model" in (loc.position.share, glo.position.share):
+                         f"rotation are exactly the global ones, MATH.md §1): use {_rotating()}, {_ESCAPE}")
+        if loc.position.kind == glo.position.kind and (loc.position.model_wide or glo.position.model_wide):
             if loc.position != glo.position or loc.head_dim != glo.head_dim:
                 self.err(("attention", "global", "position"),
                          "both layer kinds use GRAPE-M with share: model, i.e. one frequency vector of head_dim/2 "

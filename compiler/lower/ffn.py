@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.builder import GraphBuilder
+from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.common import weight
 from compiler.lower.init import Initializer
 from spec.schema import MoE, Parallel
@@ -93,7 +93,7 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
         bias = b.param("moe.expert_bias", torch.zeros(E, dtype=torch.float32), trainable=False)
         choice = b("moe_router_choice", torch.add, scores, bias)                            # s + b
     topk = b("moe_router_topk", ops.router_topk, choice, K, r.num_groups, r.group_topk)
-    idx = b.getitem("moe_expert_index", topk, 0)                                            # (N, K) int64
+    idx = tag(b.getitem("moe_expert_index", topk, 0), "moe.expert_index")                   # (N, K) int64
     counts = b.getitem("moe_expert_counts", topk, 1)                                        # (E,) fp32
     gates = b("moe_gates_unbiased", torch.gather, scores, 1, idx)                          # (N, K) fp32
     if r.score_function == "softmax" and not r.pre_softmax:

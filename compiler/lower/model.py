@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from compiler.lower.attention import lower_attention
-from compiler.lower.builder import GraphBuilder
+from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.common import rmsnorm, weight
 from compiler.lower.ffn import ExpertGroup, lower_dense_ffn, lower_moe
 from compiler.lower.init import Initializer
@@ -53,7 +53,7 @@ def graph_kind(spec: Spec, index: int) -> str:
 def _shared_grape_m(spec: Spec) -> GrapeM | None:
     """The GRAPE-M settings whose vector is owned by the model (``share: model``), if any."""
     found = {kind: spec.attention.of(kind) for kind in set(spec.layer_kinds())
-             if isinstance(spec.attention.of(kind).position, GrapeM) and spec.attention.of(kind).position.share == "model"}
+             if spec.attention.of(kind).position.model_wide}
     if len({a.head_dim for a in found.values()}) > 1 or len({a.position for a in found.values()}) > 1:
         raise GrapefxError("attention.local.position / attention.global.position: a model-wide GRAPE-M vector "
                            "(share: model) needs the same head_dim and GRAPE-M settings on both kinds; "
@@ -70,7 +70,7 @@ def build_block(spec: Spec, index: int, cd: torch.dtype, init: Initializer,
     b = GraphBuilder(prefix=f"layer{index + 1}_")
     x = b.input("x")                                                                      # (B, T, C)
     pos = attn.position
-    log_freq = b.input("grape_m_log_freq") if isinstance(pos, GrapeM) and pos.share == "model" else None
+    log_freq = b.input("grape_m_log_freq") if pos.model_wide else None
 
     h = rmsnorm(b, "attn_norm", x, b.param("attn_norm.weight", Initializer.ones((C,))), C, eps, cd)
     a = lower_attention(b, h, attn, C=C, eps=eps, qk_norm=spec.model.qk_norm, log_freq=log_freq,
@@ -106,7 +106,7 @@ def build_head(spec: Spec, cd: torch.dtype, init: Initializer) -> fx.GraphModule
     else:
         w = weight(b, "lm_head.weight", init.normal("head.lm_head.weight", (V, C)), cd)
     h = rmsnorm(b, "norm", x, b.param("norm.weight", Initializer.ones((C,))), C, spec.model.norm_eps, cd)
-    logits = b("logits", F.linear, h, w)                                                  # (B, T, V)
+    logits = tag(b("logits", F.linear, h, w), "head.logits")                              # (B, T, V)
     logits = logits if cd == torch.float32 else b.method("logits_fp32", "float", logits)
     flat = b.method("logits_flat", "reshape", logits, -1, V)                              # (N, V)
     loss = b("ce_loss", F.cross_entropy, flat, b.method("targets_flat", "reshape", targets, -1), ignore_index=-100)

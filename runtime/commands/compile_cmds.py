@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def _passes(args: argparse.Namespace, spec) -> list[str]:
-    from compiler.passes import check_pass_names
+    from compiler import check_pass_names
 
     if args.no_passes:
         return []
