@@ -4,7 +4,7 @@
 #   phase 1, in parallel, one GPU each (separate cards, so the timings do not share a GPU):
 #     GPU 0  bench/attention_check_and_bench.py   attention kernels: correctness + microbenchmark
 #     GPU 1  bench/run_gpu.sh                      lean-step checks + `grapefx bench` bench-small
-#   phase 2, both GPUs: bench/run_multi_gpu.sh     1 GPU vs 2 GPUs (DDP, FSDP2) scaling
+#   phase 2, both GPUs: bench/multi_gpu.sh         1 GPU vs 2 GPUs (DDP, FSDP2) scaling
 # All results land in $OUT/results.tgz plus the main JSON files; the tables print last.
 # Run from the repository root:  bash bench/run_all_x2.sh
 set -uo pipefail
@@ -31,7 +31,7 @@ wait $attn; echo "attention script: exit $? at $(( $(date +%s) - start )) s"
 wait $bench; echo "bench script: exit $? at $(( $(date +%s) - start )) s"
 
 TORCHINDUCTOR_CACHE_DIR=$W/inductor OUT=$W/multi LIMIT=$P2 STEPS=${STEPS:-20} LOG_EVERY=5 \
-  bash bench/run_multi_gpu.sh > "$W/multi/run_multi_gpu.log" 2>&1
+  SPECS=examples/bench-small.yaml RUNS="one ddp fsdp" NGPU=2 bash bench/multi_gpu.sh > "$W/multi/run_multi_gpu.log" 2>&1
 echo "multi-GPU script: exit $? at $(( $(date +%s) - start )) s"
 
 cp "$W/attention/attention.json" "$W/bench/bench_small.json" "$W/bench/gpu_check.json" "$W/multi/multi_gpu.json" "$OUT/" 2>/dev/null

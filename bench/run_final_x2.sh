@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$(date +%s)
 CUDA_VISIBLE_DEVICES=1 timeout 60 python3 bench/attention_op_overhead.py "$OUT/op_overhead.json" 2>&1 | tail -n 40
 echo "op overhead: $(( $(date +%s) - start )) s"
-OUT=$W/multi LIMIT=${P2:-285} RUNS="fsdp ddp" STEPS=20 LOG_EVERY=5 bash bench/run_multi_gpu.sh > "$W/multi/run_multi_gpu.log" 2>&1
+OUT=$W/multi LIMIT=${P2:-285} SPECS=examples/bench-small.yaml RUNS="one fsdp ddp" NGPU=2 STEPS=20 LOG_EVERY=5 bash bench/multi_gpu.sh > "$W/multi/run_multi_gpu.log" 2>&1
 cp "$W/multi/multi_gpu.json" "$OUT/" 2>/dev/null
 tar -czf "$OUT/multi.tgz" -C "$W" multi
 tail -n 14 "$W/multi/run_multi_gpu.log"

@@ -57,10 +57,11 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.attend import attend, position_theta
+from compiler.lower.attend import attend
 from compiler.lower.builder import GraphBuilder
 from compiler.lower.common import weight
 from compiler.lower.init import Initializer
+from compiler.lower.position import position_theta
 from spec.errors import GrapefxError
 from spec.schema import Attention
 

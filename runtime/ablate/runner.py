@@ -34,8 +34,7 @@ from typing import Sequence
 
 import torch
 
-from compiler.lower import lower
-from compiler.lower.model import GrapeModel
+from compiler import GrapeModel, lower
 from runtime.ablate.matrix import (
     Change,
     Matrix,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 
-from compiler.lower.model import GrapeModel
-from spec.schema import GrapeM, Spec
+from compiler import GrapeModel
+from runtime.optim import frequency_owner
+from spec.schema import Spec
 
 __all__ = ["grape_m_vectors"]
 
@@ -21,15 +21,10 @@ def grape_m_vectors(model: GrapeModel, spec: Spec) -> list[dict]:
     for name, p in model.state_dict().items():
         if not name.endswith("grape_m.log_freq"):
             continue
-        pos = _grape_m_settings(spec, name)
+        pos = frequency_owner(spec, name)
         half = p.numel()                                                      # D/2
         ln_init = [-2.0 * j / (2 * half) * math.log(pos.base) for j in range(half)]
         out.append({"name": name, "ln_theta": (p.double() / pos.log_freq_scale).tolist(), "ln_theta_init": ln_init,
                     "learnable": pos.learnable_freq})
     return out
 
-
-def _grape_m_settings(spec: Spec, name: str) -> GrapeM:
-    m = re.match(r"layers\.(\d+)\.", name)
-    kinds = [spec.layer_kinds()[int(m.group(1))]] if m else ["local", "global"]
-    return next(spec.attention.of(k).position for k in kinds if isinstance(spec.attention.of(k).position, GrapeM))

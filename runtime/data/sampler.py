@@ -60,6 +60,13 @@ class Sampler:
         self.epoch, self.position = 0, 0
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
+    @property
+    def distinct_rows(self) -> int:
+        """How many rows the order starts with before any row comes again: all of an epoch's N, unless
+        a blend weight above a source's share repeats its rows sooner (upsampling)."""
+        again = np.flatnonzero(self.draw >= np.asarray(self.rows)[self.source])
+        return int(again[0]) if len(again) else self.rows_per_epoch
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next (inputs, targets), each (B, T) int64; advances by the global batch."""
         B, N = self.batch_size, self.rows_per_epoch

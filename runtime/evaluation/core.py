@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from compiler.lower import GrapeModel
+from compiler import GrapeModel, tagged
 from runtime.balance import max_vio
 from runtime.evaluation.positions import bucket_edges, summarize, token_losses
 from runtime.evaluation.rows import (
@@ -80,8 +80,7 @@ def model_logits(model: GrapeModel) -> Callable[[torch.Tensor], torch.Tensor]:
     """
     from runtime.generate import subgraph
 
-    logits_node = next(n for n in model.head.graph.nodes if n.name == "head_logits")
-    head = subgraph(model.head, {}, [logits_node])
+    head = subgraph(model.head, {}, [tagged(model.head)["head.logits"]])
     takes_embed = any(n.op == "placeholder" and n.target == "embed_weight" for n in head.graph.nodes)
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,10 @@ data.seq_len, the training context) scores every position 0..L−1, and
                              within, just past and far past its training context
     loss in bucket [a, b)  = the same over the buckets below, for the loss-by-position curve
 
-Every row has all L positions, so these means are also token-weighted means.
+Every row has all L positions, so these means are also token-weighted means. The causality
+holds for every layer of the model family, MoE routing included, as long as experts drop no
+tokens (``parallel.capacity_factor: null``, the default): with a capacity factor, which tokens an
+expert drops depends on the whole batch, and eval.json's ``prefix_check`` shows the difference.
 
 Bucket edges: 0, L and the rounded points L^(i/n) (``log``) or i·L/n (``linear``),
 i = 0..n, deduplicated, plus every c·T of the evaluated contexts, so that each context and band
