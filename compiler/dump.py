@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from compiler.passes import PASSES, PREREQUISITES, block_example_inputs, layers_text
+from compiler.passes import PASSES, block_example_inputs, layers_text
 from compiler.passes.match import ATTENTION, attention_args, is_custom, layer_prefix, propagate
 from compiler.pipeline import BlockGroup, BuildReport
 
@@ -116,20 +116,22 @@ def _passes_md(report: BuildReport, spec_name: str, graphs: Sequence[fx.GraphMod
              "| pass | matches | layers | nodes removed / added |", "| --- | --- | --- | --- |"]
     for name, e in p.entries.items():
         layers = layers_text(e.layers).split(" ", 1)[1] if e.layers else "-"
+        layers = "head" if e.graph == "head" and e.matches else layers
         lines.append(f"| `{name}` | {e.matches} | {layers} | -{e.nodes_removed} / +{e.nodes_added} |")
     lines.append("")
     for name, e in p.entries.items():
-        doc = sys.modules[PASSES[name].__module__].__doc__ or ""
+        doc = sys.modules[PASSES[name].run.__module__].__doc__ or ""
         lines += [f"## `{name}`", "", doc.strip().split("\n\n")[0].replace("\n", " "), ""]
-        if name in PREREQUISITES:
-            lines += [f"Needs `{PREREQUISITES[name]}` before it.", ""]
+        if PASSES[name].needs:
+            lines += [f"Needs `{PASSES[name].needs}` before it.", ""]
         if e.matches:
-            lines.append(f"Matched {e.matches} time{'s' if e.matches != 1 else ''}: {layers_text(e.layers)}.")
+            where = "the head graph" if e.graph == "head" else layers_text(e.layers)
+            lines.append(f"Matched {e.matches} time{'s' if e.matches != 1 else ''}: {where}.")
         else:
             lines.append(f"**Matched nothing**: {e.why_nothing()}.")
         if e.reasons and e.enabled and not e.skipped:
             lines += ["", "Where it did not match, and why:", ""]
-            lines += [f"- {layers_text(ls)}: {r}" for r, ls in e.reasons.items()]
+            lines += [f"- {layers_text(ls) if e.graph == 'block' else 'head'}: {r}" for r, ls in e.reasons.items()]
         lines.append("")
     lines += ["## Block graphs after the passes", ""]
     for g in report.groups:

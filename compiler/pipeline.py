@@ -5,8 +5,8 @@
 
 1. ``lower`` with the compute dtype of the device (``precision.compute`` on CUDA,
    ``precision.cpu_compute`` on CPU); master weights fp32.
-2. The fusion passes (``compile.passes`` or ``passes=``) on every block graph, before Dynamo sees it;
-   with any pass on, also ``linear_cross_entropy`` on the head graph.
+2. The fusion passes (``compile.passes`` or ``passes=``, ``compiler.passes.PASSES``) on every block
+   graph and on the head graph, before Dynamo sees them.
 3. ``model.to(device)``.
 4. When compiling: ``torch.compile`` (Inductor, ``fullgraph=True``, ``dynamic=False``) ONCE per
    distinct block graph, so compile time grows with the number of distinct graphs, not with depth.
@@ -46,8 +46,8 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
 from compiler.lower import GrapeModel, lower
-from compiler.passes import PassReport, PassResult, apply_passes, layers_text
-from compiler.passes.linear_cross_entropy import fuse_head
+from compiler.lower.ffn import ExpertGroup
+from compiler.passes import PassReport, apply_passes, layers_text
 from spec.schema import Spec
 
 __all__ = ["build_model", "BuildReport", "BlockGroup", "compute_dtype", "structure_key", "block_groups",
@@ -230,16 +230,10 @@ class BuildReport:
     activation_checkpointing: bool
     lowered: list[fx.GraphModule] | None = None      # the unfused block graphs (``keep_lowered=True``)
     lowered_groups: list[BlockGroup] | None = None
-    head: PassResult | None = None                   # linear_cross_entropy on the head graph (with any pass on)
 
     def passes_dict(self) -> dict:
-        """``passes.json``: each block pass's ``{"matches", "layers", ...}``, and the head's fusion."""
-        d = self.passes.as_dict()
-        if self.head is not None:
-            d[self.head.name] = {"graph": "head", "matches": self.head.matches, "nodes_removed": self.head.removed,
-                                 "nodes_added": self.head.added,
-                                 "reasons": [r for r in [self.head.absent, *self.head.declined] if r]}
-        return d
+        """``passes.json``: each pass's ``{"graph", "matches", "layers", ...}``."""
+        return self.passes.as_dict()
 
     def summary_lines(self) -> list[str]:
         lines = [f"{len(self.groups)} distinct block graph{'s' if len(self.groups) != 1 else ''}"
@@ -252,7 +246,8 @@ class BuildReport:
 def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None = None,
                 passes: Sequence[str] | None = None, keep_lowered: bool = False,
                 shard: Callable[[GrapeModel], None] | None = None,
-                compute: str | None = None) -> tuple[GrapeModel, BuildReport]:
+                compute: str | None = None,
+                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
@@ -262,10 +257,12 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     ``runtime.distributed``): blocks are compiled after wrapping, as PyTorch recommends.
     ``compute``: the compute dtype ("fp32" / "bf16"); None: ``device``'s (``compute_dtype``). A build
     on the ``meta`` device (graphs and shapes, no weights: dumps) passes the training device's.
+    ``experts``: this process's expert group under expert parallelism (``compiler.lower.ffn``);
+    None: every expert in this process.
     """
     device = torch.device(device)
     cd = compute or compute_dtype(spec, device)
-    model = lower(spec, dtype=cd)
+    model = lower(spec, dtype=cd, experts=experts)
     lowered = None
     if keep_lowered:
         lowered = [fx.GraphModule(layer, copy.deepcopy(layer.graph), class_name=type(layer).__name__)
@@ -273,9 +270,6 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     lowered_groups = block_groups(model) if keep_lowered else None
     selected = list(spec.compile.passes if passes is None else passes)
     report = apply_passes(model, selected)
-    # with the passes on, the head's LM head -> cross-entropy becomes one chunked op that never holds
-    # the (N, V) logits; the unfused build (passes=[]) keeps the lowered head
-    head = fuse_head(model) if selected else None
     model.to(device)
     if shard is not None:
         shard(model)
@@ -286,7 +280,7 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
         checkpoint_blocks(model)
     return model, BuildReport(passes=report, groups=block_groups(model), compiled=compile, device=str(device),
                               compute_dtype=cd, activation_checkpointing=spec.compile.activation_checkpointing,
-                              lowered=lowered, lowered_groups=lowered_groups, head=head)
+                              lowered=lowered, lowered_groups=lowered_groups)
 
 
 def warm_up(model: GrapeModel, batch: int, seq_len: int, device: torch.device | str) -> float:

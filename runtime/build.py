@@ -11,23 +11,24 @@ from typing import Callable
 
 import torch
 
-from compiler import pipeline
-from compiler.lower import GrapeModel
-from compiler.pipeline import BuildReport, compute_dtype
+import compiler
+from compiler import BuildReport, ExpertGroup, GrapeModel, compute_dtype
 from spec.schema import Spec
 
 __all__ = ["compute_dtype", "build_model", "cuda_graphs"]
 
 
 def build_model(spec: Spec, device: torch.device, *, compile: bool,
-                shard: Callable[[GrapeModel], None] | None = None) -> tuple[GrapeModel, BuildReport]:
+                shard: Callable[[GrapeModel], None] | None = None,
+                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``: lowered, fused by ``compile.passes``, and its graphs compiled by
     the pipeline (``compiler.pipeline.build_model``), or run eagerly with ``compile=False``; and the
     pipeline's report (which passes matched where; the run folder keeps it as ``passes.json``).
 
-    ``shard`` (FSDP2 per block, ``runtime.distributed``) is applied on ``device`` before compiling.
+    ``shard`` (FSDP2 per block, ``runtime.distributed``) is applied on ``device`` before compiling;
+    ``experts``: this rank's expert group with ``parallel.expert`` > 1 (``runtime.distributed.Parallel``).
     """
-    return pipeline.build_model(spec, device, compile=compile, shard=shard)   # passes: compile.passes
+    return compiler.build_model(spec, device, compile=compile, shard=shard, experts=experts)   # passes: compile.passes
 
 
 CUDA_GRAPHS = "triton.cudagraphs"     # the Inductor option (compile.inductor_options) that turns them on

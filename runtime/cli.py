@@ -18,6 +18,7 @@ COMMANDS = [
     "runtime.commands.data_cmds",      # data prepare
     "runtime.commands.train_cmds",     # train
     "runtime.commands.ablate_cmds",    # ablate
+    "runtime.commands.eval_cmds",      # eval
     "runtime.commands.compile_cmds",   # compile
     "runtime.commands.generate_cmds",  # generate
     "runtime.commands.export_cmds",    # export

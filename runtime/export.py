@@ -124,6 +124,9 @@ def _write_hf(tmp: Path, trained, run: Path, dtype: str) -> str | None:
 
 def _finish(tmp: Path, out: Path, step: int | None, note: str | None) -> Exported:
     """Move the finished temporary folder to ``out`` (atomic: a rename)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)    # safetensors writes 0600; give it the user's umask
     if out.exists():
         out.rmdir()                              # empty (checked above)
     os.replace(tmp, out)

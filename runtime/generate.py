@@ -5,8 +5,8 @@
     ids = sample(decoder, prompt_ids, tokens=N, temperature=T, top_k=K, seed=S, vocab_size=V, stop=eod)
 
 The decoder runs exactly the lowered model's math (MATH.md §1–§4), cut at the attention.
-Each block graph is sliced three ways at fixed, documented nodes of the lowering
-(``compiler/lower/attention.py``, ``tpa.py``):
+Each block graph is sliced three ways at the nodes the lowering tags with a role
+(``compiler.tagged``: ``attention.q``, ``.k``, ``.v``, ``.slopes``, ``.out``, ``moe.expert_index``):
 
     project  (x [, grape_m_log_freq], pos) -> q, what the cache keeps, [ALiBi slopes]
              every ``grape_m_rotate`` is given ``pos_offset = pos``: a token at absolute position
@@ -14,7 +14,7 @@ Each block graph is sliced three ways at fixed, documented nodes of the lowering
     (attention over the cache, here: the one step of the lowering's chain that changes)
     finish   (x, attn_out_tokens) -> the block's outputs: W_o, residual, norm, MoE/FFN, residual
 
-and the head graph is sliced to ``x -> logits``. So projections, norms, casts, router and experts
+and the head graph is sliced to ``x -> logits`` (``head.logits``). So projections, norms, casts, router and experts
 are the graphs' own nodes (with the model's parameters), not a second implementation.
 
 Caches, per layer and sequence (B sequences decode in lock-step):
@@ -29,7 +29,8 @@ Slots hold their token's absolute position (-1 when empty); empty slots are mask
 
 One step's attention, query p (B, Hq, 1, D), keys/values (B, Hkv, S, D), G = Hq / Hkv: query
 head h reads KV head h // G (the G query heads stacked per KV head, as in the lowering); scores
-(q k^T) * 1/sqrt(D) in fp32 (fp64 for fp64 models), plus the bias, masked, softmax in fp32,
+(q k^T) * scale in fp32 (fp64 for fp64 models; the scale is the one of the layer's
+``attention.scores`` node, 1/sqrt(D) as lowered), plus the bias, masked, softmax in fp32,
 probabilities cast to the compute dtype, times v.
 
 Not here: a compiled decoder (it would need static cache shapes to avoid recompiling per step)
@@ -38,16 +39,13 @@ and batched prefill (the prompt is fed one token at a time).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx
 
-import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower import GrapeModel
-from compiler.lower.tpa import TPA_CONTRACTION
+from compiler import TPA_CONTRACTION, GrapeModel, tagged, window
 from spec.errors import GrapefxError
 
 __all__ = ["Decoder", "LayerCache", "sample", "subgraph", "Generation", "generate_text"]
@@ -79,15 +77,6 @@ def subgraph(gm: fx.GraphModule, cuts: dict[fx.Node, str], outputs: list[fx.Node
     g.output(tuple(env[o] for o in outputs))
     g.lint()
     return fx.GraphModule(gm, g, class_name=type(gm).__name__ + "Slice")
-
-
-def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """A block's nodes by their name without the ``layer{l}_`` prefix."""
-    out = {}
-    for n in gm.graph.nodes:
-        head, sep, rest = n.name.partition("_")
-        out[rest if sep and head.startswith("layer") and head[5:].isdigit() else n.name] = n
-    return out
 
 
 def _with_position(gm: fx.GraphModule) -> fx.GraphModule:
@@ -158,6 +147,7 @@ class _Layer:
     rotates: bool                    # project takes ``pos`` (the token's absolute position)
     Hq: int
     D: int
+    scale: float                     # the scores' scale, read from the graph
     window: int | None
     cache: LayerCache = field(init=False)
 
@@ -169,32 +159,32 @@ def _plan_layer(model: GrapeModel, index: int) -> _Layer:
     spec, gm = model.spec, model.layers[index]
     kind = spec.layer_kinds()[index]
     attn = spec.attention.of(kind)
-    nodes = _nodes(gm)
-    q = nodes["attn_q_grouped"].args[0]                                     # (B, Hq, T, D), rotated
+    nodes = tagged(gm)
+    q = nodes["attention.q"]                                                # (B, Hq, T, D), rotated
     if attn.mechanism == "tpa":
-        k_parts = list(nodes["attn_k"].args[1:])                            # A_K (scaled), rotated B_K
-        v_parts = list(nodes["attn_v"].args[1:])                            # A_V (scaled), B_V
+        k_parts = list(nodes["attention.k"].args[1:])                       # A_K (scaled), rotated B_K
+        v_parts = list(nodes["attention.v"].args[1:])                       # A_V (scaled), B_V
     else:
-        k_parts = [nodes["attn_k_t"].args[0]]                               # k (B, Hkv, T, D), rotated
-        v_parts = [nodes["attn_weighted_values"].args[1]]                   # v (B, Hkv, T, D)
-    slopes = [nodes["attn_alibi_bias"].args[0]] if "attn_alibi_bias" in nodes else []
+        k_parts = [nodes["attention.k"]]                                    # k (B, Hkv, T, D), rotated
+        v_parts = [nodes["attention.v"]]                                    # v (B, Hkv, T, D)
+    slopes = [nodes["attention.slopes"]] if "attention.slopes" in nodes else []
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     x = inputs[0]
     project = _with_position(subgraph(gm, {}, [q, *k_parts, *v_parts, *slopes]))
     moe = spec.ffn_kind(index) == "moe"
     outputs = list(next(n for n in gm.graph.nodes if n.op == "output").args[0]) if moe else \
         [next(n for n in gm.graph.nodes if n.op == "output").args[0]]
-    routes = [nodes["moe_expert_index"]] if moe else []
-    finish = subgraph(gm, {x: "x", nodes["attn_out_tokens"]: "attn"}, [*outputs, *routes])
+    routes = [nodes["moe.expert_index"]] if moe else []
+    finish = subgraph(gm, {x: "x", nodes["attention.out"]: "attn"}, [*outputs, *routes])
+    scale = nodes["attention.scores"].args[1]                               # (q k^T) * scale
     return _Layer(project, finish, attn.mechanism, len(k_parts), len(v_parts), bool(slopes), moe,
                   model.takes_log_freq[index], "pos" in _placeholders(project), attn.heads, attn.head_dim,
-                  attn.window if kind == "local" else None)
+                  float(scale), attn.window if kind == "local" else None)
 
 
 def _head_logits(model: GrapeModel) -> fx.GraphModule:
     """The head graph cut to ``x [, embed_weight] -> logits`` (no targets, no loss)."""
-    logits = next(n for n in model.head.graph.nodes if n.name == "head_logits")
-    return subgraph(model.head, {}, [logits])
+    return subgraph(model.head, {}, [tagged(model.head)["head.logits"]])
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -262,13 +252,11 @@ def _attend(layer: _Layer, q: Tensor, p: int, slopes: Tensor | None) -> Tensor:
     G = layer.Hq // Hkv
     acc = torch.promote_types(q.dtype, torch.float32)
     qg = q.reshape(B, Hkv, G, D)                                                     # (B, Hkv, G, D) head h -> h // G
-    s = torch.matmul(qg, k.transpose(-2, -1)).to(acc) * (1.0 / math.sqrt(D))         # (B, Hkv, G, S)
+    s = torch.matmul(qg, k.transpose(-2, -1)).to(acc) * layer.scale                  # (B, Hkv, G, S)
     dist = (p - pos).to(acc)                                                         # (S,) i - j
     if slopes is not None:
         s = s + (-slopes.to(acc)[:, None] * dist).reshape(Hkv, G, S)                 # -m_h (i - j)
-    blocked = (pos < 0) | (dist < 0)
-    if layer.window is not None:
-        blocked = blocked | (dist >= layer.window)
+    blocked = (pos < 0) | window.blocked(dist, layer.window)                        # empty slots, the window rule
     probs = torch.softmax(s.masked_fill(blocked, float("-inf")), -1).to(v.dtype)
     o = torch.matmul(probs, v)                                                       # (B, Hkv, G, D)
     return o.reshape(B, 1, layer.Hq * D)                                             # heads in order h = kv * G + g

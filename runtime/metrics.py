@@ -14,56 +14,23 @@ to the experts that got no token since the previous line (layers where all got s
 MaxVio is of this step's global batch, ``max_vio`` the mean over MoE layers; ``memory_gib`` is
 CUDA's max allocated, or the process's peak resident set on CPU; ``tokens`` counts all ranks.
 
-The terminal gets one line per logged step, torchtitan style:
-
-    step 120/300  loss 2.314  lr 2.9e-4  grad 0.82  tok/s 12.3k  mfu —  maxvio 0.11  mem 1.2GiB
-
-with a ``rich`` progress bar under the lines on a terminal and plain lines otherwise. TensorBoard
-event files go to ``RUN/tb/`` when ``tensorboard`` is installed.
+The terminal (``runtime.console``) gets a start summary, one line per logged step and per
+evaluation, and on a terminal a ``rich`` progress bar. TensorBoard event files go to ``RUN/tb/``
+(tensorboard is a dependency: 20 MB of wheels next to torch's 200; if it cannot be imported the
+run says once where the events would go and how to get them).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger", "format_train_line", "format_eval_line", "read_metrics", "plot_loss"]
+from runtime.console import Console
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_loss"]
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def _si(x: float) -> str:
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= div:
-            return f"{x / div:.1f}{suffix}"
-    return f"{x:.0f}"
-
-
-def _lr(x: float) -> str:
-    mant, exp = f"{x:.1e}".split("e")
-    return f"{mant}e{int(exp)}"
-
-
-def _percent(x: float) -> str:
-    """38.2%, or two significant digits below 1% (a tiny model's 0.0032%)."""
-    return f"{100 * x:.1f}%" if x >= 0.01 else f"{100 * x:.2g}%"
-
-
-def _opt(x: float | None, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
-
-
-def format_train_line(r: dict, total: int) -> str:
-    mfu = "—" if r.get("mfu") is None else _percent(r["mfu"])
-    mem = "—" if r.get("memory_gib") is None else f"{r['memory_gib']:.1f}GiB"
-    return (f"step {r['step']}/{total}  loss {r['loss']:.3f}  lr {_lr(r['lr'])}  grad {r['grad_norm']:.2f}  "
-            f"tok/s {_si(r['tokens_per_s'])}  mfu {mfu}  maxvio {_opt(r.get('max_vio'), '.2f')}  mem {mem}")
-
-
-def format_eval_line(r: dict, total: int) -> str:
-    return f"eval {r['step']}/{total}  val_loss {r['val_loss']:.3f}  maxvio {_opt(r.get('max_vio'), '.2f')}"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -98,28 +65,24 @@ def plot_loss(run_dir: str | Path) -> Path:
 
 
 class MetricsLogger:
-    """Writes metrics of one run (rank 0 only: other ranks pass ``enabled=False``)."""
+    """Writes metrics of one run (rank 0 only: other ranks pass ``enabled=False``); ``console`` shows them."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, *, start_step: int = 0, enabled: bool = True,
-                 tty: bool | None = None):
+                 tty: bool | None = None, peak_label: str = "cpu"):
         self.run_dir, self.total, self.enabled = Path(run_dir), total_steps, enabled
-        self.tty = sys.stdout.isatty() if tty is None else tty
-        self._progress = self._task = self._tb = None
+        self.console = Console(total_steps, start_step=start_step, enabled=enabled, tty=tty, peak_label=peak_label)
+        self._tb = None
         if not enabled:
             return
         self._keep_until(start_step)
         self._file = open(self.run_dir / METRICS_FILE, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional (pip install grapefx[tensorboard])
-            SummaryWriter = None
-        if SummaryWriter is not None:
+        except ImportError as e:
+            self.say(f"note: no TensorBoard events ({e}); `pip install tensorboard` writes them to "
+                     f"{self.run_dir / 'tb'} on the next run")
+        else:
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        if self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            self._task = self._progress.add_task("train", total=total_steps, completed=start_step)
-            self._progress.start()
 
     def _keep_until(self, step: int) -> None:
         """A fresh run starts an empty file; a resumed one drops lines past the checkpoint (they are re-run)."""
@@ -128,16 +91,10 @@ class MetricsLogger:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def say(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self._progress is not None:
-            self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(message, flush=True)
+        self.console.say(message)
 
     def advance(self, step: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step)
+        self.console.advance(step)
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -147,7 +104,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"kind": "train", **record})
-        self.say(format_train_line(record, self.total))
+        self.console.train(record)
         if self._tb is not None:
             step = record["step"]
             for key in ("loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_vio", "memory_gib"):
@@ -161,18 +118,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"kind": "eval", **record})
-        self.say(format_eval_line(record, self.total))
+        self.console.eval(record)
         if self._tb is not None:
             for key in ("val_loss", "max_vio"):
                 if record.get(key) is not None:
                     self._tb.add_scalar(f"eval/{key}", record[key], record["step"])
 
     def close(self) -> None:
+        self.console.close()
         if not self.enabled:
             return
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -27,19 +27,19 @@ import math
 import torch
 from torch import nn
 
-from spec.schema import GrapeM, Spec, Schedule
+from spec.schema import PositionKind, Schedule, Spec
 
-__all__ = ["decays", "param_groups", "build_optimizer", "clip_gradients", "lr_factor", "build_scheduler"]
+__all__ = ["frequency_owner", "decays", "param_groups", "build_optimizer", "clip_gradients", "lr_factor",
+           "build_scheduler"]
 
 
-def _grape_m_of(spec: Spec, name: str) -> GrapeM | None:
-    """The GRAPE-M settings that own parameter ``name`` (model-wide or one layer's)."""
+def frequency_owner(spec: Spec, name: str) -> PositionKind | None:
+    """The position settings that own the frequency vector ``name`` (model-wide or one layer's)."""
     if name == "grape_m.log_freq":
         kinds = [spec.attention.of(k).position for k in ("local", "global")]
-        return next((p for p in kinds if isinstance(p, GrapeM) and p.share == "model"), None)
+        return next((p for p in kinds if p.model_wide), None)
     layer = int(name.split(".")[1])
-    pos = spec.attention.of(spec.layer_kinds()[layer]).position
-    return pos if isinstance(pos, GrapeM) else None
+    return spec.attention.of(spec.layer_kinds()[layer]).position
 
 
 def decays(name: str, param: torch.Tensor, spec: Spec) -> bool:
@@ -47,8 +47,8 @@ def decays(name: str, param: torch.Tensor, spec: Spec) -> bool:
     if name == "embed.weight":
         return spec.train.optimizer.decay_embeddings
     if name.endswith("grape_m.log_freq"):
-        pos = _grape_m_of(spec, name)
-        return bool(pos and pos.weight_decay)
+        pos = frequency_owner(spec, name)
+        return bool(pos and pos.decays())
     if name.endswith("norm.weight") or name.endswith(".bias") or name.endswith("alibi.slope_logit"):
         return False
     return param.ndim >= 2

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compiler.lower import GrapeModel, lower
+from compiler import GrapeModel, lower
 from runtime.build import compute_dtype
 from runtime.checkpoint import Checkpointer
 from spec import load_spec
@@ -37,7 +37,7 @@ EXPORT_FILES = ("spec.yaml", "config.json", "model.safetensors")
 class Trained:
     spec: Spec
     model: GrapeModel
-    tokenizer: object            # runtime.data ByteTokenizer | BPETokenizer
+    tokenizer: object            # runtime.data ByteTokenizer | BPETokenizer | PretokenizedTokenizer
     step: int | None             # the optimizer step the weights are from (None: unknown)
     source: str                  # what was loaded, for messages: "RUN/checkpoints/step-000020" or "EXPORT"
 
@@ -84,7 +84,7 @@ def load_export(folder: str | Path, device: torch.device) -> Trained:
     """The model of ``folder/spec.yaml`` with the weights of ``folder/model.safetensors`` (see export.py)."""
     from safetensors.torch import load_file
 
-    from runtime.data import BPETokenizer, ByteTokenizer
+    from runtime.data.tokenizer import open_tokenizer
 
     folder = Path(folder)
     spec = load_spec(folder / "spec.yaml")
@@ -97,6 +97,5 @@ def load_export(folder: str | Path, device: torch.device) -> Trained:
                            f"(first difference: {differ[0]!r}); export the run again with grapefx export")
     model.load_state_dict(tensors)               # bf16 exports are cast back into the fp32 masters
     model.to(device).eval()
-    tok = config["tokenizer"]
-    tokenizer = BPETokenizer.load(folder / tok["file"]) if tok["kind"] == "bpe" else ByteTokenizer()
+    tokenizer = open_tokenizer(config["tokenizer"], folder)
     return Trained(spec, model, tokenizer, config["source"].get("step"), str(folder))

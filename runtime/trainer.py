@@ -30,7 +30,8 @@ Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C 
 With several ranks, every rank stops after the same step: the ranks agree on it after each step.
 
 Distributed (``runtime.distributed``): ``world`` places this process among the ranks,
-``spec.parallel.data`` picks DDP or FSDP2; the model is wrapped before compiling.
+``spec.parallel`` picks DDP or FSDP2 and the expert parallelism E; the model is lowered with this
+rank's experts and wrapped before compiling.
 
 CUDA graphs (``compile.inductor_options: {triton.cudagraphs: true}``): every forward starts a new
 graph step (``torch.compiler.cudagraph_mark_step_begin``), and what the loop keeps of a forward's
@@ -59,11 +60,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from runtime.balance import ExpertBalancer
 from runtime.build import build_model, cuda_graphs
 from runtime.checkpoint import Checkpointer
+from runtime.console import device_text, start_summary
 from runtime.data import Sampler, prepare
 from runtime.device import device_peak, memory_gib, pick_device
-from runtime.distributed import DataParallel, grad_norm
+from runtime.distributed import Parallel
 from runtime.metrics import MetricsLogger, plot_loss
-from runtime.optim import build_optimizer, build_scheduler, clip_gradients
+from runtime.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
+from runtime.resume import resume_note, spec_changes
 from runtime.rng import rng_state, seed_all, set_rng_state
 from runtime.run_folder import record_run
 from runtime.world import World
@@ -112,11 +115,12 @@ class Trainer:
         seed_all(t.seed)
         self.data = self._prepare_data()
         self.sampler = Sampler(self.data.train, spec.data.seq_len, t.micro_batch, t.seed, world.rank, world.size)
-        self.parallel = DataParallel(spec.parallel.data, world, self.device)
+        self.eval_rows = self._eval_rows()
+        self.parallel = Parallel(spec.parallel, world, self.device)          # data x expert mesh
         # _graph_outputs: outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
         build_spec, self._graph_outputs, graphs_off = cuda_graphs(spec, self.device, world.size)
         self.model, self.build_report = build_model(build_spec, self.device, compile=spec.compile.enabled,
-                                                    shard=self.parallel.shard)
+                                                    shard=self.parallel.shard, experts=self.parallel.expert_group)
         self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
         self.optimizer = build_optimizer(self.model, spec)
         self.scheduler = build_scheduler(self.optimizer, spec)
@@ -132,9 +136,15 @@ class Trainer:
         if world.coordinator:
             record_run(self.run_dir, spec, command=command, device=self.device, peak=self.peak,
                        passes=self.build_report.passes_dict())
-        self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty)
+        self.metrics = MetricsLogger(self.run_dir, t.steps, start_step=self.step, enabled=world.coordinator, tty=tty,
+                                     peak_label=self.peak.label)
         self._stop_requested = False
         r = self.build_report
+        if world.coordinator:
+            self.metrics.console.lines(start_summary(
+                spec, self.data, device=device_text(self.device), peak=self.peak, ranks=world.size, run_dir=self.run_dir,
+                compiled=r.compiled, start_step=self.step, eval_tokens=self.eval_rows * spec.data.seq_len))
+            self._note_small_validation()
         if r.compiled:   # the first step (and the first evaluation, under no_grad) waits for Inductor
             self._say(f"compiling {len(r.groups)} distinct block graph{'s' if len(r.groups) != 1 else ''} and the "
                       f"head with Inductor ({r.compute_dtype}) on the first step; a cold compile takes about a "
@@ -148,6 +158,22 @@ class Trainer:
             data = prepare(self.spec, progress=True)
         self.world.barrier()
         return data if self.world.coordinator else prepare(self.spec, progress=False)
+
+    def _eval_rows(self) -> int:
+        """Rows per evaluation: train.eval_batches x micro_batch, or every row of the validation split
+        once when it holds fewer (rows are never repeated within an evaluation)."""
+        t = self.spec.train
+        distinct = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed).distinct_rows
+        return min(t.eval_batches * t.micro_batch, distinct)
+
+    def _note_small_validation(self) -> None:
+        t, T = self.spec.train, self.spec.data.seq_len
+        asked = t.eval_batches * t.micro_batch
+        if self.eval_rows < asked:
+            self._say(f"note: the validation split has {self.eval_rows} rows of {T} tokens without repeating any "
+                      f"({self.eval_rows * T:,} tokens), fewer than train.eval_batches x micro_batch = {asked} rows: "
+                      f"each evaluation uses those {self.eval_rows} rows once. For more, raise "
+                      "data.valid_fraction (or add validation text)")
 
     def _say(self, message: str) -> None:
         if self.world.coordinator:
@@ -221,7 +247,7 @@ class Trainer:
         W = self.world.size
         total = sum(sizes) if W == 1 else int(self.world.all_reduce(
             torch.tensor([sum(sizes)], dtype=torch.int64, device=self.device)).item())
-        sums = torch.zeros(3, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted)
+        sums = torch.zeros(4, dtype=torch.float32, device=self.device)       # loss, ce, aux (token-weighted), dropped
         for m, ((x, y), size) in enumerate(zip(batches, sizes)):
             with self.parallel.micro_batch(self.ddp, last=m == len(batches) - 1):
                 forward = self.model if self.ddp is None else self.ddp
@@ -231,20 +257,26 @@ class Trainer:
                 (out.loss * (share * W)).backward()                           # DDP / FSDP2 divide by W
                 if self._graph_outputs and m == 0 and len(batches) > 1:
                     self._own_gradients()
-            sums += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
+            sums[:3] += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float() * share
+            if out.dropped is not None:                                       # parallel.capacity_factor
+                sums[3] += out.dropped.detach()
             if out.counts is not None:
                 self.balancer.add(out.counts)
+        self.parallel.reduce_expert_grads(self.model)                         # expert parallelism only
         sums = self.world.all_reduce(sums)                                    # global token-weighted means
-        norm_t = grad_norm(self.model.parameters())                           # global (all ranks' gradients)
+        norm_t = self.parallel.grad_norm(self.model)                          # global (all ranks' gradients)
         if self.spec.train.grad_clip is not None:
-            clip_gradients(self.optimizer, self.model.parameters(), self.spec.train.grad_clip, norm_t)
+            if self.optimizer.defaults.get("fused"):                          # inside the fused step
+                clip_gradients(self.optimizer, self.model.parameters(), self.spec.train.grad_clip, norm_t)
+            else:
+                self.parallel.clip(self.model, self.spec.train.grad_clip, norm_t)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         counts = self.balancer.step(n, self.tokens) if self.balancer else None
         self.step, self.tokens = n, self.tokens + total
-        # loss, ce, aux, grad norm: read by the host at the next _settle (module docstring)
+        # loss, ce, aux, dropped, grad norm: read by the host at the next _settle (module docstring)
         self._unread.append((n, torch.cat([sums, norm_t.detach().reshape(1).float()])))
         return {"step": n, "lr": lr, "tokens_step": total, "counts": counts}
 
@@ -254,13 +286,14 @@ class Trainer:
         before the first step)."""
         if self._unread:
             steps = [n for n, _ in self._unread]
-            values = torch.stack([v for _, v in self._unread]).tolist()       # (steps, 4)
+            values = torch.stack([v for _, v in self._unread]).tolist()       # (steps, 5)
             self._unread.clear()
-            for n, (loss, _, _, norm) in zip(steps, values):
+            for n, (loss, _, _, _, norm) in zip(steps, values):
                 if not (math.isfinite(loss) and math.isfinite(norm)):
                     raise NonFiniteLoss(self._non_finite_message(n, loss, norm))
-            loss, ce, aux, norm = values[-1]
-            self._latest = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "grad_norm": norm}
+            loss, ce, aux, dropped, norm = values[-1]
+            self._latest = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "grad_norm": norm,
+                            "dropped": dropped if self.spec.parallel.capacity_factor is not None else None}
         return self._latest
 
     def _log(self, record: dict, window_tokens: int, window_time: float, elapsed: float) -> None:
@@ -270,6 +303,8 @@ class Trainer:
         line = {"step": record["step"], "loss": v["loss"], "ce_loss": v["ce_loss"], "aux_loss": v["aux_loss"],
                 "lr": record["lr"], "grad_norm": v["grad_norm"]}
         line.update(tokens=self.tokens, tokens_per_s=tps, mfu=mfu)
+        if v["dropped"] is not None:           # assignments over an expert's capacity this step, all ranks
+            line.update(dropped_assignments=int(v["dropped"]))
         if self.balancer and record["counts"] is not None:
             line.update(self.balancer.balance(record["counts"]))
             line.update(expert_bias=self.balancer.bias_stats(), zero_token_experts=self.balancer.take_window())
@@ -281,32 +316,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation cross-entropy and MaxVio over ``train.eval_batches`` fixed micro-batches.
+        """Validation cross-entropy and MaxVio over the first ``self.eval_rows`` rows of the validation order.
 
-        The batches are the first ``eval_batches`` of a fresh validation sampler seeded with
-        ``train.seed``: the same batches at every evaluation, and the training sampler is untouched.
-        Counts here feed the metric only, never the expert bias. With W ranks, rank r evaluates
-        batches r, r + W, ... of that same list, so the result does not depend on W; when W does
-        not divide ``eval_batches``, the ranks left without one in the last round run a batch past
-        the list and drop it (FSDP2's all-gathers need every rank in every forward).
+        That is ``train.eval_batches`` micro-batches, or every row of a smaller validation split once
+        (``_eval_rows``; the rows of the last micro-batch past the list get no targets, so shapes stay
+        fixed). The rows come from a fresh validation sampler seeded with ``train.seed``: the same at
+        every evaluation, and the training sampler is untouched. Counts here feed the metric only,
+        never the expert bias (MaxVio counts every row of a padded last micro-batch). With W ranks,
+        rank r evaluates micro-batches r, r + W, ... of that same list, so the result does not depend
+        on W; ranks left without one in the last round run a micro-batch past the list and drop it
+        (FSDP2's all-gathers need every rank in every forward).
         """
         t, W, rank = self.spec.train, self.world.size, self.world.rank
-        sampler = Sampler(self.data.valid, self.spec.data.seq_len, t.micro_batch, t.seed)   # one list for any W
+        B, rows = t.micro_batch, self.eval_rows
+        batches = -(-rows // B)
+        sampler = Sampler(self.data.valid, self.spec.data.seq_len, B, t.seed)   # one list for any W
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         counts = None
         self.model.eval()
         try:
-            for j in range(-(-t.eval_batches // W) * W):
+            for j in range(-(-batches // W) * W):
                 x, y = sampler.next_batch()                                    # micro-batch j of the list
                 if j % W != rank:
                     continue
+                y[max(0, rows - j * B):] = -100                               # rows past the list: no targets
+                n = int((y != -100).sum())
                 y = y.to(self.device)
                 self._new_graph_step()
                 out = self.model(x.to(self.device), y)
-                if j >= t.eval_batches:
+                if n == 0:
                     continue
-                n = (y != -100).sum()
                 loss_sum += out.ce_loss.double() * n
                 tokens += n
                 if out.counts is not None:     # a copy: the next forward may reuse the output's memory
@@ -335,7 +375,7 @@ class Trainer:
     def _tensors(self) -> tuple[dict, dict]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         rng_tensors, rng_scalars = rng_state(self.device)
-        tensors = {"model": model_sd, "optimizer": optim_sd["state"], "rng": rng_tensors}
+        tensors = self.parallel.checkpoint_view({"model": model_sd, "optimizer": optim_sd["state"], "rng": rng_tensors})
         state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                  "optimizer_param_groups": optim_sd["param_groups"], "sampler": self.sampler.state_dict(),
                  "rng": rng_scalars, "spec": dump_spec(self.spec)}
@@ -355,6 +395,7 @@ class Trainer:
             return
         tensors, _ = self._tensors()   # templates: DCP loads into them in place (optimizer state is created first)
         state = self.checkpoints.load(path, tensors)
+        tensors = self.parallel.local_view(tensors)
         groups = [{**g, "betas": tuple(g["betas"])} for g in state["optimizer_param_groups"]]
         set_state_dict(self.model, self.optimizer, model_state_dict=tensors["model"],
                        optim_state_dict={"state": tensors["optimizer"], "param_groups": groups})
@@ -363,9 +404,22 @@ class Trainer:
         set_rng_state(tensors["rng"], state["rng"], self.device)
         self.step, self.tokens = state["step"], state["tokens"]
         if state["spec"] != dump_spec(self.spec):
-            self._say(f"note: the spec differs from the one {path.name} was trained with (see its state.json); "
-                      "continuing with the new one")
+            old_lr = self.optimizer.param_groups[0]["lr"]
+            self._adopt_optimizer_settings()
+            self._say(resume_note(path.name, spec_changes(state["spec"], dump_spec(self.spec)), self.step, old_lr,
+                                  self.optimizer.param_groups[0]["lr"]))
         self._say(f"resumed from {path} (step {self.step}, {self.tokens:,} tokens)")
+
+    def _adopt_optimizer_settings(self) -> None:
+        """After resuming with a changed spec: its lr schedule, betas, eps and weight decay apply from the
+        next step (the checkpoint's param groups carry the old ones; ``runtime.resume``)."""
+        t = self.spec.train
+        o, peak = t.optimizer, t.optimizer.lr
+        self.scheduler.base_lrs = [peak] * len(self.optimizer.param_groups)
+        for g in self.optimizer.param_groups:
+            g.update(initial_lr=peak, lr=peak * lr_factor(self.step, t.schedule, t.steps), betas=tuple(o.betas),
+                     eps=o.eps, weight_decay=o.weight_decay if g["name"] == "decay" else 0.0)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ failures
     def _non_finite_message(self, step: int, loss: float, grad_norm: float) -> str:

@@ -9,7 +9,8 @@ them are collected and raised together as ``SpecProblems``):
   not ``"8"``); a ``float`` field takes any number; ``Literal`` fields take one of their choices.
 - YAML key ``global`` maps to the field ``global_`` (a Python keyword); in general a YAML key
   that is a Python keyword maps to the field with a trailing underscore.
-- Positions are a tagged union on ``kind`` (grape-m | grape-a | nope | rope). A key that belongs
+- Positions are a tagged union on ``kind`` over ``schema.POSITION_KINDS`` (grape-m | grape-a |
+  nope | rope, and any kind registered with ``@position_kind``). A key that belongs
   to another kind is an error naming the kinds that have it. ``position: nope`` (a bare kind) is
   shorthand for ``position: {kind: nope}``.
 - Lists become tuples (the dataclasses are frozen and hashable where possible).
@@ -38,9 +39,7 @@ from spec.origin import Origin, dotted
 
 __all__ = ["from_dict", "to_dict", "yaml_key", "POSITION_KINDS"]
 
-POSITION_KINDS: dict[str, type] = {
-    typing.get_args(typing.get_type_hints(c)["kind"])[0]: c for c in typing.get_args(schema.Position)
-}
+POSITION_KINDS = schema.POSITION_KINDS    # kind -> class, filled by ``@schema.position_kind``
 
 
 def yaml_key(field_name: str) -> str:
@@ -63,8 +62,6 @@ def _key_index() -> dict[str, list[str]]:
             where = f"{prefix}{k}"
             index.setdefault(k, []).append(where)
             for sub in _dataclasses_in(_hints(cls)[fl.name]):
-                if sub in POSITION_KINDS.values():
-                    continue
                 walk(sub, where + ".")
     walk(schema.Spec, "")
     for kind, cls in POSITION_KINDS.items():
@@ -92,6 +89,8 @@ class _Converter:
         origin = typing.get_origin(tp)
         if tp is Any:
             return value
+        if tp is schema.PositionKind:
+            return self.position(value, path)
         if origin in (Union, types.UnionType):
             return self.union(value, tp, path)
         if origin is Literal:
@@ -130,8 +129,6 @@ class _Converter:
                 return None
             raise self.error(path, "must not be null; give a value or delete the key to take the default")
         members = [a for a in args if a is not type(None)]
-        if all(m in POSITION_KINDS.values() for m in members):
-            return self.position(value, path)
         if len(members) == 1:
             return self.value(value, members[0], path)
         raise TypeError(f"spec.convert: untagged union {tp!r} at {dotted(path)}")

@@ -47,9 +47,9 @@ from dataclasses import dataclass, replace
 
 from spec.schema import Attention, Spec
 
-__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "layers", "param_counts",
-           "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
-           "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
+__all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "ExpertTraffic", "layers",
+           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
+           "expert_traffic", "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
 
 # fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
 TRAIN_STATE_BYTES_PER_PARAM = 16
@@ -126,6 +126,31 @@ class AttentionCost:
     gqa: AttentionCost | None        # TPA only: GQA with the same heads, kv_heads and head_dim
 
 
+@dataclass(frozen=True)
+class ExpertTraffic:
+    expert: int                      # E = parallel.expert
+    forward: float                   # bytes per token per MoE layer leaving its rank, forward
+    training: float                  # forward + backward
+
+
+def expert_traffic(spec: Spec) -> ExpertTraffic | None:
+    """Bytes a token sends to other ranks per MoE layer with expert parallelism E (None without MoE).
+
+    Each of its K assignments is a row of C values in the compute dtype (b bytes). With the
+    experts split over E ranks and the load balanced (what the expert bias steers to), an
+    assignment lands on another rank with probability (E - 1) / E. The dispatch sends the row
+    there and the combine brings the expert's output back; the backward sends both gradients
+    the reverse ways. Forward 2*K*C*b*(E-1)/E, training twice that; the exchange of counts
+    (E*X/E integers per rank and layer) is not per token and is left out.
+    """
+    if spec.moe is None:
+        return None
+    E, K, C = spec.parallel.expert, spec.moe.top_k, spec.model.d_model
+    b = 2 if spec.precision.compute == "bf16" else 4
+    forward = 2 * K * C * b * (E - 1) / E
+    return ExpertTraffic(E, forward, 2 * forward)
+
+
 def layers(spec: Spec) -> list[LayerInfo]:
     out = []
     for i, kind in enumerate(spec.layer_kinds()):
@@ -133,7 +158,7 @@ def layers(spec: Spec) -> list[LayerInfo]:
         out.append(LayerInfo(
             index=i + 1, kind=kind, mechanism=a.mechanism,
             window=a.window if kind == "local" else None,
-            position=a.position.kind, rotary=a.rotates(), additive_bias=a.position.kind == "grape-a",
+            position=a.position.kind, rotary=a.rotates(), additive_bias=a.position.adds_bias,
             ffn=spec.ffn_kind(i),
         ))
     return out
@@ -183,14 +208,9 @@ def param_counts(spec: Spec) -> ParamCount:
         a = spec.attention.of(info.kind)
         g["attention"] += attention_matmul_params(c, a)
         g["norms"] += 2 * c + (2 * a.head_dim if spec.model.qk_norm else 0)
-        pos = a.position
-        if pos.kind == "grape-m" and pos.learnable_freq:
-            if pos.share == "layer":
-                g["positions"] += a.head_dim // 2
-            else:
-                grape_model.add(a.head_dim // 2)
-        if pos.kind == "grape-a" and pos.learnable:
-            g["positions"] += a.heads
+        g["positions"] += a.position.layer_parameters(a.heads, a.head_dim)
+        if a.position.model_parameters(a.head_dim):
+            grape_model.add(a.position.model_parameters(a.head_dim))
         if info.ffn == "dense":
             g["dense_ffn"] += 3 * c * spec.ffn.hidden
         else:

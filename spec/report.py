@@ -12,7 +12,9 @@ from spec.convert import to_dict
 from spec.derive import (
     TRAIN_STATE_BYTES_PER_PARAM,
     AttentionCost,
+    ExpertTraffic,
     attention_costs,
+    expert_traffic,
     flops_per_token,
     kv_cache,
     layers,
@@ -96,6 +98,10 @@ def describe_text(spec: Spec, file: str, context: int | None = None) -> str:
                 f"{human(kv.total_bytes, 'B')} per sequence (local layers keep min(W, context) tokens)"]
     if spec.moe is not None:
         out += ["", spec.moe.router.summary(spec.moe.top_k)]
+        t = expert_traffic(spec)
+        out.append(f"expert parallelism E = {t.expert}: {t.forward:,.0f} B per token per MoE layer to other ranks "
+                   f"in the forward, {t.training:,.0f} B with the backward ({spec.precision.compute} rows, "
+                   "balanced load; docs/distributed.md)")
     out += ["", "resolved spec:", textwrap.indent(dump_spec(spec), "  ")]
     return "\n".join(out)
 
@@ -104,7 +110,8 @@ def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
     """The ``grapefx describe --json`` document: everything the text shows. Keys: name, summary, layers (with
     each layer's KV tokens and bytes), params (total, active, groups), training_state_bytes, flops_per_token,
     flops (its terms, the context T and the convention), kv_cache_bytes_per_token, kv_cache (context, total),
-    router, attention (per layer kind, with GQA beside TPA) and spec (the resolved spec)."""
+    router, attention (per layer kind, with GQA beside TPA), expert_parallel (bytes per token per MoE
+    layer at parallel.expert) and spec (the resolved spec)."""
     pc, fl, kv = param_counts(spec), flops_per_token(spec), kv_cache(spec, context)
     return {
         "name": spec.name,
@@ -121,8 +128,14 @@ def describe(spec: Spec, context: int | None = None) -> dict[str, Any]:
         "kv_cache": {"context": kv.context, "total_bytes": kv.total_bytes, "dtype": spec.precision.compute},
         "router": to_dict(spec.moe.router) if spec.moe is not None else None,
         "attention": {a.kind: _cost_dict(a) for a in attention_costs(spec)},
+        "expert_parallel": _traffic_dict(expert_traffic(spec)),
         "spec": to_dict(spec),
     }
+
+
+def _traffic_dict(t: ExpertTraffic | None) -> dict[str, Any] | None:
+    return None if t is None else {"expert": t.expert, "bytes_per_token_per_moe_layer": {
+        "forward": t.forward, "training": t.training}}
 
 
 def _cost_dict(a: AttentionCost) -> dict[str, Any]:

@@ -14,21 +14,23 @@ counts keys *including* the current token (query i sees keys i-W+1..i).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from spec.fields import doc_of, f
 from spec.routers import ROUTERS, DeepSeekV3Router
 
 __all__ = [
-    "Init", "Model", "GrapeM", "GrapeA", "NoPE", "RoPE", "Position", "Attention", "AttentionKinds",
+    "Init", "Model", "PositionKind", "POSITION_KINDS", "position_kind", "GrapeM", "GrapeA", "NoPE", "RoPE",
+    "Attention", "AttentionKinds",
     "Router", "DeepSeekV3Router", "ROUTERS", "MoE", "FFN", "Precision", "Compile", "Source", "Tokenizer", "Data",
     "Optimizer",
     "Schedule", "Train", "Parallel", "Spec", "f", "doc_of", "LAYER_KINDS", "PASS_NAMES",
 ]
 
 LAYER_KINDS = ("local", "global")
-PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention")
+PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention", "linear_cross_entropy")
 
 
 _frozen = dict(frozen=True, kw_only=True)
@@ -73,8 +75,87 @@ class Model:
 
 
 # ----------------------------------------------------------------------------- positions
+POSITION_KINDS: dict[str, type[PositionKind]] = {}
+
+
+def position_kind(cls: type) -> type:
+    """Register a position kind under its ``kind`` (a frozen dataclass subclassing ``PositionKind``)."""
+    kind = cls.__dataclass_fields__["kind"].default
+    if kind in POSITION_KINDS and POSITION_KINDS[kind] is not cls:
+        raise ValueError(f"position kind {kind!r} is registered twice")
+    POSITION_KINDS[kind] = cls
+    return cls
+
+
+class PositionKind:
+    """A position encoding of one layer kind: what the rest of grapefx asks of it.
+
+    Each kind is a frozen dataclass with a ``kind: Literal[...]`` field and its own keys, registered
+    with ``@position_kind`` (the YAML ``position: {kind: ...}`` picks it). Everything that depends
+    on the kind is here, so a new kind is one class (``docs/EXTENDING.md``):
+
+    - ``rotates``: q and k are turned by ``grape_m_rotate`` with the frequencies ``theta`` returns
+      (D/2 of them; rotation pairs coordinate i with i + D/2, so head_dim must be even).
+    - ``adds_bias``: an additive score bias from per-head ``slopes`` (``-m_h (i - j)``, MATH.md §3).
+    - ``theta(g)`` / ``slopes(g)``: build them in the lowering from the words of ``g``
+      (``compiler.lower.position.PositionGraph``; this module stays free of torch).
+    - ``problems()``: its own rules, as (key, message) pairs for ``spec.validate``.
+    - ``layer_parameters`` / ``model_parameters``: learnable parameters it adds (``describe``);
+      ``decays()``: whether its frequency vector gets weight decay.
+    - ``megatron_flags(fail, at)``: its Megatron-LM flags; raises ``fail(key, what)`` for what no
+      flag can say (the default: the kind itself), as the router classes do (``spec.routers``).
+    """
+    rotates: ClassVar[bool] = False
+    adds_bias: ClassVar[bool] = False
+    bias_name: ClassVar[str] = "an additive bias"     # how messages name the bias
+
+    @property
+    def model_wide(self) -> bool:
+        """One frequency vector owned by the model and passed to every block (GRAPE-M ``share: model``)."""
+        return False
+
+    def theta(self, g: Any) -> Any:
+        """The rotation frequencies (D/2,) fp32 as a graph node (kinds that rotate)."""
+        raise NotImplementedError(f"position kind {self.kind} rotates but builds no theta")
+
+    def slopes(self, g: Any) -> Any:
+        """The per-head bias slopes (Hq,) fp32 as a graph node (kinds that add a bias)."""
+        raise NotImplementedError(f"position kind {self.kind} adds a bias but builds no slopes")
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+    def layer_parameters(self, heads: int, head_dim: int) -> int:
+        return 0
+
+    def decays(self) -> bool:
+        """Whether its frequency vector gets weight decay (``runtime.optim``)."""
+        return False
+
+    def model_parameters(self, head_dim: int) -> int:
+        return 0
+
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        """Megatron-LM's flags for this kind; ``fail(key, what)`` is raised for what no flag can say
+        (``at``: where the position is, e.g. ``attention.local.position``)."""
+        raise fail(f"{at}.kind", f"position kind {self.kind}")
+
+
+def _rotary_base(base: float, fail: Callable[[str, str], Exception], at: str) -> str:
+    """Megatron's --rotary-base, an integer."""
+    if float(base) != int(base):
+        raise fail(f"{at}.base", f"a non-integer rotary base {base} (--rotary-base is an integer)")
+    return str(int(base))
+
+
+def _base_problem(base: float) -> list[tuple[str, str]]:
+    return [] if base > 1 else [("base", f"{base} is not a usable base: theta_j = base^(-2j/D) needs base > 1 "
+                                         "(the baseline uses 10000)")]
+
+
+@position_kind
 @dataclass(**_frozen)
-class GrapeM:
+class GrapeM(PositionKind):
     """GRAPE-M: learnable-frequency rotation, RoPE at init (MATH.md §2)."""
     kind: Literal["grape-m"] = "grape-m"
     base: float = f(10000.0, "RoPE base of the initial spectrum theta_j = base^(-2j/d)")
@@ -83,29 +164,90 @@ class GrapeM:
     share: Literal["model", "layer"] = f("model", "one frequency vector for the model (the vpMoE Megatron fork) or one "
                                                   "per layer (the paper's code)")
     weight_decay: bool = f(False, "apply weight decay to p (off: decay would drag ln(theta) toward 0)")
+    rotates: ClassVar[bool] = True
+
+    @property
+    def model_wide(self) -> bool:
+        return self.share == "model"
+
+    def theta(self, g: Any) -> Any:
+        return g.grape_m(self)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _base_problem(self.base)
+        if not self.log_freq_scale > 0:
+            out.append(("log_freq_scale", f"{self.log_freq_scale}: theta = exp(p / c) needs c > 0 (default 16)"))
+        return out
+
+    def layer_parameters(self, heads: int, head_dim: int) -> int:
+        return head_dim // 2 if self.learnable_freq and self.share == "layer" else 0
+
+    def decays(self) -> bool:
+        return self.weight_decay
+
+    def model_parameters(self, head_dim: int) -> int:
+        return head_dim // 2 if self.learnable_freq and self.share == "model" else 0
+
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        from spec.megatron.flags import fmt_number
+
+        base = _rotary_base(self.base, fail, at)
+        if self.share != "model":
+            raise fail(f"{at}.share", "GRAPE-M frequencies per layer (the vpMoE fork keeps one vector for the model)")
+        if self.weight_decay:
+            raise fail(f"{at}.weight_decay", "weight decay on GRAPE-M frequencies")
+        return ["--position-embedding-type", "grapem", "--no-rope-fusion", "--rotary-base", base,
+                "--grapem-learnable-freq" if self.learnable_freq else "--no-grapem-learnable-freq",
+                "--grapem-log-freq-scale", fmt_number(self.log_freq_scale)]
 
 
+@position_kind
 @dataclass(**_frozen)
-class GrapeA:
+class GrapeA(PositionKind):
     """GRAPE-A: ALiBi slopes, bias -m_h (i - j) after the 1/sqrt(d) scaling (MATH.md §3)."""
     kind: Literal["grape-a"] = "grape-a"
     learnable: bool = f(False, "learn m_h = softplus(r_h) * alibi_h (initialised at the ALiBi slopes); fixed by default")
+    adds_bias: ClassVar[bool] = True
+    bias_name: ClassVar[str] = "the ALiBi bias"
+
+    def slopes(self, g: Any) -> Any:
+        return g.alibi(learnable=self.learnable)
+
+    def layer_parameters(self, heads: int, head_dim: int) -> int:
+        return heads if self.learnable else 0
+
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        if self.learnable:
+            raise fail(f"{at}.learnable", "learnable ALiBi slopes")
+        return ["--grape-a"]
 
 
+@position_kind
 @dataclass(**_frozen)
-class NoPE:
+class NoPE(PositionKind):
     """No position signal at all (the follow-up ablation on global layers)."""
     kind: Literal["nope"] = "nope"
 
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        return []
 
+
+@position_kind
 @dataclass(**_frozen)
-class RoPE:
+class RoPE(PositionKind):
     """Plain RoPE: GRAPE-M's rotation with fixed frequencies base^(-2j/d)."""
     kind: Literal["rope"] = "rope"
     base: float = f(10000.0, "RoPE base")
+    rotates: ClassVar[bool] = True
 
+    def theta(self, g: Any) -> Any:
+        return g.rope(self.base)
 
-Position = Union[GrapeM, GrapeA, NoPE, RoPE]
+    def problems(self) -> list[tuple[str, str]]:
+        return _base_problem(self.base)
+
+    def megatron_flags(self, fail: Callable[[str, str], Exception], at: str) -> list[str]:
+        return ["--position-embedding-type", "rope", "--rotary-base", _rotary_base(self.base, fail, at)]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -117,7 +259,8 @@ class Attention:
     head_dim: int = f(64, "per-head width D (even: rotation pairs i with i + D/2)", most=1024)
     window: int | None = f(None, "local layers only: W keys including the current token (query i sees i-W+1..i)",
                            most=2**20)
-    position: Position = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope")
+    position: PositionKind = f(factory=NoPE, doc="position mechanism: grape-m | grape-a | nope | rope "
+                                                 "(spec.schema.POSITION_KINDS)")
     r_q: int | None = f(None, "TPA query rank R_Q (default 6 with head_factors: heads, 4 with kv_groups)", most=1024)
     r_k: int | None = f(None, "TPA key rank R_K (default 2)", most=1024)
     r_v: int | None = f(None, "TPA value rank R_V (default 2)", most=1024)
@@ -135,8 +278,8 @@ class Attention:
         return hf, r_q, self.r_k if self.r_k is not None else 2, self.r_v if self.r_v is not None else 2
 
     def rotates(self) -> bool:
-        """True when q and k are rotated (GRAPE-M or RoPE)."""
-        return self.position.kind in ("grape-m", "rope")
+        """True when q and k are rotated (GRAPE-M, RoPE: the position kind says)."""
+        return self.position.rotates
 
 
 def _default_local() -> Attention:
@@ -201,13 +344,28 @@ class Source:
     path: str = f("builtin:shakespeare", "builtin:shakespeare, a text file, a folder of .txt, a .jsonl (text field) "
                                          "or a Megatron indexed-dataset prefix (PREFIX.bin + PREFIX.idx)")
     weight: float = f(1.0, "blend weight (as Megatron's --data-path w1 p1 w2 p2)")
+    split: Literal["auto", "documents", "tail", "paragraphs", "separator", "chunks"] = f(
+        "auto", "how the validation split is taken from this source: documents (hold out whole documents), tail "
+                "(hold out the last valid_fraction of its text or tokens, in order), or cut a text source into "
+                "documents first: paragraphs (at blank lines), separator (at each `separator`), chunks (every "
+                "`chunk_chars` characters); auto = tail for a source of one document (a single text file), "
+                "documents otherwise")
+    separator: str | None = f(None, "the text between documents, for split: separator (e.g. \"<|endoftext|>\")")
+    chunk_chars: int | None = f(None, "characters per document, for split: chunks (e.g. 4096)", most=2**40)
 
 
 @dataclass(**_frozen)
 class Tokenizer:
-    kind: Literal["byte", "bpe"] = f("byte", "byte-level (256 ids + end-of-document) or a BPE trained locally")
+    kind: Literal["byte", "bpe", "pretokenized"] = f(
+        "byte", "byte-level (256 ids + end-of-document), a BPE (trained locally, or any tokenizer.json given as "
+                "path), or pretokenized: the sources are Megatron .bin/.idx token ids and the vocabulary is "
+                "model.vocab_size")
     vocab_size: int | None = f(None, "BPE vocabulary size to train (bpe only)", most=2**24)
-    path: str | None = f(None, "an existing tokenizer.json to use instead of training one (bpe only)")
+    path: str | None = f(None, "an existing tokenizer.json to use instead of training one, e.g. a Hugging Face "
+                               "model's (bpe only)")
+    eod_id: int | None = f(None, "pretokenized only: the end-of-document id of the tokenizer that made the data "
+                                 "(appended to documents that lack it; generation starts after it and stops at "
+                                 "it); null = documents are used as stored", most=2**24)
 
 
 @dataclass(**_frozen)
@@ -255,6 +413,12 @@ class Train:
 @dataclass(**_frozen)
 class Parallel:
     data: Literal["ddp", "fsdp"] = f("ddp", "data parallelism when launched with torchrun: DDP or FSDP2 per block")
+    expert: int = f(1, "expert parallelism E: the routed experts are split over groups of E ranks (rank e of a group "
+                       "holds experts [e*X/E, (e+1)*X/E)) and tokens move to them; E divides moe.experts and the "
+                       "number of ranks (1 = every rank holds every expert)")
+    capacity_factor: float | None = f(None, "tokens an expert takes per micro-batch and rank, as a factor of the even "
+                                            "share N*K/X; assignments beyond it are dropped and counted "
+                                            "(null = dropless)")
 
 
 # ----------------------------------------------------------------------------- the whole spec

@@ -26,7 +26,7 @@ from spec.convert import yaml_key
 from spec.errors import SpecError, SpecProblems
 from spec.origin import Origin, dotted
 from spec.routers import divisors
-from spec.schema import LAYER_KINDS, PASS_NAMES, Attention, Spec
+from spec.schema import LAYER_KINDS, PASS_NAMES, POSITION_KINDS, Attention, Spec
 
 __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
 
@@ -34,6 +34,11 @@ __all__ = ["validate", "check", "SpecProblems", "BYTE_TOKENIZER_VOCAB"]
 BYTE_TOKENIZER_VOCAB = 257
 
 _ESCAPE = "or set attention.allow_position_mismatch: true to break the position rule on purpose"
+
+
+def _rotating() -> str:
+    """The position kinds that rotate: 'grape-m or rope'."""
+    return " or ".join(k for k, c in POSITION_KINDS.items() if c.rotates)
 
 
 class _Checker:
@@ -87,6 +92,7 @@ class _Checker:
         self.compile()
         self.data(kinds_ok)
         self.train()
+        self.parallel()
         return self.problems
 
     def bounds(self, obj: Any, path: tuple) -> bool:
@@ -130,7 +136,7 @@ class _Checker:
                                             "use null for no global layers")
             return False
         if m.global_every is not None and m.global_every > m.n_layers >= 1:
-            self.err(p + ("global_every",), f"{m.global_every} places no global layer in a {m.n_layers}-layer model "
+            self.err(p + ("global_every",), f"global_every {m.global_every} places no global layer in a {m.n_layers}-layer model "
                                             f"(layer l is global iff l % {m.global_every} == 0, and no l in "
                                             f"1..{m.n_layers} is): use global_every <= {m.n_layers}, "
                                             "or null for no global layers", also=(p + ("n_layers",),))
@@ -183,12 +189,8 @@ class _Checker:
             self.err(p + ("window",), f"global layers attend to the whole causal context; a window ({a.window}) is "
                                       "only for local layers: delete it, or make those layers local "
                                       "(model.global_every / model.layer_kinds)")
-        pos, pp = a.position, p + ("position",)
-        if pos.kind in ("grape-m", "rope") and not pos.base > 1:
-            self.err(pp + ("base",), f"{pos.base} is not a usable base: theta_j = base^(-2j/D) needs base > 1 "
-                                     "(the baseline uses 10000)")
-        if pos.kind == "grape-m" and not pos.log_freq_scale > 0:
-            self.err(pp + ("log_freq_scale",), f"{pos.log_freq_scale}: theta = exp(p / c) needs c > 0 (default 16)")
+        for key, message in a.position.problems():
+            self.err(p + ("position", key), message)
 
     def positions(self) -> None:
         att = self.spec.attention
@@ -199,15 +201,15 @@ class _Checker:
                          f"{glo.position.kind} rotates q and k, but by the position rule global layers never rotate "
                          "(they are exactly the layers that skip the rotation, MATH.md §1): use grape-a (ALiBi bias) "
                          f"or nope, {_ESCAPE}")
-            if loc.position.kind == "grape-a":
+            if loc.position.adds_bias:
                 self.err(("attention", "local", "position", "kind"),
-                         "grape-a (the ALiBi bias) appears only on global layers by the position rule (MATH.md §1): "
-                         f"use grape-m or rope on local layers, {_ESCAPE}")
+                         f"{loc.position.kind} ({loc.position.bias_name}) appears only on global layers by the position "
+                         f"rule (MATH.md §1): use {_rotating()} on local layers, {_ESCAPE}")
             elif not loc.rotates():
                 self.err(("attention", "local", "position", "kind"),
                          f"{loc.position.kind}: local layers rotate by the position rule (the layers that skip the "
-                         f"rotation are exactly the global ones, MATH.md §1): use grape-m or rope, {_ESCAPE}")
-        if loc.position.kind == glo.position.kind == "grape-m" and "model" in (loc.position.share, glo.position.share):
+                         f"rotation are exactly the global ones, MATH.md §1): use {_rotating()}, {_ESCAPE}")
+        if loc.position.kind == glo.position.kind and (loc.position.model_wide or glo.position.model_wide):
             if loc.position != glo.position or loc.head_dim != glo.head_dim:
                 self.err(("attention", "global", "position"),
                          "both layer kinds use GRAPE-M with share: model, i.e. one frequency vector of head_dim/2 "
@@ -254,11 +256,27 @@ class _Checker:
             if not src.path:
                 self.err(p + ("sources", i, "path"), "empty path; give a file, a folder or builtin:shakespeare")
             self.positive(src, "weight", p + ("sources", i), "the blend weight")
+            self._split_rule(src, p + ("sources", i))
         if not 0 <= d.valid_fraction < 1:
             self.err(p + ("valid_fraction",), f"{d.valid_fraction} is not a fraction of documents: use 0 <= "
                                               "valid_fraction < 1 (0.01 = 1%)")
         t, tp = d.tokenizer, p + ("tokenizer",)
-        if t.kind == "byte":
+        if t.kind != "pretokenized" and t.eod_id is not None:
+            self.err(tp + ("eod_id",), f"eod_id applies to kind: pretokenized only; the {t.kind} tokenizer has its own "
+                                       "end-of-document id: delete it")
+        if t.kind == "pretokenized":
+            if t.vocab_size is not None:
+                self.err(tp + ("vocab_size",), "pretokenized data takes its vocabulary from model.vocab_size (every id "
+                                               "must be below it): delete data.tokenizer.vocab_size and set "
+                                               "model.vocab_size")
+            if t.path is not None:
+                self.err(tp + ("path",), "a tokenizer.json makes the data kind: bpe (its vocabulary checks the ids and "
+                                         "generation can read text): set kind: bpe, or delete path")
+            if t.eod_id is not None and not 0 <= t.eod_id < s.model.vocab_size:
+                self.err(tp + ("eod_id",), f"{t.eod_id} is not an id of the {s.model.vocab_size}-id vocabulary: use "
+                                           f"0 <= eod_id < model.vocab_size, or null when the data has no "
+                                           "end-of-document id")
+        elif t.kind == "byte":
             for k in ("vocab_size", "path"):
                 if getattr(t, k) is not None:
                     self.err(tp + (k,), f"{k} applies to kind: bpe only; the byte tokenizer is fixed "
@@ -279,6 +297,22 @@ class _Checker:
                 self.err(("model", "vocab_size"), f"{s.model.vocab_size} is smaller than the tokenizer's "
                                                   f"{t.vocab_size} ids: set model.vocab_size >= {t.vocab_size}",
                          also=(tp + ("vocab_size",),))
+
+    def _split_rule(self, src, path: tuple) -> None:
+        """separator goes with split: separator, chunk_chars with split: chunks, and each needs a value there."""
+        if src.split == "separator" and not src.separator:
+            self.err(path + ("separator",), "split: separator needs the text between documents, e.g. separator: "
+                                            "\"<|endoftext|>\" (or use split: paragraphs to cut at blank lines)")
+        elif src.split != "separator" and src.separator is not None:
+            self.err(path + ("separator",), f"separator applies to split: separator only (this source has split: "
+                                            f"{src.split}): delete it or set split: separator")
+        if src.split == "chunks":
+            if src.chunk_chars is None or src.chunk_chars < 1:
+                self.err(path + ("chunk_chars",), f"split: chunks needs chunk_chars >= 1 (got {src.chunk_chars}), "
+                                                  "the characters per document, e.g. 4096")
+        elif src.chunk_chars is not None:
+            self.err(path + ("chunk_chars",), f"chunk_chars applies to split: chunks only (this source has split: "
+                                              f"{src.split}): delete it or set split: chunks")
 
     def train(self) -> None:
         t, p = self.spec.train, ("train",)
@@ -307,6 +341,22 @@ class _Checker:
         self.positive(t, "grad_clip", p, "grad_clip (null = no clipping)", optional=True)
         for k in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
             self.at_least(t, k, p, 1)
+
+    def parallel(self) -> None:
+        par, p, moe = self.spec.parallel, ("parallel",), self.spec.moe
+        if self.at_least(par, "expert", p, 1, "expert parallelism E (1 = off)") and par.expert > 1:
+            if moe is None:
+                self.err(p + ("expert",), f"expert: {par.expert} splits the routed experts over ranks, but this model "
+                                          "has none (moe: null); delete parallel.expert")
+            elif moe.experts % par.expert:
+                self.err(p + ("expert",), f"{moe.experts} experts cannot be split evenly over {par.expert} ranks "
+                                          "(rank e holds experts [e*X/E, (e+1)*X/E), so moe.experts % expert must be "
+                                          f"0); use expert in {[d for d in range(1, moe.experts + 1) if moe.experts % d == 0]}")
+        if par.capacity_factor is not None:
+            if moe is None:
+                self.err(p + ("capacity_factor",), "a capacity factor limits the tokens per routed expert, but this "
+                                                   "model has none (moe: null); delete it")
+            self.positive(par, "capacity_factor", p, "capacity_factor (null = dropless)", optional=True)
 
 
 def check(spec: Spec, origin: Origin | str = "<spec>") -> list[SpecError]:

@@ -15,10 +15,10 @@ The chain every attention layer lowers to (the fusion passes match this structur
 The chain from ``scores`` on is ``attend`` (``compiler/lower/attend.py``), shared with TPA
 (``compiler/lower/tpa.py``), which builds q, k, v from per-token factors instead of W_q, W_k, W_v.
 
-Node names are a contract beyond the passes (which match by structure): the KV-cache decoder
-(``runtime/generate.py``) cuts the graphs at ``attn_q_grouped``, ``attn_k_t``,
-``attn_weighted_values``, ``attn_alibi_bias``, ``attn_out_tokens`` (TPA: ``attn_k``, ``attn_v``),
-``moe_expert_index`` and the head's ``logits``; tests/runtime/test_generate.py fails if they move.
+Node names are for reading: the passes match by structure, and the KV-cache decoder
+(``runtime/generate.py``) cuts the graphs at nodes tagged with a role (``attention.q``, ``.k``,
+``.v``, ``.scores``, ``.slopes``, ``.out``, ``moe.expert_index``, ``head.logits``;
+``compiler/lower/builder.py`` lists them).
 
 GQA: the G = Hq / Hkv query heads that read one KV head are stacked along the row axis of q
 ((B, Hkv, G*T, D)), so one matmul per KV head computes their scores and K/V are never repeated.
@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.attend import attend, position_theta
+from compiler.lower.attend import attend
 from compiler.lower.builder import GraphBuilder
 from compiler.lower.common import rmsnorm, weight
 from compiler.lower.init import Initializer
+from compiler.lower.position import position_theta
 from compiler.lower.tpa import lower_tpa
 from spec.errors import GrapefxError
 from spec.schema import Attention

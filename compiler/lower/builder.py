@@ -12,6 +12,18 @@ Lowering emits one node per idea (``layer4_attn_scores``), so the graph a user r
 
 Parameters and buffers are registered on the block's root module under their dotted
 qualified names (``attn.wq``), so state-dict keys follow PyTorch (``layers.3.attn.wq``).
+
+Roles: a node that code outside the lowering must find (the KV-cache decoder cuts the graphs
+there) is tagged ``node.meta["grapefx_role"] = ROLE`` (``tag``) and found with ``tagged(gm)``;
+node names are for reading, roles are the contract:
+
+    attention.q        (B, Hq, T, D) q, normalised and rotated, as the chain reads it
+    attention.k / .v   (B, Hkv, T, D) k (rotated) and v; TPA: the contractions of the factors
+    attention.scores   the fp32 scores times the scale (the scale is its constant argument)
+    attention.slopes   (Hq,) fp32 bias slopes (kinds that add a bias)
+    attention.out      (B, T, Hq*D) the heads' outputs before W_o
+    moe.expert_index   (N, K) int64 the experts the router picked
+    head.logits        (B, T, V) the LM head's logits
 """
 
 from __future__ import annotations
@@ -20,6 +32,19 @@ from typing import Any, Callable
 
 import torch
 from torch import fx, nn
+
+ROLE = "grapefx_role"
+
+
+def tag(node: fx.Node, role: str) -> fx.Node:
+    """Mark ``node`` with ``role`` (see the module docstring); returns it."""
+    node.meta[ROLE] = role
+    return node
+
+
+def tagged(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The tagged nodes of ``gm`` by role."""
+    return {n.meta[ROLE]: n for n in gm.graph.nodes if ROLE in n.meta}
 
 
 class GraphBuilder:

@@ -13,23 +13,41 @@ MoE, per token t (N = B*T tokens, E routed experts, K chosen):
 
 softmax scoring (comparison only): pre_softmax picks top-k of softmax(logits); otherwise top-k
 of the logits and a softmax over the chosen K (Megatron's default order).
+
+Expert parallelism (``parallel.expert`` E > 1) or a capacity factor: the routed experts become
+
+    rows, local, order, splits, dropped = expert_dispatch(h, idx)    rows to the experts' ranks
+    y_rows = expert_ffn(rows, local, 1)                              this rank's X/E experts
+    y      = expert_combine(y_rows, gates, order, splits)            back, gate-weighted sum
+
+(``compiler.ops.expert_parallel``); the block holds experts [e*X/E, (e+1)*X/E) of rank e of its
+expert group, sliced from the same initial values as the whole stack (the state-dict key keeps
+its name, the first dimension is X/E), and with a capacity factor the block's fourth output
+is the count of dropped assignments. The router, the shared experts and the rest are unchanged.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.builder import GraphBuilder
+from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.common import weight
 from compiler.lower.init import Initializer
-from spec.schema import MoE
+from spec.schema import MoE, Parallel
 
 ops = torch.ops.grapefx
+
+
+class ExpertGroup(NamedTuple):
+    """Where this process sits in its expert group: the process group's name ('' = no job) and rank e."""
+    name: str = ""
+    rank: int = 0
 
 
 def swiglu(b: GraphBuilder, name: str, h: fx.Node, w_gate: fx.Node, w_up: fx.Node, w_down: fx.Node) -> fx.Node:
@@ -48,8 +66,14 @@ def lower_dense_ffn(b: GraphBuilder, h: fx.Node, *, C: int, hidden: int, name: s
 
 
 def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init: Initializer,
-              cd: torch.dtype) -> tuple[fx.Node, fx.Node, fx.Node]:
-    """Append the MoE math; returns (y (B, T, C), counts (E,) fp32, aux_loss () fp32)."""
+              cd: torch.dtype, parallel: Parallel | None = None,
+              group: ExpertGroup | None = None) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None]:
+    """Append the MoE math; returns (y (B, T, C), counts (E,) fp32, aux_loss () fp32, dropped () fp32 or None).
+
+    ``group`` given and ``parallel.expert`` > 1, or a capacity factor: the dispatch / combine path
+    of the module docstring; ``group`` None: one process holds every expert (parallel.expert is
+    how a training job was split, not what this model computes). ``dropped``: None without a
+    capacity factor."""
     r, E, K, F_ = moe.router, moe.experts, moe.top_k, moe.expert_hidden
     shape = b.method("moe_in_shape", "size", h)
     flat = b.method("moe_tokens", "reshape", h, -1, C)                                     # (N, C)
@@ -69,7 +93,7 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
         bias = b.param("moe.expert_bias", torch.zeros(E, dtype=torch.float32), trainable=False)
         choice = b("moe_router_choice", torch.add, scores, bias)                            # s + b
     topk = b("moe_router_topk", ops.router_topk, choice, K, r.num_groups, r.group_topk)
-    idx = b.getitem("moe_expert_index", topk, 0)                                            # (N, K) int64
+    idx = tag(b.getitem("moe_expert_index", topk, 0), "moe.expert_index")                   # (N, K) int64
     counts = b.getitem("moe_expert_counts", topk, 1)                                        # (E,) fp32
     gates = b("moe_gates_unbiased", torch.gather, scores, 1, idx)                          # (N, K) fp32
     if r.score_function == "softmax" and not r.pre_softmax:
@@ -81,10 +105,32 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
         gates = b("moe_gates_scaled", torch.mul, gates, r.topk_scaling_factor)
     gates_c = gates if cd == torch.float32 else b.method("moe_gates_c", "to", gates, cd)
 
-    w_gate = weight(b, "moe.experts.w_gate", init.normal(f"{name}.moe.experts.w_gate", (E, C, F_)), cd)
-    w_up = weight(b, "moe.experts.w_up", init.normal(f"{name}.moe.experts.w_up", (E, C, F_)), cd)
-    w_down = weight(b, "moe.experts.w_down", init.normal(f"{name}.moe.experts.w_down", (E, F_, C), output=True), cd)
-    y = b("moe_routed", ops.expert_ffn, flat, idx, gates_c, w_gate, w_up, w_down)          # (N, C)
+    parallel = parallel or Parallel()
+    P = parallel.expert if group is not None else 1
+    group = group or ExpertGroup()
+    mine = slice(group.rank * E // P, (group.rank + 1) * E // P)                          # this rank's experts
+
+    def experts(key: str, shape: tuple[int, ...], output: bool = False) -> fx.Node:
+        """This rank's slice of the whole stack's initial values (a copy: the stack is not kept)."""
+        return weight(b, key, init.normal(f"{name}.{key}", shape, output=output)[mine].clone(), cd)
+
+    w_gate = experts("moe.experts.w_gate", (E, C, F_))                                    # (E/P, C, F)
+    w_up = experts("moe.experts.w_up", (E, C, F_))
+    w_down = experts("moe.experts.w_down", (E, F_, C), output=True)                       # (E/P, F, C)
+    dropped = None
+    if P == 1 and parallel.capacity_factor is None:
+        y = b("moe_routed", ops.expert_ffn, flat, idx, gates_c, w_gate, w_up, w_down)      # (N, C)
+    else:
+        sent = b("moe_dispatch", ops.expert_dispatch, flat, idx, E, P, group.name, parallel.capacity_factor or 0.0)
+        rows = b.getitem("moe_dispatch_rows", sent, 0)                                      # (R, C) received
+        local = b.method("moe_dispatch_experts", "view", b.getitem("moe_dispatch_local", sent, 1), -1, 1)  # (R, 1)
+        order, splits = b.getitem("moe_dispatch_order", sent, 2), b.getitem("moe_dispatch_splits", sent, 3)
+        ones = b("moe_row_gates", torch.ones_like, local, dtype=cd)                         # (R, 1)
+        y_rows = b("moe_expert_rows", ops.expert_ffn, rows, local, ones, w_gate, w_up, w_down)   # (R, C)
+        back = b("moe_combine", ops.expert_combine, y_rows, gates_c, order, splits, group.name)
+        y = b.getitem("moe_routed", back, 0)                                                # (N, C)
+        if parallel.capacity_factor is not None:
+            dropped = b.getitem("moe_dropped", sent, 4)                                     # () fp32
 
     if moe.shared_experts:
         Fs = moe.shared_experts * F_
@@ -95,7 +141,7 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
     y = b.method("moe_out_tokens", "view", y, shape)                                        # (B, T, C)
 
     aux = _aux_losses(b, moe, logits, scores, idx, counts, h, E=E, K=K)
-    return y, counts, aux
+    return y, counts, aux, dropped
 
 
 def _aux_losses(b: GraphBuilder, moe: MoE, logits: fx.Node, scores: fx.Node, idx: fx.Node, counts: fx.Node,

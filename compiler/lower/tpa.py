@@ -10,7 +10,7 @@ tensorgi/T6, ``model/T6.py``). Per token t, with R_Q, R_K, R_V ranks, Hq query h
 Head factors (``head_factors``):
 - ``heads`` (the paper): A_K, A_V span all n = Hq heads, so K and V have one head per query head
   and the attention chain runs with G = 1 (``kv_heads`` plays no part).
-- ``kv_groups`` (the seed's vpMoE fork): A_K, A_V span the n = Hkv KV groups, so K and V have Hkv
+- ``kv_groups`` (the vpMoE Megatron fork): A_K, A_V span the n = Hkv KV groups, so K and V have Hkv
   heads and query head h reads K/V head h // G, G = Hq / Hkv, exactly as GQA.
 
 Position: GRAPE-M (or RoPE) rotates the rows of B_Q and B_K **before** the contraction. This is
@@ -57,10 +57,11 @@ import torch.nn.functional as F
 from torch import fx
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
-from compiler.lower.attend import attend, position_theta
+from compiler.lower.attend import attend
 from compiler.lower.builder import GraphBuilder
 from compiler.lower.common import weight
 from compiler.lower.init import Initializer
+from compiler.lower.position import position_theta
 from spec.errors import GrapefxError
 from spec.schema import Attention
 

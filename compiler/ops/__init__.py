@@ -12,6 +12,7 @@ it with no graph break) and an explicit autograd formula. One module per op fami
 | ``router_topk(choice_scores, k, num_groups, group_topk)`` | router.py | §5 |
 | ``expert_ffn(x, indices, gates, w_gate, w_up, w_down)`` (+ ``expert_ffn_fwd``, ``expert_ffn_backward``) | experts.py | §5 |
 | ``linear_cross_entropy(x, weight, targets, ignore_index=-100)`` (+ ``_fwd``, ``_fwd_bwd``) | linear_cross_entropy.py | §6 |
+| ``expert_dispatch(x, indices, experts, ranks, group, capacity_factor)``, ``expert_combine(y, gates, order, splits, group)`` | expert_parallel.py | §5 |
 
 Python helpers: ``grape_m_init_log_freq``, ``grape_m_theta``, ``alibi_slopes``.
 
@@ -21,12 +22,13 @@ module; reach the module's other names with ``from compiler.ops.attention import
 
 from compiler.ops.alibi import alibi_bias, alibi_slopes
 from compiler.ops.attention import attention
+from compiler.ops.expert_parallel import expert_combine, expert_dispatch
 from compiler.ops.experts import expert_ffn
 from compiler.ops.grape_m import grape_m_init_log_freq, grape_m_rotate, grape_m_theta
 from compiler.ops.linear_cross_entropy import linear_cross_entropy
 from compiler.ops.router import router_topk
 
 __all__ = [
-    "alibi_bias", "alibi_slopes", "attention", "expert_ffn", "grape_m_init_log_freq", "grape_m_rotate",
+    "alibi_bias", "alibi_slopes", "attention", "expert_combine", "expert_dispatch", "expert_ffn", "grape_m_init_log_freq", "grape_m_rotate",
     "grape_m_theta", "linear_cross_entropy", "router_topk",
 ]

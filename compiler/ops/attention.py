@@ -55,6 +55,7 @@ from torch import Tensor
 
 from compiler.ops._util import compute_dtype
 from compiler.ops.grape_m import cos_sin, rotate, theta_grad, unrotate
+from compiler.window import blocked as window_blocked
 
 DENSE_MAX_T = 1024   # up to this T (and a window that is not much shorter) the reference is one dense block
 BLOCK_Q = 128        # query rows per block on the blockwise path
@@ -147,10 +148,7 @@ def _block_scores(qb: Tensor, kb: Tensor, qs: int, qe: int, ks: int, ke: int, sl
     if bias_g is not None:
         s.add_(bias_g[:, :, qs:qe, ks:ke])                                          # dense bias, after the scaling
     if not all_visible:
-        blocked = dist < 0
-        if window:
-            blocked |= dist > window - 1
-        s.masked_fill_(blocked, float("-inf"))
+        s.masked_fill_(window_blocked(dist, window), float("-inf"))
     return s, dist
 
 
@@ -366,10 +364,15 @@ def _backward(ctx, grad_out, _grad_lse):
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-# The public op: what the fusion passes insert and what PLAN.md names.
+# The public op, what the fusion passes insert. Its argument list, once: the op's schema, the
+# passes (``compiler.passes.match.attention_args``) and the dumps read it from here.
+ATTENTION_SIGNATURE = (("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("theta", "Tensor?"), ("slopes", "Tensor?"),
+                       ("window", "int"), ("scale", "float"), ("bias", "Tensor?"))
+ATTENTION_ARGS = tuple(name for name, _ in ATTENTION_SIGNATURE)
+ATTENTION_DEFAULTS = {"bias": None}          # trailing arguments that may be left out
 _lib = torch.library.Library("grapefx", "FRAGMENT")
-_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor? theta, Tensor? slopes, int window, float scale, "
-            "Tensor? bias=None) -> Tensor")
+_lib.define("attention(" + ", ".join(f"{t} {n}" + ("=None" if n in ATTENTION_DEFAULTS else "")
+                                     for n, t in ATTENTION_SIGNATURE) + ") -> Tensor")
 
 
 def _attention_kernel(q, k, v, theta, slopes, window, scale, bias=None):

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+
 from compiler.ops._util import compute_dtype
 
 
@@ -185,7 +187,9 @@ LEAN_ON_CPU = False     # tests set this to run the lean path on CPU tensors (fp
 def _lean_applies(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
     """Whether ``expert_ffn`` takes the lean path; decided from metadata only (the fake kernel agrees)."""
     dt = x.dtype
-    if not (w_gate.dtype == w_up.dtype == w_down.dtype == dt) or x.shape[0] == 0 or not hasattr(torch, "_grouped_mm"):
+    # guard_or_false: under expert parallelism the row count is data-dependent (unbacked) when compiling
+    if not (w_gate.dtype == w_up.dtype == w_down.dtype == dt) or guard_or_false(x.shape[0] == 0) \
+            or not hasattr(torch, "_grouped_mm"):
         return False
     if x.is_cuda:
         ok_dtype = dt == torch.bfloat16                      # the fast grouped GEMM (no host sync) is bf16

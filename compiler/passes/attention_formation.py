@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from compiler.passes.match import (ATTENTION, PassResult, arg, count, dtype, finish, infer_meta, is_op,
+from compiler.passes.match import (ATTENTION, PassResult, Reason, arg, count, dtype, finish, infer_meta, is_op,
                                    layer_prefix, only_user, shape, shape_args, val)
+from compiler.window import blocked as window_blocked
 
 NAME = "attention_formation"
 
@@ -44,10 +45,7 @@ def blocked_mask(T: int, window: int, G: int, device: torch.device | None = None
     """(G*T, T) bool: query i may not read key j (j > i, or i - j >= window when window > 0)."""
     idx = torch.arange(T, device=device)
     rel = idx.unsqueeze(1) - idx.unsqueeze(0)                                   # (T, T) i - j
-    blocked = rel < 0
-    if window:
-        blocked = blocked | (rel >= window)
-    return blocked.repeat(G, 1)                                                 # (G*T, T)
+    return window_blocked(rel, window).repeat(G, 1)                             # (G*T, T)
 
 
 def explicit_attention(q, k, v, bias, window: int, scale: float):
@@ -119,21 +117,21 @@ def _from_zero(args: tuple) -> bool:
     return len(args) == 1 or (len(args) in (2, 3) and args[0] == 0 and args[2:] in ((), (1,)))
 
 
-def _window(mask: fx.Node, G: int, T: int) -> int | str:
+def _window(mask: fx.Node, G: int, T: int) -> int | Reason:
     """The window of the lowering's mask (0: causal only), or why ``mask`` is not that mask."""
     m = mask
     if is_op(m, "repeat"):
         reps = tuple(shape_args(m))
         if reps != (G, 1):
-            return f"the mask is repeated {reps} along (rows, keys), not ({G}, 1) for G = {G}"
+            return Reason("mask_repeat", f"the mask is repeated {reps} along (rows, keys), not ({G}, 1) for G = {G}")
         m = m.args[0]
     elif G != 1:
-        return "the mask is not repeated over the G query heads of a KV head"
+        return Reason("mask_not_repeated", "the mask is not repeated over the G query heads of a KV head")
     parts = list(m.args[:2]) if is_op(m, "logical_or") else [m]
     rels, window, causal = set(), 0, False
     for p in parts:
         if not (isinstance(p, fx.Node) and len(p.args) == 2 and type(p.args[1]) is int):
-            return "the mask is not built from comparisons of i - j with integers"
+            return Reason("mask_not_comparisons", "the mask is not built from comparisons of i - j with integers")
         rel, c = p.args
         if is_op(p, "lt") and c == 0:
             causal = True
@@ -142,31 +140,32 @@ def _window(mask: fx.Node, G: int, T: int) -> int | str:
         elif is_op(p, "gt") and c >= 0:
             window = c + 1
         else:
-            return "the mask compares i - j in a way that is not causal (i - j < 0) or a window (i - j >= W)"
+            return Reason("mask_comparison",
+                          "the mask compares i - j in a way that is not causal (i - j < 0) or a window (i - j >= W)")
         rels.add(rel)
     if not causal or len(rels) != 1 or len(parts) != (2 if window else 1):
-        return "the mask is not exactly causal [or causal + window]"
+        return Reason("mask_not_causal", "the mask is not exactly causal [or causal + window]")
     rel = rels.pop()
     if not (is_op(rel, "sub") and all(is_op(u, "unsqueeze") for u in rel.args[:2])):
-        return "the mask's i - j is not arange(T).unsqueeze(1) - arange(T).unsqueeze(0)"
+        return Reason("mask_rel", "the mask's i - j is not arange(T).unsqueeze(1) - arange(T).unsqueeze(0)")
     (ia, da), (ja, dj) = ((u.args[0], arg(u, 1, "dim")) for u in rel.args[:2])
     if ia is not ja or da not in (1, -1) or dj not in (0, -2):
-        return "the mask's i - j is not arange(T).unsqueeze(1) - arange(T).unsqueeze(0)"
+        return Reason("mask_rel", "the mask's i - j is not arange(T).unsqueeze(1) - arange(T).unsqueeze(0)")
     if not is_op(ia, "arange") or not _from_zero(ia.args) or set(ia.kwargs) - {"device", "dtype"}:
-        return "the mask's positions are not arange(T)"
+        return Reason("mask_positions", "the mask's positions are not arange(T)")
     if shape(ia) != (T,) or dtype(ia).is_floating_point:
-        return f"the mask's positions are not the {T} integer positions of the sequence"
+        return Reason("mask_positions_shape", f"the mask's positions are not the {T} integer positions of the sequence")
     return window
 
 
-def _match(probs: fx.Node) -> _Chain | str:
+def _match(probs: fx.Node) -> _Chain | Reason:
     """The chain ending in the softmax ``probs``, or why it is not the explicit attention chain."""
     masked = probs.args[0]
     if arg(probs, 1, "dim") not in (-1, 3) or probs.kwargs.get("dtype") is not None:
-        return "the softmax is not over the keys (last dim) in the scores' dtype"
+        return Reason("softmax_dim", "the softmax is not over the keys (last dim) in the scores' dtype")
     value = arg(masked, 2, "value")
     if not (isinstance(value, float) and math.isinf(value) and value < 0):
-        return "blocked scores are not filled with -inf"
+        return Reason("fill_not_neg_inf", "blocked scores are not filled with -inf")
     s, mask = masked.args[:2]
     bias, found = None, _scaled_scores(s)
     add = s
@@ -178,32 +177,32 @@ def _match(probs: fx.Node) -> _Chain | str:
                 break
             found = None
     if found is None:
-        return "the masked scores are not (q @ k^T) * scale [+ bias]"
+        return Reason("scores_not_scaled_qk", "the masked scores are not (q @ k^T) * scale [+ bias]")
     qg, kt, scale, steps = found
     if not (is_op(qg, "reshape") or is_op(qg, "view")):
-        return "q is not grouped by a reshape to (B, Hkv, G*T, D)"
+        return Reason("q_not_grouped", "q is not grouped by a reshape to (B, Hkv, G*T, D)")
     if not (is_op(kt, "transpose") and {d % 4 for d in kt.args[1:3]} == {2, 3}):
-        return "k is not transposed over its last two dims"
+        return Reason("k_not_transposed", "k is not transposed over its last two dims")
 
     users = list(probs.users)
     if len(users) != 1:
-        return "the probabilities are used elsewhere"
+        return Reason("probs_escape", "the probabilities are used elsewhere")
     p = probs
     if is_op(users[0], "to") and isinstance(arg(users[0], 1, "dtype"), torch.dtype):
         steps.append((p, users[0]))
         p = users[0]
         users = list(p.users)
     if len(users) != 1 or not is_op(users[0], "matmul") or users[0].args[0] is not p:
-        return "the probabilities do not feed exactly one matmul with v"
+        return Reason("probs_not_one_matmul", "the probabilities do not feed exactly one matmul with v")
     pv = users[0]
     steps.append((p, pv))
     outs = list(pv.users)
     if len(outs) != 1 or not (is_op(outs[0], "reshape") or is_op(outs[0], "view")):
-        return "the weighted values are not reshaped back to (B, Hq, T, D)"
+        return Reason("values_not_reshaped", "the weighted values are not reshaped back to (B, Hq, T, D)")
     out = outs[0]
     q, k, v = qg.args[0], kt.args[0], pv.args[1]
     if shape(q) is None or len(shape(q)) != 4 or shape(k) is None or len(shape(k)) != 4:
-        return "q or k has no (B, H, T, D) shape"
+        return Reason("qk_no_shape", "q or k has no (B, H, T, D) shape")
     B, Hq, T, D = shape(q)
     Hkv = shape(k)[1]
     G = Hq // Hkv if Hkv and Hq % Hkv == 0 else 0
@@ -212,7 +211,7 @@ def _match(probs: fx.Node) -> _Chain | str:
         return window
     dims_q, dims_out = shape_args(qg), shape_args(out)
     if len(dims_q) != 4 or len(dims_out) != 4:
-        return "the grouping or output reshape does not spell out four sizes"
+        return Reason("reshape_sizes_unspelled", "the grouping or output reshape does not spell out four sizes")
     steps += [(s, add if bias is not None else masked), (add, masked), (masked, probs), (pv, out)]
     if bias is None:
         steps.remove((add, masked))
@@ -220,41 +219,46 @@ def _match(probs: fx.Node) -> _Chain | str:
                   t_arg=dims_out[2], scores=s, pv=pv, mask=mask, intermediates=steps)
 
 
-def _unsafe(c: _Chain) -> str | None:
+def _unsafe(c: _Chain) -> Reason | None:
     """Why fusing ``c`` could change what the graph computes (None: safe)."""
     q, k, v = val(c.q), val(c.k), val(c.v)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return "q, k, v are not (B, H, T, D) tensors"
+        return Reason("qkv_not_4d", "q, k, v are not (B, H, T, D) tensors")
     B, Hq, T, D = q.shape
     if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D) or Hq % k.shape[1]:
-        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not GQA-compatible"
+        return Reason("qkv_not_gqa",
+                      f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not GQA-compatible")
     Hkv, G = k.shape[1], Hq // k.shape[1]
     if not (q.dtype == k.dtype == v.dtype and q.dtype.is_floating_point):
-        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+        return Reason("qkv_dtypes", f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not isinstance(c.scale, (int, float)) or isinstance(c.scale, bool):
-        return "the scale is not a constant"
+        return Reason("scale_not_constant", "the scale is not a constant")
     cd = torch.promote_types(q.dtype, torch.float32)
     if dtype(c.scores) != cd:
-        return f"the scores are {dtype(c.scores)}, not {cd}: fusing would change the softmax precision"
+        return Reason("scores_dtype",
+                      f"the scores are {dtype(c.scores)}, not {cd}: fusing would change the softmax precision")
     if shape(c.scores) != (B, Hkv, G * T, T):
-        return f"the scores are {shape(c.scores)}, not the grouped (B, Hkv, G*T, T) = {(B, Hkv, G * T, T)}"
+        return Reason("scores_shape",
+                      f"the scores are {shape(c.scores)}, not the grouped (B, Hkv, G*T, T) = {(B, Hkv, G * T, T)}")
     if dtype(c.pv) != q.dtype or shape(c.out) != (B, Hq, T, D):
-        return "the output is not (B, Hq, T, D) in q's dtype"
+        return Reason("output_shape", "the output is not (B, Hq, T, D) in q's dtype")
     if dtype(c.mask) != torch.bool:
-        return "the mask is not boolean"
+        return Reason("mask_not_bool", "the mask is not boolean")
     if val(c.t_arg) != T or val(c.rows_arg) != G * T:
-        return "the reshape sizes are not T and G*T"
+        return Reason("reshape_sizes", "the reshape sizes are not T and G*T")
     if c.bias is not None:
         b = val(c.bias)
         if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point or b.dim() > 4:
-            return "the additive bias is not a float tensor"
+            return Reason("bias_not_float", "the additive bias is not a float tensor")
         full = (1,) * (4 - b.dim()) + tuple(b.shape)
         if full[0] != 1 or any(n not in (1, m) for n, m in zip(full[1:], (Hkv, G * T, T))):
-            return f"the additive bias {tuple(b.shape)} depends on the batch or does not broadcast to (Hkv, G*T, T)"
+            return Reason("bias_shape",
+                          f"the additive bias {tuple(b.shape)} depends on the batch or does not broadcast to (Hkv, G*T, T)")
     for node, user in c.intermediates:
         if isinstance(node, fx.Node) and node.op not in ("placeholder", "get_attr") and node not in (c.q, c.k, c.v):
             if not only_user(node, user):
-                return f"an intermediate of the chain ({node.op} {node.target}) is used elsewhere"
+                return Reason("intermediate_escapes",
+                              f"an intermediate of the chain ({node.op} {node.target}) is used elsewhere")
     return None
 
 
@@ -287,7 +291,7 @@ def attention_formation_pass(gm: fx.GraphModule) -> PassResult:
     before = list(gm.graph.nodes)
     candidates = [n for n in before if is_op(n, "softmax") and is_op(n.args[0], "masked_fill")]
     if not candidates:
-        result.absent = "no softmax over masked scores (no explicit attention chain)"
+        result.absent = Reason("absent", "no softmax over masked scores (no explicit attention chain)")
     prefix = layer_prefix(gm)
     for probs in candidates:
         chain = _match(probs)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from compiler.passes.match import ATTENTION, PassResult, dtype, fold_into_attention, is_custom, is_op, shape, val
+from compiler.passes.match import (ATTENTION, PassResult, Reason, dtype, fold_into_attention, is_custom, is_op, shape,
+                                   val)
 
 NAME = "bias_softmax"
 ALIBI = torch.ops.grapefx.alibi_bias
@@ -54,27 +55,29 @@ def _alibi_source(bias: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return (node, chain) if is_custom(node, ALIBI) else None
 
 
-def _unsafe(attn: dict, alibi: fx.Node) -> str | None:
+def _unsafe(attn: dict, alibi: fx.Node) -> Reason | None:
     q = val(attn["q"])
     B, Hq, T, D = q.shape
     if attn["slopes"] is not None:
-        return "the attention already has in-kernel slopes"
+        return Reason("has_slopes", "the attention already has in-kernel slopes")
     slopes, q_len, k_len = (alibi.args + (None, None))[:3]
     if val(q_len) != T or val(k_len) != T:
-        return f"the ALiBi bias is for {val(q_len)} queries x {val(k_len)} keys, not the sequence's {T} x {T}"
+        return Reason("bias_lengths",
+                      f"the ALiBi bias is for {val(q_len)} queries x {val(k_len)} keys, not the sequence's {T} x {T}")
     if shape(slopes) != (Hq,) or not dtype(slopes).is_floating_point:
-        return f"the slopes are {shape(slopes)} {dtype(slopes)}, not a float vector of the {Hq} query heads"
+        return Reason("slopes_shape",
+                      f"the slopes are {shape(slopes)} {dtype(slopes)}, not a float vector of the {Hq} query heads")
     if shape(alibi) != (Hq, T, T) or shape(attn["bias"]) != (Hq, T, T):
-        return "the bias reaches the attention in another layout than ALiBi's (Hq, T, T)"
+        return Reason("bias_layout", "the bias reaches the attention in another layout than ALiBi's (Hq, T, T)")
     return None
 
 
-def _fold(node: fx.Node, args: dict) -> dict | str:
+def _fold(node: fx.Node, args: dict) -> dict | Reason:
     if args["bias"] is None:
-        return "the attention has no dense bias (no additive position bias in this layer)"
+        return Reason("no_dense_bias", "the attention has no dense bias (no additive position bias in this layer)")
     found = _alibi_source(args["bias"])
     if found is None:
-        return "the dense bias is not an alibi_bias (possibly reshaped)"
+        return Reason("bias_not_alibi", "the dense bias is not an alibi_bias (possibly reshaped)")
     alibi, _ = found
     reason = _unsafe(args, alibi)
     if reason is not None:

@@ -14,9 +14,9 @@ the linear, h and w of different dtypes, a cast other than ``.float()`` between 
 ``cross_entropy`` argument than ``ignore_index`` (weights, label smoothing, a reduction other than
 the mean), or an intermediate (the logits) used anywhere else.
 
-This pass runs on the HEAD graph (``model.head``), not on block graphs: the generator slices the
-lowered head at its logits (``runtime/generate.py``), so the lowering keeps the explicit chain and
-the training build fuses it. ``fuse_head(model)`` applies it.
+This pass runs on the HEAD graph (``model.head``; ``graph="head"`` in ``compiler.passes.PASSES``),
+not on block graphs: the generator slices the lowered head at its logits (``runtime/generate.py``),
+so the lowering keeps the explicit chain and the training build fuses it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from compiler.passes.match import PassResult, arg, count, finish, is_op, only_user
+from compiler.passes.match import PassResult, Reason, arg, count, finish, is_op, only_user
 
 NAME = "linear_cross_entropy"
 LCE = torch.ops.grapefx.linear_cross_entropy
@@ -43,42 +43,44 @@ def _is_flatten_rows(node, of) -> bool:
     return len(rest) in (1, 2) and rest[0] == -1 and all(isinstance(r, int) for r in rest)
 
 
-def _match(ce: fx.Node) -> tuple | str:
+def _match(ce: fx.Node) -> tuple | Reason:
     """(h, w, targets, ignore_index, nodes of the chain) or why the candidate is declined."""
     extra = set(ce.kwargs) - _ALLOWED_CE_KWARGS
     if len(ce.args) > 2 or extra:
-        return "cross_entropy with positional options or unknown keywords"
+        return Reason("ce_arguments", "cross_entropy with positional options or unknown keywords")
     if ce.kwargs.get("weight") is not None or ce.kwargs.get("label_smoothing", 0.0) != 0.0 \
             or ce.kwargs.get("reduction", "mean") != "mean":
-        return "cross_entropy with class weights, label smoothing or a reduction other than the mean"
+        return Reason("ce_options",
+                      "cross_entropy with class weights, label smoothing or a reduction other than the mean")
     ignore_index = ce.kwargs.get("ignore_index", -100)
     flat, tflat = ce.args[0], arg(ce, 1, "target")
     if not isinstance(flat, fx.Node) or not (is_op(flat, "reshape") or is_op(flat, "view")):
-        return "the cross-entropy input is not the flattened logits"
+        return Reason("ce_input_not_flat", "the cross-entropy input is not the flattened logits")
     z = flat.args[0]
     if not _is_flatten_rows(flat, z) or len(flat.args[1:]) == 0:
-        return "the logits are not flattened to (-1, V)"
+        return Reason("logits_not_flat", "the logits are not flattened to (-1, V)")
     chain = [flat]
     if is_op(z, "float"):
         chain.append(z)
         z = z.args[0]
     lin = z
     if not (isinstance(lin, fx.Node) and lin.op == "call_function" and lin.target in (F.linear, torch.nn.functional.linear)):
-        return "the logits do not come from F.linear (or are cast to something other than fp32)"
+        return Reason("logits_not_linear",
+                      "the logits do not come from F.linear (or are cast to something other than fp32)")
     if len(lin.args) > 2 and lin.args[2] is not None or lin.kwargs.get("bias") is not None:
-        return "the LM head has a bias"
+        return Reason("lm_head_bias", "the LM head has a bias")
     chain.append(lin)
     for a, b in zip(chain[1:], chain[:-1]):
         if not only_user(a, b):
-            return "the logits are used elsewhere"
+            return Reason("logits_escape", "the logits are used elsewhere")
     if not only_user(flat, ce):
-        return "the logits are used elsewhere"
+        return Reason("logits_escape", "the logits are used elsewhere")
     if not (isinstance(tflat, fx.Node) and _is_flatten_rows(tflat, tflat.args[0]) and len(tflat.args[1:]) == 1):
-        return "the targets are not flattened to (-1,)"
+        return Reason("targets_not_flat", "the targets are not flattened to (-1,)")
     h, w = lin.args[0], arg(lin, 1, "weight")
     hv, wv = h.meta.get("val"), w.meta.get("val") if isinstance(w, fx.Node) else None
     if hv is not None and wv is not None and hv.dtype != wv.dtype:
-        return "the hidden states and the LM head weight have different dtypes"
+        return Reason("dtypes_differ", "the hidden states and the LM head weight have different dtypes")
     return h, w, tflat, ignore_index
 
 
@@ -88,7 +90,7 @@ def linear_cross_entropy_pass(gm: fx.GraphModule) -> PassResult:
     before = list(gm.graph.nodes)
     candidates = [n for n in before if n.op == "call_function" and n.target in _CROSS_ENTROPY]
     if not candidates:
-        result.absent = "no cross_entropy in the graph"
+        result.absent = Reason("absent", "no cross_entropy in the graph")
     for ce in candidates:
         found = _match(ce)
         if isinstance(found, str):
@@ -105,7 +107,3 @@ def linear_cross_entropy_pass(gm: fx.GraphModule) -> PassResult:
         count(NAME)
     return finish(gm, result, before)
 
-
-def fuse_head(model) -> PassResult:
-    """Apply ``linear_cross_entropy_pass`` to ``model.head`` (a lowered ``GrapeModel``)."""
-    return linear_cross_entropy_pass(model.head)

@@ -26,6 +26,7 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
+from compiler.ops.attention import ATTENTION_ARGS, ATTENTION_DEFAULTS
 
 # one op, its spellings: the call_function targets; the call_method name is the key itself
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
@@ -52,8 +53,6 @@ _FUNCTIONS: dict[str, tuple[Any, ...]] = {
 }
 
 ATTENTION = torch.ops.grapefx.attention
-ATTENTION_ARGS = ("q", "k", "v", "theta", "slopes", "window", "scale", "bias")
-ATTENTION_DEFAULTS = {"bias": None}
 
 
 def is_op(node: Any, name: str) -> bool:
@@ -183,6 +182,20 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- results
+class Reason(str):
+    """Why a pass left a candidate alone: the sentence people read, with a stable ``code``.
+
+    A ``str`` (reports, ``passes.json`` and messages show the sentence); tests and tools compare
+    ``code`` (``"probs_escape"``), which does not change when the wording does.
+    """
+    code: str
+
+    def __new__(cls, code: str, text: str) -> Reason:
+        reason = super().__new__(cls, text)
+        reason.code = code
+        return reason
+
+
 @dataclass
 class PassResult:
     """What one pass did to one graph.
@@ -195,8 +208,8 @@ class PassResult:
     matches: int = 0
     removed: int = 0
     added: int = 0
-    declined: list[str] = field(default_factory=list)
-    absent: str | None = None
+    declined: list[Reason] = field(default_factory=list)
+    absent: Reason | None = None
 
 
 def layer_prefix(gm: fx.GraphModule) -> str:
@@ -223,18 +236,18 @@ def count(name: str) -> None:
 
 
 def fold_into_attention(gm: fx.GraphModule, name: str,
-                        fold: Callable[[fx.Node, dict[str, Any]], "dict[str, Any] | str"]) -> PassResult:
+                        fold: Callable[[fx.Node, dict[str, Any]], "dict[str, Any] | Reason"]) -> PassResult:
     """The driver of a pass that folds something into each ``grapefx.attention`` node of ``gm``.
 
     ``fold(node, args)`` gets the node's arguments by name and returns the new arguments, or a
-    string saying why this node is left alone (the pass declines quietly). Each rewrite marks the
+    ``Reason`` saying why this node is left alone (the pass declines quietly). Each rewrite marks the
     node as fused by ``name`` and counts; the graph is then cleaned, linted and recompiled.
     """
     result = PassResult(name)
     before = list(gm.graph.nodes)
     attentions = [n for n in before if is_custom(n, ATTENTION)]
     if not attentions:
-        result.absent = "no grapefx.attention node (attention_formation makes them)"
+        result.absent = Reason("absent", "no grapefx.attention node (attention_formation makes them)")
     for node in attentions:
         new = fold(node, attention_args(node))
         if isinstance(new, str):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from compiler.passes.match import ATTENTION, PassResult, arg, dtype, fold_into_attention, is_custom, shape, val
+from compiler.passes.match import ATTENTION, PassResult, Reason, arg, dtype, fold_into_attention, is_custom, shape, val
 
 NAME = "rotary_attention"
 ROTATE = torch.ops.grapefx.grape_m_rotate
@@ -42,30 +42,30 @@ def in_kernel_rotation_attention(q, k, v, theta, slopes, window: int, scale: flo
     return ATTENTION(q, k, v, theta, slopes, window, scale)
 
 
-def _unsafe(attn_node: fx.Node, attn: dict) -> str | None:
+def _unsafe(attn_node: fx.Node, attn: dict) -> Reason | None:
     rq, rk = attn["q"], attn["k"]
     if attn["theta"] is not None:
-        return "the attention already rotates in-kernel"
+        return Reason("has_theta", "the attention already rotates in-kernel")
     if not (is_custom(rq, ROTATE) and is_custom(rk, ROTATE)):
-        return "q and k are not both grape_m_rotate outputs"
+        return Reason("qk_not_rotated_outputs", "q and k are not both grape_m_rotate outputs")
     theta = arg(rq, 1, "theta")
     if arg(rk, 1, "theta") is not theta:
-        return "q and k are rotated by different theta"
+        return Reason("theta_differs", "q and k are rotated by different theta")
     if arg(rq, 2, "pos_offset", 0) != 0 or arg(rk, 2, "pos_offset", 0) != 0:
-        return "a rotation starts at a position offset other than 0"
+        return Reason("pos_offset", "a rotation starts at a position offset other than 0")
     D = shape(attn["q"])[-1]
     if shape(theta) != (D // 2,) or not dtype(theta).is_floating_point:
-        return f"theta is {shape(theta)} {dtype(theta)}, not a float (D/2,) = ({D // 2},) vector"
+        return Reason("theta_shape", f"theta is {shape(theta)} {dtype(theta)}, not a float (D/2,) = ({D // 2},) vector")
     if set(rq.users) != {attn_node} or set(rk.users) != {attn_node}:
-        return "the rotated q or k is also used outside this attention"
+        return Reason("rotated_escapes", "the rotated q or k is also used outside this attention")
     if val(arg(rq, 0, "x")).dtype != val(rq).dtype:
-        return "the rotation changes the dtype"
+        return Reason("rotation_dtype", "the rotation changes the dtype")
     return None
 
 
-def _fold(node: fx.Node, args: dict) -> dict | str:
+def _fold(node: fx.Node, args: dict) -> dict | Reason:
     if not (is_custom(args["q"], ROTATE) or is_custom(args["k"], ROTATE)):
-        return "q and k are not rotated (no GRAPE-M/RoPE in this layer)"
+        return Reason("not_rotated", "q and k are not rotated (no GRAPE-M/RoPE in this layer)")
     reason = _unsafe(node, args)
     if reason is not None:
         return reason

@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from compiler.lower.tpa import TPA_CONTRACTION
-from compiler.passes.match import PassResult, arg, count, dtype, finish, infer_meta, is_custom, shape
+from compiler.passes.match import PassResult, Reason, arg, count, dtype, finish, infer_meta, is_custom, shape
 
 NAME = "tpa_rotation_commute"
 ROTATE = torch.ops.grapefx.grape_m_rotate
@@ -52,20 +52,21 @@ def _is_contraction(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.einsum and len(node.args) == 3 and not node.kwargs
 
 
-def _unsafe(contract: fx.Node) -> str | None:
+def _unsafe(contract: fx.Node) -> Reason | None:
     if contract.args[0] != TPA_CONTRACTION:
-        return f"the einsum is {contract.args[0]!r}, not the TPA contraction {TPA_CONTRACTION!r}"
+        return Reason("einsum_not_tpa",
+                      f"the einsum is {contract.args[0]!r}, not the TPA contraction {TPA_CONTRACTION!r}")
     a, rot = contract.args[1], contract.args[2]
     if set(rot.users) != {contract}:
-        return "the rotated B factor is also used outside the contraction"
+        return Reason("factor_escapes", "the rotated B factor is also used outside the contraction")
     b, theta = arg(rot, 0, "x"), arg(rot, 1, "theta")
     if dtype(b) != dtype(rot):
-        return "the rotation changes the dtype"
+        return Reason("rotation_dtype", "the rotation changes the dtype")
     if dtype(a) != dtype(b):
-        return f"the factors have different dtypes ({dtype(a)}, {dtype(b)})"
+        return Reason("factor_dtypes", f"the factors have different dtypes ({dtype(a)}, {dtype(b)})")
     D = shape(b)[-1]
     if shape(theta) != (D // 2,) or not dtype(theta).is_floating_point:
-        return f"theta is {shape(theta)} {dtype(theta)}, not a float (D/2,) = ({D // 2},) vector"
+        return Reason("theta_shape", f"theta is {shape(theta)} {dtype(theta)}, not a float (D/2,) = ({D // 2},) vector")
     return None
 
 
@@ -75,7 +76,7 @@ def tpa_rotation_commute_pass(gm: fx.GraphModule) -> PassResult:
     before = list(gm.graph.nodes)
     candidates = [n for n in before if _is_contraction(n) and is_custom(n.args[2], ROTATE)]
     if not candidates:
-        result.absent = "no contraction of a rotated factor (no TPA layer that rotates)"
+        result.absent = Reason("absent", "no contraction of a rotated factor (no TPA layer that rotates)")
     g = gm.graph
     for contract in candidates:
         reason = _unsafe(contract)

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from compiler.passes.match import ATTENTION_ARGS, ATTENTION_DEFAULTS, is_custom
+from compiler.window import visible
 from spec.errors import GrapefxError
 
 __all__ = ["rotate", "block_mask", "flex_attention_op", "use_flex", "prepare"]
@@ -42,10 +43,7 @@ def rotate(x: Tensor, theta: Tensor) -> Tensor:
 
 def _mask_mod(window: int):
     def mask_mod(b, h, q_idx, kv_idx):
-        visible = q_idx >= kv_idx
-        if window:
-            visible = visible & (q_idx - kv_idx < window)
-        return visible
+        return visible(q_idx - kv_idx, window)
     return mask_mod
 
 

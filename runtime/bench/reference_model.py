@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from compiler.window import blocked as window_blocked
+from compiler.window import visible
 from spec.errors import GrapefxError
 from spec.schema import Attention, GrapeA, GrapeM, RoPE, Spec
 
@@ -111,7 +113,7 @@ class Block(nn.Module):
         self.flex = attention == "flex"
         self.qk_norm = spec.model.qk_norm
         pos = a.position
-        self.rotary = isinstance(pos, (GrapeM, RoPE))
+        self.rotary = pos.rotates
         self.shared_freq = isinstance(pos, GrapeM) and pos.share == "model"
         self.freq_scale = pos.log_freq_scale if isinstance(pos, GrapeM) else None
         self.rope_base = pos.base if isinstance(pos, RoPE) else None
@@ -189,10 +191,8 @@ class Block(nn.Module):
             dist = (i[:, None] - i[None, :]).float()                                   # i - j
             if slopes is not None:
                 s = s - slopes[:, None, None] * dist
-            blocked = dist < 0
-            if self.window:
-                blocked = blocked | (dist >= self.window)
-            o = torch.matmul(torch.softmax(s.masked_fill(blocked, float("-inf")), -1).to(dt), vr)
+            s = s.masked_fill(window_blocked(dist, self.window), float("-inf"))
+            o = torch.matmul(torch.softmax(s, -1).to(dt), vr)
         o = o.transpose(1, 2).reshape(B, T, self.Hq * self.D)
         return F.linear(o, a.wo.to(dt))
 
@@ -277,8 +277,7 @@ class ReferenceModel(nn.Module):
             w = block.window if 0 < block.window < seq_len else 0
             if w not in masks:
                 def mask_mod(b, h, q_idx, kv_idx, w=w):
-                    visible = q_idx >= kv_idx
-                    return visible & (q_idx - kv_idx < w) if w else visible
+                    return visible(q_idx - kv_idx, w)
                 masks[w] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
             self.block_masks[i] = masks[w]
 

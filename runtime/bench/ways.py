@@ -172,8 +172,8 @@ class Bench:
         self._keep_initial(model)
         notes = {"passes": {n: e.matches for n, e in report.passes.entries.items() if e.enabled},
                  "graphs": [f"{g.label}: layers {g.layers_1based}" for g in report.groups]}
-        if report.head is not None:          # the pipeline fuses the head whenever passes run
-            notes["head_fused"] = report.head.matches
+        if "linear_cross_entropy" in report.passes.order:
+            notes["head_fused"] = report.passes.entries["linear_cross_entropy"].matches
         if flex:
             from runtime.bench import flex as flex_mod
             if self.device.type != "cuda":

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def _passes(args: argparse.Namespace, spec) -> list[str]:
-    from compiler.passes import check_pass_names
+    from compiler import check_pass_names
 
     if args.no_passes:
         return []
@@ -61,6 +61,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from torch._dynamo.utils import counters
 
     from compiler.dump import write_dumps, write_inductor_index
+    from compiler.lower.ffn import ExpertGroup
     from compiler.pipeline import build_model, compute_dtype, warm_up
     from runtime.device import pick_device
     from spec import load_spec
@@ -75,19 +76,27 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise GrapefxError(f"--batch: {args.batch} rows; the batch must have at least 1 row")
     overrides = list(args.overrides) + (["compile.enabled=false"] if args.no_compile else [])
     spec = load_spec(args.spec, overrides)
+    if spec.parallel.expert > 1 and (spec.compile.enabled or args.inductor_code):
+        raise GrapefxError(f"parallel.expert: {spec.parallel.expert}: running the graphs of expert parallelism needs "
+                           f"the job's processes (the experts are split over {spec.parallel.expert} ranks); add "
+                           "--no-compile to write the dumps (the graphs of expert rank 0, with expert_dispatch and "
+                           "expert_combine)")
     passes = _passes(args, spec)
     device = pick_device()
     batch, seq_len = args.batch or spec.train.micro_batch, spec.data.seq_len
     compile_ = spec.compile.enabled or args.inductor_code
 
     start = time.perf_counter()
+    # parallel.expert > 1: the graphs of expert rank 0 (its slice of the experts, the dispatch ops)
+    experts = ExpertGroup() if spec.parallel.expert > 1 else None
     if compile_:
-        model, report = build_model(spec, device, compile=True, passes=passes, keep_lowered=bool(args.dump))
+        model, report = build_model(spec, device, compile=True, passes=passes, keep_lowered=bool(args.dump),
+                                    experts=experts)
         where = f"built on {device} ({report.compute_dtype})"
     else:   # graphs and shapes only: parameters on the meta device, nothing allocated or initialised
         with torch.device("meta"):
             model, report = build_model(spec, "meta", compile=False, passes=passes, keep_lowered=bool(args.dump),
-                                        compute=compute_dtype(spec, device))
+                                        compute=compute_dtype(spec, device), experts=experts)
         where = (f"lowered on the meta device (shapes only, no weights; compute dtype {report.compute_dtype} "
                  f"as on {device})")
     build_s = time.perf_counter() - start

@@ -30,5 +30,7 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"data:      {prepared.folder}")
     print(f"documents: {train.num_docs + valid.num_docs} ({train.num_docs} train, {valid.num_docs} valid)")
     print(f"tokens:    {train.num_tokens:,} train, {valid.num_tokens:,} valid")
+    for s in prepared.manifest["sources"]:
+        print(f"split:     {s['path']}: {s['valid']}")
     print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size} (end-of-document id {tok.eod_id})")
     return 0

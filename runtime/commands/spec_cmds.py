@@ -77,7 +77,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate_one(file: str, overrides: list[str]) -> str:
     """What the ``ok`` line says about ``file`` (a spec or an ablation matrix); raises its problems."""
-    from runtime.ablate_matrix import check_variants, is_matrix_file, load_matrix, run_spec
+    from runtime.ablate.matrix import check_variants, is_matrix_file, load_matrix, run_spec
     if is_matrix_file(file):          # an ablation matrix: every run's spec, and the fairness check
         matrix = load_matrix(file)
         for variant in matrix.variants:

@@ -63,7 +63,7 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from runtime.distributed import launched_by_torchrun, process_group
+    from runtime.distributed import check_expert_split, launched_by_torchrun, process_group
     from spec import load_spec
 
     overrides = list(args.overrides)
@@ -72,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, overrides)                  # a user error stops here, before any launch
     preflight(spec, args.spec, args.nproc)                  # and so does a batch or a size this launch cannot run
     run = Path(args.out or spec.output or Path("runs") / spec.name)
+    check_expert_split(spec.parallel.expert, args.nproc or int(os.environ.get("WORLD_SIZE", 1)))
     if args.nproc is not None:
         return _launch(args, launched_by_torchrun())
     if not launched_by_torchrun():

@@ -143,9 +143,13 @@ class IndexedDataset:
         if vocab_size is not None:
             self.check_vocab(vocab_size)
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Every id in [0, vocab_size), checked in one vectorised pass per 64 Mi tokens."""
-        chunk = 1 << 26
+    def check_vocab(self, vocab_size: int, fix: str | None = None) -> None:
+        """Every id in [0, vocab_size), checked in one vectorised pass per 64 Mi tokens.
+
+        The error names the first bad id, its position and the largest id in the data; `fix` (with
+        `{need}`, the largest id + 1) replaces the default advice (use the tokenizer that made it).
+        """
+        chunk, first, top = 1 << 26, None, -1
         for start in range(0, len(self.tokens), chunk):
             part = self.tokens[start:start + chunk]
             bad = part >= vocab_size
@@ -153,9 +157,13 @@ class IndexedDataset:
                 bad |= part < 0
             if bad.any():
                 i = int(np.argmax(bad))
-                raise DataError(f"{self.prefix}.bin: token id {int(part[i])} at token {start + i} is outside the "
-                                f"tokenizer's vocabulary of {vocab_size} ids; the data was tokenized with a "
-                                "different tokenizer (set data.tokenizer to the one that made it)")
+                first = first or (int(part[i]), start + i)
+            top = max(top, int(part.max()))
+        if first is not None:
+            advice = (fix.format(need=top + 1) if fix else
+                      "the data was tokenized with a different tokenizer (set data.tokenizer to the one that made it)")
+            raise DataError(f"{self.prefix}.bin: token id {first[0]} at token {first[1]} is outside the vocabulary of "
+                            f"{vocab_size} ids (the largest id in the data is {top}); {advice}")
 
     @property
     def num_tokens(self) -> int:

@@ -60,8 +60,20 @@ class Sampler:
         self.epoch, self.position = 0, 0
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
+    @property
+    def distinct_rows(self) -> int:
+        """How many rows the order starts with before any row comes again: all of an epoch's N, unless
+        a blend weight above a source's share repeats its rows sooner (upsampling)."""
+        again = np.flatnonzero(self.draw >= np.asarray(self.rows)[self.source])
+        return int(again[0]) if len(again) else self.rows_per_epoch
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next (inputs, targets), each (B, T) int64; advances by the global batch."""
+        """This rank's next (inputs, targets), each (B, T) int64; advances by the global batch.
+
+        Two tensors of their own memory, so a caller may write into one (the evaluation blanks
+        targets with -100) without changing the other. Slices of the one (B, T+1) array would not
+        be: at B = 1 ``.contiguous()`` returns them as they are (a size-1 dimension's stride does
+        not count), views that overlap by T - 1 tokens."""
         B, N = self.batch_size, self.rows_per_epoch
         first = self.epoch * N + self.position + self.rank * B  # global row index of this rank's row 0
         rows = np.stack([self._row(first + i) for i in range(B)]).astype(np.int64)  # (B, T+1)
@@ -69,7 +81,7 @@ class Sampler:
         self.epoch += self.position // N
         self.position %= N
         x = torch.from_numpy(rows)  # (B, T+1)
-        return x[:, :-1].contiguous(), x[:, 1:].contiguous()  # (B, T), (B, T)
+        return x[:, :-1].clone(), x[:, 1:].clone()  # (B, T), (B, T)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,

@@ -1,4 +1,4 @@
-"""Tokenizers: byte-level (the default, nothing to train) and a byte-level BPE trained locally.
+"""Tokenizers: byte-level (the default, nothing to train), a byte-level BPE, and none (pretokenized).
 
 Both expose `encode(str) -> list[int]`, `decode(list[int]) -> str`, `vocab_size` and `eod_id`
 (the end-of-document id written after every document). `encode_array` returns the ids as a numpy
@@ -8,7 +8,12 @@ array, which is what preparation writes.
 - bpe: the `tokenizers` library's byte-level BPE (GPT-2 pre-tokenisation, no prefix space) with
   `<|endoftext|>` as its one special token. Trained on the training split, saved as
   `tokenizer.json` beside the prepared data, or loaded from `data.tokenizer.path` (any
-  `tokenizer.json` whose vocabulary holds an end-of-document token, see `EOD_NAMES`).
+  `tokenizer.json` whose vocabulary holds an end-of-document token, see `EOD_NAMES`; a Hugging
+  Face model's, saved with `AutoTokenizer.from_pretrained(name).backend_tokenizer.save(path)`,
+  works as it is).
+- pretokenized: no text at all. The sources are Megatron `.bin/.idx` token ids, the vocabulary is
+  `model.vocab_size` and the end-of-document id is `data.tokenizer.eod_id` (None: the data has
+  none). `encode` refuses text, `decode` is not defined (there is no text to give back).
 
 Text that happens to contain a special token's spelling (e.g. "<|endoftext|>") is encoded as
 plain text, never as the special id, so a document cannot inject a document boundary.
@@ -25,7 +30,7 @@ import numpy as np
 
 from runtime.data.errors import DataError
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "EOD_NAMES"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "PretokenizedTokenizer", "EOD_NAMES", "open_tokenizer"]
 
 # end-of-document spellings looked up, in order, in a user's tokenizer.json
 EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -79,16 +84,17 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
+    def load(cls, path: str | Path, key: str = "data.tokenizer.path") -> BPETokenizer:
+        """A tokenizer.json; `key` is the setting that named it (for messages)."""
         from tokenizers import Tokenizer
 
         path = Path(path).expanduser()
         if not path.is_file():
-            raise DataError(f"data.tokenizer.path: {path} does not exist (expected a tokenizer.json)")
+            raise DataError(f"{key}: {path} does not exist (expected a tokenizer.json)")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on malformed JSON
-            raise DataError(f"data.tokenizer.path: {path} is not a readable tokenizer.json ({e})") from e
+            raise DataError(f"{key}: {path} is not a readable tokenizer.json ({e})") from e
         return cls(tok, source=str(path))
 
     def save(self, path: str | Path) -> None:
@@ -102,3 +108,31 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+class PretokenizedTokenizer:
+    """The ids of pre-tokenised data: a vocabulary size and an end-of-document id, no text."""
+    kind = "pretokenized"
+
+    def __init__(self, vocab_size: int, eod_id: int | None):
+        self.vocab_size, self.eod_id = vocab_size, eod_id
+
+    def encode(self, text: str) -> list[int]:
+        raise DataError("the data was tokenised elsewhere (data.tokenizer.kind: pretokenized), so there is no "
+                        "tokenizer to turn text into ids; give the tokenizer.json that made the data (generate "
+                        "--tokenizer FILE, or data.tokenizer: {kind: bpe, path: FILE})")
+
+    encode_array = encode
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise DataError("pretokenized data has no tokenizer to turn ids into text; give the tokenizer.json that made "
+                        "the data (generate --tokenizer FILE)")
+
+
+def open_tokenizer(entry: dict, folder: Path) -> ByteTokenizer | BPETokenizer | PretokenizedTokenizer:
+    """The tokenizer a manifest or export config describes: {kind, vocab_size, eod_id, file}; file is in `folder`."""
+    if entry["kind"] == "bpe":
+        return BPETokenizer.load(Path(folder) / entry["file"])
+    if entry["kind"] == "pretokenized":
+        return PretokenizedTokenizer(entry["vocab_size"], entry["eod_id"])
+    return ByteTokenizer()

@@ -83,20 +83,7 @@ def _position_flags(spec: Spec, used: list[str]) -> list[str]:
         pos = att.of(rot[0]).position
         if any(att.of(k).position != pos for k in rot):
             raise _fail("attention.global.position", "different rotations on local and global layers")
-        if float(pos.base) != int(pos.base):
-            raise _fail(f"attention.{rot[0]}.position.base", f"a non-integer rotary base {pos.base} (--rotary-base "
-                                                             "is an integer)")
-        if pos.kind == "grape-m":
-            if pos.share != "model":
-                raise _fail(f"attention.{rot[0]}.position.share", "GRAPE-M frequencies per layer (the vpMoE fork keeps "
-                                                                  "one vector for the model)")
-            if pos.weight_decay:
-                raise _fail(f"attention.{rot[0]}.position.weight_decay", "weight decay on GRAPE-M frequencies")
-            fl += ["--position-embedding-type", "grapem", "--no-rope-fusion", "--rotary-base", str(int(pos.base)),
-                   "--grapem-learnable-freq" if pos.learnable_freq else "--no-grapem-learnable-freq",
-                   "--grapem-log-freq-scale", fmt_number(pos.log_freq_scale)]
-        else:
-            fl += ["--position-embedding-type", "rope", "--rotary-base", str(int(pos.base))]
+        fl += pos.megatron_flags(_fail, f"attention.{rot[0]}.position")
         skip = [0 if k in rot else 1 for k in kinds]
         if any(skip):
             p, n = spec.model.global_every, spec.model.n_layers
@@ -104,12 +91,10 @@ def _position_flags(spec: Spec, used: list[str]) -> list[str]:
             fl += ["--no-rope-freq", str(p) if aligned else format_pattern(skip)]
     else:
         fl += ["--position-embedding-type", "none"]
-    if "local" in used and att.local.position.kind == "grape-a":
+    if "local" in used and att.local.position.adds_bias:
         raise _fail("attention.local.position", "ALiBi on sliding-window layers (--grape-a applies to global layers)")
-    if "global" in used and att.global_.position.kind == "grape-a":
-        if att.global_.position.learnable:
-            raise _fail("attention.global.position.learnable", "learnable ALiBi slopes")
-        fl.append("--grape-a")
+    if "global" in used and att.global_.position.adds_bias:
+        fl += att.global_.position.megatron_flags(_fail, "attention.global.position")
     return fl
 
 

@@ -20,7 +20,7 @@ from spec.megatron.flags import (
     split_flags,
 )
 from spec.megatron.patterns import RECIPE, format_pattern, parse_int_or_pattern
-from spec.schema import ROUTERS, GrapeA, GrapeM, Model, NoPE, RoPE, Train
+from spec.schema import POSITION_KINDS, ROUTERS, GrapeA, GrapeM, Model, NoPE, RoPE, Train
 from spec.validate import BYTE_TOKENIZER_VOCAB
 
 __all__ = ["from_megatron", "import_megatron", "MegatronImport"]
@@ -321,10 +321,10 @@ class _Importer:
         if grape_a and not members["global"]:
             self.warn("--grape-a has no effect: the recipe has no full-attention (global) layers")
         mismatch = []
-        if members["global"] and pos["global"]["kind"] in ("grape-m", "rope"):
+        if members["global"] and POSITION_KINDS[pos["global"]["kind"]].rotates:
             mismatch.append(f"the global layers ({_layers(members['global'])}) rotate"
                             + ("" if no_rope_given else " (no --no-rope-freq: Megatron rotates every layer)"))
-        if members["local"] and pos["local"]["kind"] not in ("grape-m", "rope"):
+        if members["local"] and not POSITION_KINDS[pos["local"]["kind"]].rotates:
             mismatch.append(f"the local layers ({_layers(members['local'])}) do not rotate")
         if mismatch:
             self.warn("; ".join(mismatch) + ": this breaks the position rule (global layers are exactly the layers that "

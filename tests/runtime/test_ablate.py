@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from runtime.ablate import Run, plan
-from runtime.ablate_matrix import check_variants, load_matrix, run_spec
-from runtime.ablate_report import Metric, Summary, beyond_spread, compare, throughput, write_report
+from runtime.ablate.matrix import check_variants, load_matrix, run_spec
+from runtime.ablate.report import throughput, write_report
+from runtime.ablate.runner import Run, plan
 from runtime.cli import main
 from runtime.metrics import read_metrics
 from spec import dump_spec
@@ -162,34 +162,7 @@ def test_refuses_a_run_folder_trained_with_another_spec(tmp_path, base):
         plan(m, tmp_path / "out")
 
 
-# ---------------------------------------------------------------------- the spread rule
-LOSS = Metric("loss", "loss", "loss", "nats/token", True, 3)
-TPS = Metric("tps", "tokens/s", "throughput", "tokens/s", False, 0)
-
-
-def test_the_spread_rule_is_non_overlapping_min_max_ranges():
-    a, b = Summary.of([2.50, 2.52, 2.54]), Summary.of([2.56, 2.58, 2.60])
-    assert (a.mean, a.min, a.max) == (pytest.approx(2.52), 2.50, 2.54)
-    assert beyond_spread(a, b, lower_is_better=True) is True            # 2.54 < 2.56
-    assert beyond_spread(Summary.of([2.50, 2.57]), b, True) is False    # 2.57 inside [2.56, 2.60]
-    assert beyond_spread(Summary.of([3.0]), b, True) is None            # one seed: no spread
-    assert beyond_spread(Summary.of([120.0, 130.0]), Summary.of([100.0, 119.0]), lower_is_better=False) is True
-
-
-def test_compare_picks_the_best_mean_and_counts_paired_wins():
-    # means 2.53 vs 2.55: A wins on the mean; ranges [2.50, 2.56] and [2.52, 2.58] overlap; paired: seed 1 and 3
-    v = compare(LOSS, {"B": {1: 2.52, 2: 2.55, 3: 2.58}, "A": {1: 2.50, 2: 2.56, 3: 2.53}})
-    assert (v.winner, v.runner_up, v.beyond_spread, v.paired_wins, v.paired, v.tie) == ("A", "B", False, 2, 3, False)
-    assert (v.winner_mean, v.runner_up_mean) == (pytest.approx(2.53), pytest.approx(2.55))
-    # paired gains (B - A per seed): 0.02, -0.01, 0.05
-    assert (v.paired_gain.mean, v.paired_gain.min, v.paired_gain.max) == (pytest.approx(0.02), pytest.approx(-0.01),
-                                                                          pytest.approx(0.05))
-    v = compare(TPS, {"A": {1: 100.0, 2: 110.0}, "B": {1: 150.0, 2: 160.0}})
-    assert (v.winner, v.beyond_spread, v.paired_wins) == ("B", True, 2)
-    assert compare(LOSS, {"A": {1: 1.0}, "B": {1: 1.0}}).tie
-    assert compare(LOSS, {"A": {1: 1.0}, "B": {1: None}}) is None        # (dense models have no MaxVio)
-
-
+# ---------------------------------------------------------------------- throughput
 def test_throughput_skips_the_first_window():
     lines = [{"kind": "train", "tokens": 100, "tokens_per_s": 10.0},    # 100 tokens in 10 s (warm-up)
              {"kind": "eval", "val_loss": 1.0},
@@ -200,61 +173,105 @@ def test_throughput_skips_the_first_window():
 
 
 # ---------------------------------------------------------------------- the report, from hand-made runs
-def test_report_states_the_winner_and_whether_it_beats_the_seed_spread(tmp_path, base):
-    m = load_matrix(matrix(tmp_path, eval={"contexts": [1, 4], "batches": 1}))
+def _record(rows_ref: list[list[float]], shift: list[float], T: int = 16, seed: int = 1) -> dict:
+    """An eval.json record of 4 rows: bands [0,16) [16,32) [32,64) and contexts 1x, 4x, per row; ``shift`` per band."""
+    bands = [[r[j] + shift[j] for j in range(3)] for r in rows_ref]
+    ctx = [[b[0], (b[0] * 16 + b[1] * 16 + b[2] * 32) / 64] for b in bands]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"settings": {"contexts": [1, 4], "batches": 1, "batch_size": 4, "seed": 0, "buckets": 4,
+                         "spacing": "linear", "seq_len": T, "length": 4 * T},
+            "data": {"label": "the validation split of corpus.jsonl", "rows_used": 4, "rows_sha256": "ab" * 32},
+            "device": "cpu", "dtype": "float32",
+            "bands": [{"positions": p, "tokens": 4 * (p[1] - p[0]), "loss": mean([b[j] for b in bands])}
+                      for j, p in enumerate([[0, 16], [16, 32], [32, 64]])],
+            "contexts": [{"context": c, "positions": [0, c * T], "tokens": 4 * c * T, "loss": mean([x[i] for x in ctx])}
+                         for i, c in enumerate([1, 4])],
+            "buckets": [{"positions": [16 * k, 16 * k + 16], "tokens": 64, "loss": 2.0 + k * 0.1 + shift[min(k, 2)]}
+                        for k in range(4)],
+            "per_row": {"bands": bands, "contexts": ctx},
+            "training_context": {"max_vio": 0.1 * seed, "max_vio_worst": 0.2 * seed},
+            "grape_m": [{"name": "grape_m.log_freq", "ln_theta": [0.0, -1.0 + 0.01 * seed], "ln_theta_init": [0.0, -1.0],
+                         "learnable": True}],
+            "host": {"load_1min": 5.0, "cpu_count": 2}}
+
+
+def test_report_pairs_rows_and_seeds_and_says_what_is_resolved(tmp_path, base):
+    m = load_matrix(matrix(tmp_path, seeds=[1, 2, 3], eval={"contexts": [1, 4], "batches": 1}))
     diffs = check_variants(m)
-    # (final val loss, loss @16, loss @64, MaxVio mean, tokens/s): nope-global is worse at 4x beyond the spread
-    numbers = {("baseline", 1): (2.50, 2.40, 2.60, 0.10, 1000), ("baseline", 2): (2.52, 2.44, 2.62, 0.20, 1100),
-               ("nope-global", 1): (2.51, 2.41, 2.90, 0.30, 1200), ("nope-global", 2): (2.55, 2.45, 2.80, 0.10, 1300)}
+    rows = [[2.0, 2.1, 2.3], [2.2, 2.3, 2.5], [2.4, 2.5, 2.7], [2.6, 2.7, 2.9]]
+    # nope-global - baseline per seed (the same on every row): band [0,16) +0.01 -0.02 +0.02, band [32,64) +0.30 +0.32 +0.34
+    shifts = {1: [0.01, 0.0, 0.30], 2: [-0.02, 0.0, 0.32], 3: [0.02, 0.0, 0.34]}
+    tps = {("baseline", 1): 1000, ("baseline", 2): 1100, ("baseline", 3): 1050,
+           ("nope-global", 1): 1200, ("nope-global", 2): 1250, ("nope-global", 3): 1300}
     runs, evals = [], {}
-    for (variant, seed), (final, l1, l4, vio, tps) in numbers.items():
-        run = Run(variant, seed, run_spec(m, m.variant(variant), seed), tmp_path / "out" / "runs" / f"{variant}-seed{seed}")
-        run.folder.mkdir(parents=True)
-        lines = [{"kind": "train", "step": 1, "tokens": 64, "tokens_per_s": tps},
-                 {"kind": "eval", "step": 1, "val_loss": 3.0},
-                 {"kind": "eval", "step": 2, "val_loss": final}]
-        (run.folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        (run.folder / "env.json").write_text(json.dumps({"device": "cpu", "torch": "2.x", "cpu_threads": 2}))
-        grape = [{"name": "grape_m.log_freq", "ln_theta": [0.0, -1.0 + 0.01 * seed], "ln_theta_init": [0.0, -1.0],
-                  "learnable": True}]
-        evals[run.name] = {"eval": {"contexts": [1, 4], "batches": 1, "batch_size": 2, "seed": 0}, "grape_m": grape,
-                           "contexts": [{"context": 1, "val_loss": l1, "max_vio": vio, "max_vio_worst": 2 * vio},
-                                        {"context": 4, "val_loss": l4, "max_vio": vio, "max_vio_worst": 2 * vio}]}
-        runs.append(run)
+    for seed in (1, 2, 3):
+        for variant in ("baseline", "nope-global"):
+            run = Run(variant, seed, run_spec(m, m.variant(variant), seed),
+                      tmp_path / "out" / "runs" / f"{variant}-seed{seed}")
+            run.folder.mkdir(parents=True)
+            lines = [{"kind": "train", "step": 1, "tokens": 64, "tokens_per_s": tps[variant, seed]},
+                     {"kind": "eval", "step": 2, "val_loss": 2.5}]
+            (run.folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            (run.folder / "env.json").write_text(json.dumps({"device": "cpu", "torch": "2.x", "cpu_threads": 2}))
+            evals[run.name] = _record(rows, shifts[seed] if variant == "nope-global" else [0.0] * 3, seed=seed)
+            runs.append(run)
     paths = write_report(tmp_path / "out", m, runs, diffs, evals, ["grapefx", "ablate", "matrix.yaml", "--out", "out"])
-    assert [p.name for p in paths] == ["report.md", "report.json", "loss.png", "grape_m_spectrum.png"]
+    assert [p.name for p in paths] == ["report.md", "report.json", "loss_by_position.png", "loss.png",
+                                       "grape_m_spectrum.png"]
     assert all(p.read_bytes().startswith(PNG) for p in paths[2:])
     md = paths[0].read_text()
     assert md.startswith("# Ablation `matrix`: baseline vs nope-global\n\n2 variants (**baseline**, **nope-global**) "
-                         "of `base.yaml`, 2 seeds each (seeds 1, 2): 2 optimizer steps of 4 × 16 tokens per run, on cpu.")
-    # loss at 4x: baseline 2.610 [2.600–2.620] vs nope-global 2.850 [2.800–2.900]: ranges do not overlap
-    assert ("On validation loss at 4× the training context (64 tokens), **baseline** is lower: 2.610 vs 2.850 "
-            "nats/token for nope-global — larger than the seed spread (the min–max ranges do not overlap); paired by "
-            "seed it is better on 2 of 2 seeds, by 0.180–0.300.") in md
-    # at 1x: 2.420 [2.40–2.44] vs 2.430 [2.41–2.45] overlap
-    assert ("**baseline** is lower: 2.420 vs 2.430 nats/token for nope-global — within the seed spread (the min–max "
-            "ranges overlap); paired by seed it is better on 2 of 2 seeds, by 0.010.") in md
-    assert ("Larger than the seed spread: validation loss at 4× the training context (64 tokens) (**baseline**), "
-            "training throughput (**nope-global**); every other difference is within it.\n") in md
+                         "of `base.yaml`, 3 seeds each (seeds 1, 2, 3): 2 optimizer steps of 4 × 16 tokens per run, on "
+                         "cpu. Every run is scored at every position of the same 4 validation rows of 64 tokens.")
+    # band [32, 64): mean 0.32, s = 0.02, t(0.975, 2) = 4.303: 0.32 ± 4.303 · 0.02 / √3 = 0.32 ± 0.0497
+    assert ("On the loss at 2–4× the training length (positions 32–63), nope-global's loss is higher than "
+            "baseline's by 0.320 nats/token on average — resolved: the 95% interval over seeds, +0.270 to +0.370, "
+            "excludes 0.") in md
+    # band [0, 16): mean 0.00333, s = 0.02082: ± 0.0517
+    assert ("On the loss within the training length (positions 0–15), nope-global's loss is higher than baseline's "
+            "by 0.003 nats/token on average — not resolved: the 95% interval over seeds, −0.048 to +0.055, includes "
+            "0, so these seeds do not tell the variants apart.") in md
+    # throughput differences 200, 150, 250: 200 ± 4.303 · 50 / √3 = 200 ± 124.2
+    assert ("Training throughput (indicative only: measured on a CPU shared with other work): nope-global is faster "
+            "by 200 tokens/s (interval over seeds excludes 0).") in md
+    assert ("| band [32, 64) | +0.3000 [+0.3000, +0.3000] | +0.3200 [+0.3200, +0.3200] | +0.3400 [+0.3400, +0.3400] | "
+            "+0.3200 [+0.2703, +0.3697] | **resolved**: nope-global is higher than baseline |") in md
+    assert "| band [0, 16) | +0.0100 [+0.0100, +0.0100] |" in md and "**not resolved**: the seed-level" in md
+    assert "| baseline | 3 | 2.300 [2.300 to 2.300] | 2.400 [2.400 to 2.400] | 2.600 [2.600 to 2.600] |" in md
+    assert ("- Throughput of nope-global against baseline, indicative only (a CPU, where other work changes the rate "
+            "from run to run): nope-global − baseline = +200 [+76, +324] tokens/s over seeds: nope-global is faster.") in md
+    assert "shared with other work: yes (1-minute load average 5.0–5.0" in md
+    assert "Final val loss: the trainer's last evaluation at step 2" in md
     assert "    grapefx ablate matrix.yaml --out out\n" in md
-    assert ("| baseline | 2 | 2.510 [2.500–2.520] | 2.420 [2.400–2.440] | 2.610 [2.600–2.620] | "
-            "0.150 [0.100–0.200] | "
-            "0.300 [0.200–0.400] | 1,050 [1,000–1,100] |") in md
-    assert ("| nope-global | 2 | 2.530 [2.510–2.550] | 2.430 [2.410–2.450] | 2.850 [2.800–2.900] | "
-            "0.200 [0.100–0.300] | "
-            "0.400 [0.200–0.600] | 1,250 [1,200–1,300] |") in md
-    assert ("| validation loss at 4× the training context (64 tokens) | **baseline** | nope-global | 0.240 nats/token | "
-            "**yes** (ranges do not overlap) | 2/2 | 0.240 [0.180–0.300] |") in md
-    assert ("| training throughput | **nope-global** | baseline | 200 tokens/s | **yes** (ranges do not overlap) | 2/2 | "
-            "200 [200–200] |") in md
     assert "  - `attention.global.position.kind`: grape-a → nope\n" in md
-    assert "- **baseline**: nothing (the baseline itself)" in md
-    assert "Mean |ln(θ_j / θ_j,init)| over pairs j: baseline 0.0075 [0.005–0.01]" in md
     report = json.loads(paths[1].read_text())
-    assert report["verdicts"]["val_loss_4x"]["winner"] == "baseline" and report["verdicts"]["val_loss_4x"]["beyond_spread"]
-    assert report["results"]["nope-global"]["summary"]["val_loss_4x"]["min"] == 2.80
-    assert report["results"]["nope-global"]["changes"][0] == {"key": "attention.global.position.kind",
-                                                              "baseline": "grape-a", "variant": "nope"}
+    far = report["paired"]["nope-global"]["band_32_64"]
+    assert far["resolved"] and far["seeds"]["low"] == pytest.approx(0.32 - 4.303 * 0.02 / 3 ** 0.5)
+    assert not report["paired"]["nope-global"]["band_0_16"]["resolved"]
+    assert report["paired"]["nope-global"]["tokens_per_s"]["indicative"] is True
+    assert report["results"]["nope-global"]["summary"]["band_32_64"]["mean"] == pytest.approx(2.92)
+
+
+def test_report_with_two_seeds_judges_nothing_and_refuses_different_rows(tmp_path, base):
+    m = load_matrix(matrix(tmp_path, eval={"contexts": [1, 4], "batches": 1}))
+    rows = [[2.0, 2.1, 2.3]] * 4
+    runs, evals = [], {}
+    for seed in (1, 2):
+        for variant in ("baseline", "nope-global"):
+            run = Run(variant, seed, run_spec(m, m.variant(variant), seed),
+                      tmp_path / "out" / "runs" / f"{variant}-seed{seed}")
+            run.folder.mkdir(parents=True)
+            (run.folder / "metrics.jsonl").write_text("")
+            evals[run.name] = _record(rows, [0.1, 0.1, 0.1] if variant == "nope-global" else [0.0] * 3)
+            runs.append(run)
+    md = write_report(tmp_path / "out", m, runs, check_variants(m), evals, ["grapefx", "ablate"])[0].read_text()
+    assert ("nope-global − baseline is +0.100, +0.100 nats/token per seed; with 2 seed(s) there is no seed-level "
+            "interval (it needs 3), so the difference is not judged.") in md
+    assert "not judged: 2 paired seed(s), a seed-level interval needs 3" in md
+    evals["nope-global-seed2"]["data"] = {**evals["nope-global-seed2"]["data"], "rows_sha256": "cd" * 32}
+    with pytest.raises(GrapefxError, match=r"the runs were evaluated on different rows \(.*\), so they cannot be "
+                                           r"paired"):
+        write_report(tmp_path / "out", m, runs, check_variants(m), evals, ["grapefx", "ablate"])
 
 
 # ---------------------------------------------------------------------- end to end: the CPU example, shortened
@@ -267,30 +284,39 @@ def test_ablation_tiny_example_runs_resumes_and_reports(tmp_path, corpus, capsys
             "--set", "train.checkpoint_every=1", "--set", "train.eval_batches=1"]
     assert main(args) == 0
     first = capsys.readouterr().out
-    assert "ablate ablation-tiny: 2 variants x 2 seeds = 4 runs" in first
+    assert "ablate ablation-tiny: 2 variants x 3 seeds = 6 runs" in first
     assert "  nope-global: attention.global.position.kind (grape-a -> nope)" in first
-    for name in ("report.md", "report.json", "loss.png", "grape_m_spectrum.png"):
-        assert (out / name).is_file()
-    assert (out / "loss.png").read_bytes().startswith(PNG)
+    for name in ("report.md", "report.json", "loss_by_position.png", "loss.png", "grape_m_spectrum.png"):
+        assert (out / name).read_bytes()[:8] == PNG or name.startswith("report")
     md = (out / "report.md").read_text()
-    assert "| baseline | 2 |" in md and "| nope-global | 2 |" in md and "| nope-global-seed2 |" in md
-    assert "validation loss at 4× the training context (128 tokens)" in md
+    assert "| baseline | 3 |" in md and "| nope-global | 3 |" in md and "| nope-global-seed3 |" in md
+    assert "## Paired differences: nope-global − baseline" in md and "| band [64, 128) |" in md
     report = json.loads((out / "report.json").read_text())
-    assert report["eval"] == {"contexts": [1, 2, 4], "batches": 2, "batch_size": 1, "seed": 0}
-    assert report["verdicts"]["val_loss_4x"]["winner"] in ("baseline", "nope-global")
+    assert report["eval"] == {"contexts": [1, 2, 4], "batches": 8, "batch_size": 1, "seed": 0, "buckets": 48,
+                              "spacing": "log", "seq_len": 32, "length": 128}
+    assert report["paired"]["nope-global"]["loss_4x"]["seeds"]["n"] == 3
     theta = json.loads((out / "runs" / "baseline-seed1" / "eval.json").read_text())["grape_m"][0]
     assert theta["name"] == "grape_m.log_freq" and len(theta["ln_theta"]) == 16     # head_dim 32 -> 16 pairs
 
     # a crash after step 1 of the last run: its final checkpoint and evaluation are gone
-    last = out / "runs" / "nope-global-seed2"
+    last = out / "runs" / "nope-global-seed3"
     finished = out / "runs" / "baseline-seed1" / "checkpoints" / "step-000002" / "complete.json"
     stamp = finished.stat().st_mtime_ns
     shutil.rmtree(last / "checkpoints" / "step-000002")
     (last / "eval.json").unlink()
     assert main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("not training again") == 3 and again.count("not evaluating again") == 3
-    assert "[4/4] nope-global-seed2: resuming at step 1 of 2" in again and "resumed from" in again
+    assert again.count("not training again") == 5 and again.count("not evaluating again") == 5
+    assert "[6/6] nope-global-seed3: resuming at step 1 of 2" in again and "resumed from" in again
     assert finished.stat().st_mtime_ns == stamp
     assert [r["step"] for r in read_metrics(last) if r["kind"] == "train"] == [2]    # log_every 10: the last step
     assert (last / "eval.json").is_file()
+
+    # --report-only: the report again from the run folders alone, showing the command that trained them
+    (out / "report.md").unlink()
+    assert main(args + ["--report-only"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Paired differences: nope-global − baseline" in md and " --report-only" not in md
+    (last / "eval.json").unlink()
+    assert main(args + ["--report-only"]) == 2
+    assert "nope-global-seed3/eval.json: missing, or written for other evaluation settings" in capsys.readouterr().err

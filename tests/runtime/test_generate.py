@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from compiler.lower import lower
+from compiler import lower, tagged
 from runtime.cli import main
 from runtime.generate import Decoder, sample, subgraph
 from spec.derive import kv_cache
@@ -39,14 +39,14 @@ def _full_forward(model, tokens):
     """The model's meaning: embed, every layer graph, then the head's norm and LM-head weight.
 
     Returns the logits (B, T, V) and, per MoE layer, the experts its router picked (B, T, K), read
-    from the same layer graph cut at its ``moe_expert_index`` node.
+    from the same layer graph cut at its ``moe.expert_index`` node.
     """
     x = model.embed(tokens)
     routes = {}
     for i, layer in enumerate(model.layers):
         args = (x, model.grape_m.log_freq) if model.takes_log_freq[i] else (x,)
         if i in model.moe_layers:
-            index = next(n for n in layer.graph.nodes if n.name.endswith("_moe_expert_index"))
+            index = tagged(layer)["moe.expert_index"]
             (idx,) = subgraph(layer, {}, [index])(*args)
             routes[i] = idx.view(*tokens.shape, -1)
             x = layer(*args)[0]
@@ -170,3 +170,21 @@ def test_decoder_follows_the_model_parameters_it_shares():
     assert not torch.allclose(before, after) and torch.allclose(after, ref[:, 0], atol=1e-12)
     assert math.isfinite(after.abs().max().item())
 
+
+
+def test_decoder_reads_the_scale_and_its_cuts_from_the_graph_not_from_names():
+    """A lowering with another scale (here 0.7 instead of 1/sqrt(8) = 0.354) and other node names
+    still decodes exactly: the decoder finds the nodes by their roles and reads the scale there."""
+    model = lower(_spec("gqa", moe=False)).double()
+    for layer in model.layers:
+        tagged(layer)["attention.scores"].args = (tagged(layer)["attention.scores"].args[0], 0.7)
+        for n in layer.graph.nodes:
+            if n.op != "placeholder":
+                n.name = f"renamed_{n.name}"
+        layer.recompile()
+    decoder = Decoder(model)
+    assert {layer.scale for layer in decoder.layers} == {0.7}
+    tokens = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    ref, _ = _full_forward(model, tokens)
+    inc = torch.stack([decoder.step(tokens[:, t]) for t in range(6)], 1)
+    assert torch.allclose(inc, ref, rtol=0, atol=1e-12 * ref.abs().max().item())

@@ -1,30 +1,14 @@
-"""The per-step line, the MFU peak table, memory, the loss plot."""
+"""The MFU peak table, memory, the loss plot (the terminal lines: test_console.py)."""
 
 import json
+import sys
 
 import pytest
 import torch
 
 from runtime import device as devmod
 from runtime.device import device_peak, memory_gib
-from runtime.metrics import format_eval_line, format_train_line, plot_loss
-
-
-def _record(**changes):
-    r = dict(step=120, loss=2.3141, lr=2.9e-4, grad_norm=0.8213, tokens_per_s=12345.0, mfu=None, max_vio=0.114,
-             memory_gib=1.23)
-    r.update(changes)
-    return r
-
-
-def test_train_line_reads_like_torchtitan():
-    assert format_train_line(_record(), 300) == \
-        "step 120/300  loss 2.314  lr 2.9e-4  grad 0.82  tok/s 12.3k  mfu —  maxvio 0.11  mem 1.2GiB"
-    line = format_train_line(_record(mfu=0.382, max_vio=None, tokens_per_s=2.5e6), 300)
-    assert "tok/s 2.5M  mfu 38.2%  maxvio —" in line
-    assert "mfu 0.0032%" in format_train_line(_record(mfu=3.2e-5), 300)   # a tiny model still shows a number
-    assert format_eval_line({"step": 100, "val_loss": 2.4104, "max_vio": 0.08}, 300) == \
-        "eval 100/300  val_loss 2.410  maxvio 0.08"
+from runtime.metrics import plot_loss
 
 
 @pytest.mark.parametrize("name, label, flops", [
@@ -54,3 +38,18 @@ def test_loss_plot_from_metrics_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = plot_loss(tmp_path)
     assert out == tmp_path / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_events_are_written_or_their_absence_said_once(tmp_path, monkeypatch, capsys):
+    from runtime.metrics import MetricsLogger
+
+    (tmp_path / "a").mkdir()
+    MetricsLogger(tmp_path / "a", 10, tty=False).close()
+    assert list((tmp_path / "a" / "tb").iterdir())           # a base dependency: events by default
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if it could not be imported
+    (tmp_path / "b").mkdir()
+    MetricsLogger(tmp_path / "b", 10, tty=False).close()
+    out = capsys.readouterr().out
+    assert out.count("note: no TensorBoard events") == 1
+    assert f"`pip install tensorboard` writes them to {tmp_path / 'b' / 'tb'} on the next run" in out
+    assert not (tmp_path / "b" / "tb").exists()

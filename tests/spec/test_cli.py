@@ -49,7 +49,7 @@ def test_validate_several_files_one_line_each_exit_2_if_any_fails(capsys, tmp_pa
     assert out.splitlines() == [f"ok: {tiny} (4 layers: 3 local (W=32), 1 global; MoE 8 experts top-2 + 1 shared; "
                                 "2.05M params, 873.62K active; training state 31.33 MiB)"] * 2
     assert err.splitlines() == [
-        f"{bad}: model.global_every: 8 places no global layer in a 4-layer model (layer l is global iff l % 8 == 0, "
+        f"{bad}: model.global_every: global_every 8 places no global layer in a 4-layer model (layer l is global iff l % 8 == 0, "
         "and no l in 1..4 is): use global_every <= 4, or null for no global layers",
         f"{tmp_path / 'missing.yaml'}: no such spec file; check the path",
         "2 of 4 files failed",
@@ -110,7 +110,8 @@ def test_describe_json(capsys):
                        "--set", "train.steps=50")
     d = json.loads(out)
     assert code == 0 and list(d) == ["name", "summary", "layers", "params", "training_state_bytes", "flops_per_token",
-                                     "flops", "kv_cache_bytes_per_token", "kv_cache", "router", "attention", "spec"]
+                                     "flops", "kv_cache_bytes_per_token", "kv_cache", "router", "attention",
+                                     "expert_parallel", "spec"]
     # 9 local layers * 128 tokens + 3 global * 4096, each 2*4*64*2 = 1024 B per cached token
     assert len(d["layers"]) == 12 and d["layers"][3] == {
         "index": 4, "kind": "global", "mechanism": "gqa", "window": None, "position": "grape-a", "rotary": False,
@@ -120,6 +121,7 @@ def test_describe_json(capsys):
     assert d["kv_cache"] == {"context": 4096, "total_bytes": (9 * 128 + 3 * 4096) * 1024, "dtype": "bf16"}
     assert d["kv_cache_bytes_per_token"] == (9 * 128 + 3 * 4096) * 1024 / 4096
     assert d["router"]["expert_bias"] is True and d["router"]["score_function"] == "sigmoid"
+    assert d["expert_parallel"] == {"expert": 1, "bytes_per_token_per_moe_layer": {"forward": 0, "training": 0}}
     assert d["spec"]["train"]["steps"] == 50 and d["spec"]["name"] == d["name"]
 
 
@@ -143,6 +145,14 @@ def test_describe_json_carries_every_figure_of_the_text(capsys):
     shown = {int(n.replace(",", "")) for n in re.findall(r"\b\d{1,3}(?:,\d{3})+\b", text)}
     assert shown and shown <= numbers, shown - numbers
     assert d["summary"] in text and d["params"]["groups"]["routed_experts"] == 24 * 64 * 3 * 1024 * 256
+
+
+def test_describe_bytes_moved_per_token_by_expert_parallelism(capsys):
+    code, out, _ = run(capsys, "describe", str(EXAMPLES / "bench-small.yaml"), "--set", "parallel.expert=4")
+    # bench-small: K = 2 rows of C = 768 bf16 values (2 B), 3 in 4 land on another rank, there and back:
+    # 2 * 2 * 768 * 2 * 3/4 = 4,608 B in the forward, twice that with the backward
+    assert code == 0 and "expert parallelism E = 4: 4,608 B per token per MoE layer to other ranks in the forward, " \
+                         "9,216 B with the backward" in out
 
 
 def test_describe_bad_context(capsys):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from spec import load_spec, spec_from_dict
+from spec.derive import attention_costs, expert_traffic, flops_per_token, kv_cache, layers, param_counts
 from spec.report import describe
-from spec.derive import attention_costs, flops_per_token, kv_cache, layers, param_counts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -151,7 +151,8 @@ def test_bench_medium_is_about_two_billion():
 def test_describe_json_keys():
     d = describe(small(), context=32)
     assert list(d) == ["name", "summary", "layers", "params", "training_state_bytes", "flops_per_token", "flops",
-                       "kv_cache_bytes_per_token", "kv_cache", "router", "attention", "spec"]
+                       "kv_cache_bytes_per_token", "kv_cache", "router", "attention", "expert_parallel",
+                       "spec"]
     assert set(d["layers"][0]) == {"index", "kind", "mechanism", "window", "position", "rotary", "additive_bias",
                                    "ffn", "kv_tokens", "kv_bytes"}
     assert d["params"]["total"] == 13878 and d["params"]["active"] == 11574
@@ -165,3 +166,12 @@ def test_examples_have_a_global_layer(name):
     s = load_spec(EXAMPLES / name)
     assert "global" in s.layer_kinds() and "local" in s.layer_kinds()
     assert s.data.seq_len >= 4 * s.attention.local.window
+
+
+def test_expert_traffic_per_token_and_moe_layer():
+    # C = 16, K = 2; bf16 rows (2 B) with E = 4: 3 in 4 assignments leave the rank, there and back
+    t = expert_traffic(small(parallel={"expert": 4}))
+    assert (t.expert, t.forward, t.training) == (4, 2 * 2 * 16 * 2 * 3 / 4, 192.0)            # 96 B forward
+    fp32 = expert_traffic(small(parallel={"expert": 2}, precision={"compute": "fp32"}))
+    assert (fp32.forward, fp32.training) == (2 * 2 * 16 * 4 / 2, 256.0)                         # 128 B forward
+    assert expert_traffic(small()).forward == 0 and expert_traffic(small(moe=None)) is None

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import runtime.ablate_matrix  # noqa: F401 - imported by `validate` on first use: not inside an example's deadline
+import runtime.ablate.matrix  # noqa: F401 - imported by `validate` on first use: not inside an example's deadline
 from runtime.cli import build_parser, main
 from spec.compose import read_spec_file
 

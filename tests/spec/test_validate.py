@@ -22,7 +22,7 @@ RULES = [
     ({"model": {"global_every": 0}}, r"model\.global_every: 0 is not a period: layer l \(from 1\) is global iff "
                                      r"l % global_every == 0"),
     ({"model": {"n_layers": 4, "global_every": 8}},
-     r"^my\.yaml: model\.global_every: 8 places no global layer in a 4-layer model \(layer l is global iff l % 8 == 0, "
+     r"^my\.yaml: model\.global_every: global_every 8 places no global layer in a 4-layer model \(layer l is global iff l % 8 == 0, "
      r"and no l in 1\.\.4 is\): use global_every <= 4, or null for no global layers$"),
     ({"model": {"n_layers": 4, "layer_kinds": ["local", "global"]}},
      r"model\.layer_kinds: 2 kinds for n_layers = 4: give exactly one kind"),
@@ -134,6 +134,15 @@ RULES = [
     ({"train": {"schedule": {"min_lr_ratio": 2.0}}}, r"train\.schedule\.min_lr_ratio: 2\.0: .* 0 <= min_lr_ratio <= 1"),
     ({"train": {"grad_clip": 0.0}}, r"train\.grad_clip: 0\.0 is not allowed: grad_clip \(null = no clipping\)"),
     ({"train": {"log_every": 0}}, r"train\.log_every: 0 is too small"),
+    # --- parallel
+    ({"moe": {"experts": 8}, "parallel": {"expert": 3}},
+     r"parallel\.expert: 8 experts cannot be split evenly over 3 ranks \(rank e holds experts \[e\*X/E, "
+     r"\(e\+1\)\*X/E\), so moe\.experts % expert must be 0\); use expert in \[1, 2, 4, 8\]"),
+    ({"parallel": {"expert": 0}}, r"parallel\.expert: 0 is too small: expert parallelism E \(1 = off\) must be >= 1"),
+    ({"moe": None, "parallel": {"expert": 2}}, r"parallel\.expert: expert: 2 splits the routed experts over ranks, "
+                                                r"but this model has none"),
+    ({"parallel": {"capacity_factor": 0.0}}, r"parallel\.capacity_factor: 0\.0 is not allowed: capacity_factor "
+                                             r"\(null = dropless\) must be > 0"),
     ({"name": "runs/x"}, r"name: 'runs/x' is not a usable run name"),
     ({"output": " "}, r"output: empty output folder"),
 ]
@@ -162,6 +171,7 @@ def test_every_message_is_file_key_message():
                    "local": {"position": {"kind": "nope"}}}},                  # the escape hatch
     {"attention": {"local": {"mechanism": "tpa", "head_factors": "kv_groups", "r_q": 4}}},
     {"moe": None},
+    {"moe": {"experts": 8}, "parallel": {"data": "fsdp", "expert": 4, "capacity_factor": 1.25}},
     {"model": {"n_layers": 2, "layer_kinds": ["global", "global"]}, "data": {"seq_len": 16}},
     {"moe": {"experts": 8, "top_k": 4, "router": {"num_groups": 4, "group_topk": 2}}},
     {"moe": {"router": {"score_function": "softmax", "expert_bias": False, "pre_softmax": True,

@@ -1,4 +1,4 @@
-"""The lowered model's meaning: windows, positions, gradients, init, loss (issue 3)."""
+"""The lowered model's meaning: windows, positions, gradients, init, loss."""
 
 import math
 

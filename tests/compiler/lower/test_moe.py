@@ -23,7 +23,7 @@ def _moe_graph(scores, *, top_k, bias=None, shared=0, **router):
               router=Router(expert_bias=bias is not None, **router))
     b = GraphBuilder(prefix="t_")
     h = b.input("h")
-    y, counts, aux = lower_moe(b, h, moe, C=C, name="layers.0", init=Initializer(Spec()), cd=torch.float32)
+    y, counts, aux, _ = lower_moe(b, h, moe, C=C, name="layers.0", init=Initializer(Spec()), cd=torch.float32)
     gm = b.build((y, counts, aux))
     with torch.no_grad():
         gm.moe.router.weight.zero_()

@@ -56,8 +56,9 @@ def test_report_layout(make_spec):
     report = apply_passes(lower(make_spec()), ["attention_formation", "rotary_attention"], seq_len=12)
     d = report.as_dict()
     assert list(d) == ALL                                          # every known pass, in registry order
-    assert d["bias_softmax"] == {"matches": 0, "layers": [], "enabled": False, "skipped": None, "nodes_removed": 0,
-                                 "nodes_added": 0, "reasons": {}}
+    assert d["bias_softmax"] == {"graph": "block", "matches": 0, "layers": [], "enabled": False, "skipped": None,
+                                 "nodes_removed": 0, "nodes_added": 0, "reasons": {}}
+    assert d["linear_cross_entropy"]["graph"] == "head" and not d["linear_cross_entropy"]["enabled"]
     assert report.entries["bias_softmax"].why_nothing() == "off (not in compile.passes)"
     assert d["rotary_attention"]["layers"] == [1, 2, 3] and d["rotary_attention"]["nodes_removed"] == 6
     assert report.order == ["attention_formation", "rotary_attention"]
@@ -81,3 +82,22 @@ def test_layers_text():
     assert layers_text([1, 2, 3, 5, 7, 8]) == "layers 1-3, 5, 7-8"
     assert layers_text([4]) == "layer 4"
     assert layers_text([]) == "no layer"
+
+
+def test_every_pass_module_is_registered_once_with_a_known_prerequisite():
+    """One file per pass (compiler/passes/<name>.py, besides match.py), each in PASSES under its name."""
+    folder = Path(__file__).resolve().parents[3] / "compiler" / "passes"
+    files = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "match"))
+    assert sorted(PASSES) == files
+    assert all(p.run.__module__ == f"compiler.passes.{name}" for name, p in PASSES.items())
+    assert {p.graph for p in PASSES.values()} == {"block", "head"}
+    assert all(p.needs in (None, *PASSES) and (p.needs is None or ALL.index(p.needs) < ALL.index(n))
+               for n, p in PASSES.items())
+
+
+def test_the_head_pass_is_switched_by_name(make_spec):
+    off = apply_passes(lower(make_spec()), ["attention_formation"], seq_len=12).entries["linear_cross_entropy"]
+    assert (off.enabled, off.matches, off.why_nothing()) == (False, 0, "off (not in compile.passes)")
+    on = apply_passes(lower(make_spec()), ["linear_cross_entropy"], seq_len=12)
+    assert on.entries["linear_cross_entropy"].matches == 1 and on.entries["attention_formation"].matches == 0
+    assert "linear_cross_entropy: 1 match in the head" in "\n".join(on.summary_lines())

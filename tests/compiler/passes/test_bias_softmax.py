@@ -21,7 +21,7 @@ def test_matches_exactly_the_global_layers(make_spec):
     e = report.entries["bias_softmax"]
     assert (e.matches, e.layers) == (2, [4, 8])
     assert counters["grapefx"]["bias_softmax"] - before == 2
-    assert e.reasons == {"the attention has no dense bias (no additive position bias in this layer)": [1, 2, 3, 5, 6, 7]}
+    assert e.codes() == {"no_dense_bias": [1, 2, 3, 5, 6, 7]}
     layer = fused.layers[3]
     (attn,) = nodes(layer, ATTENTION)
     a = attention_args(attn)
@@ -52,7 +52,7 @@ def test_nope_global_layers_match_nothing_and_say_why(make_spec):
     _, _, report = lowered_and_fused(make_spec(global_position=NoPE()), PASSES)
     e = report.entries["bias_softmax"]
     assert e.matches == 0 and e.layers == []
-    assert e.reasons == {"the attention has no dense bias (no additive position bias in this layer)": [1, 2, 3, 4]}
+    assert e.codes() == {"no_dense_bias": [1, 2, 3, 4]}
     assert "no dense bias" in e.why_nothing() and "layers 1-4" in e.why_nothing()
 
 
@@ -81,7 +81,7 @@ def test_declines_a_bias_that_is_not_alibi(make_spec):
         gm.recompile()
     report = apply_passes(fused, PASSES, seq_len=12)
     e = report.entries["bias_softmax"]
-    assert e.matches == 0 and e.reasons["the dense bias is not an alibi_bias (possibly reshaped)"] == [4]
+    assert e.matches == 0 and e.codes()["bias_not_alibi"] == [4]
     (attn,) = nodes(fused.layers[3], ATTENTION)
     assert attention_args(attn)["bias"] is not None                     # folded by attention_formation, kept dense
     compare_blocks(eager, fused, 3, 1e-5)

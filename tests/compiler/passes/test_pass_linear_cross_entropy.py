@@ -6,7 +6,8 @@ import dataclasses
 import torch
 
 from compiler.lower import lower
-from compiler.passes.linear_cross_entropy import fuse_head, linear_cross_entropy_pass
+from compiler.passes import apply_passes
+from compiler.passes.linear_cross_entropy import linear_cross_entropy_pass
 from compiler.passes.match import is_custom
 from pass_testing import rel_err
 
@@ -22,8 +23,8 @@ def loss_and_grads(model, tokens, targets):
 
 def check_same(spec, seq_len=8):
     eager, fused = lower(spec), lower(spec)
-    result = fuse_head(fused)
-    assert result.matches == 1 and not result.declined
+    e = apply_passes(fused, ["linear_cross_entropy"]).entries["linear_cross_entropy"]   # by name, like any pass
+    assert (e.graph, e.matches, e.layers, e.reasons) == ("head", 1, [], {})
     assert [n for n in fused.head.graph.nodes if is_custom(n, LCE)]
     assert not [n for n in fused.head.graph.nodes if n.op == "call_function" and "cross_entropy" == getattr(n.target, "__name__", "")]
     g = torch.Generator().manual_seed(0)
@@ -53,6 +54,7 @@ def test_declines_label_smoothing_and_reports_absence(make_spec):
     ce.kwargs = {**ce.kwargs, "label_smoothing": 0.1}
     model.head.recompile()
     result = linear_cross_entropy_pass(model.head)
-    assert result.matches == 0 and "label smoothing" in result.declined[0]
+    assert result.matches == 0 and [r.code for r in result.declined] == ["ce_options"]
+    assert "label smoothing" in result.declined[0]
     block = linear_cross_entropy_pass(model.layers[0])
-    assert block.matches == 0 and block.absent == "no cross_entropy in the graph"
+    assert block.matches == 0 and block.absent.code == "absent" and block.absent == "no cross_entropy in the graph"

@@ -23,7 +23,7 @@ def test_matches_exactly_the_local_layers(make_spec):
     e = report.entries["rotary_attention"]
     assert (e.matches, e.layers) == (6, [1, 2, 3, 5, 6, 7])
     assert counters["grapefx"]["rotary_attention"] - before == 6
-    assert e.reasons == {"q and k are not rotated (no GRAPE-M/RoPE in this layer)": [4, 8]}
+    assert e.codes() == {"not_rotated": [4, 8]}
     layer = fused.layers[0]
     (attn,) = nodes(layer, ATTENTION)
     a = attention_args(attn)
@@ -69,7 +69,7 @@ def test_declines_different_theta_for_q_and_k(make_spec):
         rot_k.replace_input_with(rot_k.args[1], other)
 
     e = _edit_both(eager, fused, edit)
-    assert e.matches == 2 and e.reasons["q and k are rotated by different theta"] == [1]
+    assert e.matches == 2 and e.codes()["theta_differs"] == [1]
     assert len(nodes(fused.layers[0], ROTATE)) == 2                     # left as it was
     compare_blocks(eager, fused, 0, 1e-5)
 
@@ -82,7 +82,7 @@ def test_declines_a_position_offset(make_spec):
             rot.args = (*rot.args[:2], 3)
 
     e = _edit_both(eager, fused, edit)
-    assert e.reasons["a rotation starts at a position offset other than 0"] == [1]
+    assert e.codes()["pos_offset"] == [1]
     compare_blocks(eager, fused, 0, 1e-5)
 
 
@@ -94,13 +94,13 @@ def test_declines_when_rotated_q_escapes(make_spec):
         out.args = (out.args[0], nodes(gm, ROTATE)[0])
 
     e = _edit_both(eager, fused, edit)
-    assert e.reasons["the rotated q or k is also used outside this attention"] == [1]
+    assert e.codes()["rotated_escapes"] == [1]
 
 
 def test_does_nothing_without_attention_formation(make_spec):
     eager, fused = lower(make_spec()), lower(make_spec())
     e = apply_passes(fused, ["rotary_attention"], seq_len=12).entries["rotary_attention"]
-    assert e.matches == 0 and e.skipped.startswith("did nothing: it rewrites the grapefx.attention nodes")
+    assert e.matches == 0 and e.skipped.code == "prerequisite_off"
     assert fused.layers[0].code == eager.layers[0].code
 
 

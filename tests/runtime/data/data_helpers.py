@@ -9,9 +9,9 @@ from spec.schema import Data, Model, Source, Spec, Tokenizer
 
 def data_spec(tmp_path: Path, *sources, vocab_size: int = 257, tokenizer: Tokenizer | None = None,
               valid_fraction: float = 0.25) -> Spec:
-    """A spec whose data section reads `sources` (path or (path, weight)) into tmp_path/cache."""
-    srcs = tuple(Source(path=str(s[0]), weight=s[1]) if isinstance(s, tuple) else Source(path=str(s))
-                 for s in sources)
+    """A spec whose data section reads `sources` (path, (path, weight) or a Source) into tmp_path/cache."""
+    srcs = tuple(s if isinstance(s, Source) else Source(path=str(s[0]), weight=s[1]) if isinstance(s, tuple)
+                 else Source(path=str(s)) for s in sources)
     return Spec(model=Model(vocab_size=vocab_size),
                 data=Data(sources=srcs, tokenizer=tokenizer or Tokenizer(), valid_fraction=valid_fraction,
                           cache_dir=str(tmp_path / "cache")))

@@ -28,4 +28,5 @@ def test_data_prepare_prints_where_and_how_much(tmp_path, plays, monkeypatch, ca
     counts = out[2].removeprefix("tokens:    ").removesuffix(" valid").split(" train, ")
     train, valid = (int(n.replace(",", "")) for n in counts)
     assert train + valid == sum(len(p.read_bytes()) + 1 for p in plays.rglob("*.txt"))  # bytes + one EOD each
-    assert out[3] == "tokenizer: byte, vocab 257 (end-of-document id 256)"
+    assert out[3] == f"split:     {plays}: validation = 2 of 8 documents, held out whole (split: documents)"
+    assert out[4] == "tokenizer: byte, vocab 257 (end-of-document id 256)"

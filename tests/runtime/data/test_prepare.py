@@ -9,7 +9,7 @@ import pytest
 import runtime.data.pipeline as prepare_mod
 from runtime.data import DataError, IndexedDataset, prepare, write_indexed_dataset
 from runtime.data.cache import cache_root
-from spec.schema import Tokenizer
+from spec.schema import Source, Tokenizer
 
 from data_helpers import data_spec, write_folder
 
@@ -125,7 +125,7 @@ def test_megatron_source_is_copied_with_one_eod_per_document(tmp_path):
 
 def test_megatron_source_from_another_tokenizer_is_refused(tmp_path):
     write_indexed_dataset(tmp_path / "gpt2", [np.array([50256, 1]), np.array([2, 50256])], np.uint16)
-    with pytest.raises(DataError, match="token id 50256 at token 0 is outside the tokenizer's vocabulary of 257"):
+    with pytest.raises(DataError, match=r"token id 50256 at token 0 is outside the vocabulary of 257 ids \(the largest id in the data is"):
         prepare(data_spec(tmp_path, tmp_path / "gpt2", valid_fraction=0.5), progress=False)
     with pytest.raises(DataError, match="already tokenized; give the tokenizer that made it as data.tokenizer.path"):
         prepare(data_spec(tmp_path, tmp_path / "gpt2", tokenizer=Tokenizer(kind="bpe", vocab_size=300),
@@ -134,8 +134,9 @@ def test_megatron_source_from_another_tokenizer_is_refused(tmp_path):
 
 def test_too_few_documents(tmp_path):
     (tmp_path / "one.txt").write_text("a single document")
-    with pytest.raises(DataError, match=r"data.sources\[0\] \(.*one.txt\): only 1 document; .* at least 2"):
-        prepare(data_spec(tmp_path, tmp_path / "one.txt"), progress=False)
+    with pytest.raises(DataError, match=r"data.sources\[0\] \(.*one.txt\): only 1 document; split: documents holds "
+                                        r"out whole documents, so it needs at least 2: use split: tail"):
+        prepare(data_spec(tmp_path, Source(path=str(tmp_path / "one.txt"), split="documents")), progress=False)
     folder = write_folder(tmp_path / "blank", {"a.txt": "", "b.txt": ""})
     with pytest.raises(DataError, match=r"empty corpus: no non-empty documents"):
         prepare(data_spec(tmp_path, folder), progress=False)

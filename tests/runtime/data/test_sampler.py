@@ -34,6 +34,16 @@ def test_rows_are_T_plus_1_tokens_overlapping_by_one(stream):
     assert s.rows_per_epoch == (41 - 1) // 4 == 10
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_inputs_and_targets_share_no_memory(stream, batch_size):
+    # the evaluation writes -100 into targets; at B = 1 the two slices of one row were views
+    # overlapping by T - 1 tokens, and inputs became -100 (an embedding index out of range)
+    x, y = Sampler(stream, seq_len=4, batch_size=batch_size, seed=0).next_batch()
+    before = x.clone()
+    y[:, 1:] = -100
+    assert torch.equal(x, before)
+
+
 def test_each_epoch_is_a_permutation_and_reshuffles(stream):
     s = Sampler(stream, seq_len=4, batch_size=5, seed=0)
     e0, e1 = row_ids(drain(s, 2), 4), row_ids(drain(s, 2), 4)

@@ -11,10 +11,13 @@
     shared:                           # optional overlay applied to every run, variants included
       train: {steps: 2000}
     eval:                             # optional; these are the defaults
-      contexts: [1, 2, 4]             # evaluation lengths, multiples of data.seq_len
-      batches: 8                      # batches per context
+      contexts: [1, 2, 4]             # evaluation lengths, multiples of data.seq_len; rows are max(contexts) long
+      batches: 8                      # batches of rows
       batch_size: null                # rows per batch (null: train.micro_batch)
-      seed: 0                         # the validation sampler's seed: the same rows for every run
+      seed: 0                         # which validation rows: the same rows for every run
+      buckets: 48                     # loss-by-position buckets (at most)
+      spacing: log                    # bucket spacing: log or linear
+    (runtime/evaluation: one pass over the rows scores every position; see its docstrings)
 
 The spec of run (variant v, seed k) is assembled in this order, later wins:
 
@@ -40,36 +43,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from spec.load import dump_spec, spec_from_mapping
+from runtime.evaluation.core import EvalSettings
 from spec.compose import TAGGED_UNION_KEYS, apply_overrides, deep_merge, read_spec_file
 from spec.convert import to_dict
 from spec.errors import SpecError
+from spec.load import dump_spec, spec_from_mapping
 from spec.schema import Spec
 from spec.validate import SpecProblems
 from spec.yamlio import parse_yaml
 
-__all__ = ["Matrix", "Variant", "EvalSettings", "Change", "ABSENT", "load_matrix", "run_spec", "run_name",
+__all__ = ["Matrix", "Run", "Variant", "EvalSettings", "Change", "ABSENT", "load_matrix", "run_spec", "run_name",
            "flatten", "spec_diff", "covers", "check_variants", "saved_spec_changes"]
 
 TOP_KEYS = ("name", "baseline", "variants", "seeds", "shared", "eval")
-EVAL_KEYS = ("contexts", "batches", "batch_size", "seed")
+EVAL_KEYS = ("contexts", "batches", "batch_size", "seed", "buckets", "spacing")
 # keys ablate sets per run: never part of an overlay, never part of the diff
 RUN_KEYS = ("name", "output", "train.seed")
 # spec.load's sugar: giving model.layer_kinds turns model.global_every to null
 COUPLED = {"model.layer_kinds": ("model.global_every",)}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    contexts: tuple[int, ...] = (1, 2, 4)
-    batches: int = 8
-    batch_size: int | None = None
-    seed: int = 0
-
-    def as_dict(self) -> dict:
-        return {"contexts": list(self.contexts), "batches": self.batches, "batch_size": self.batch_size,
-                "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -95,6 +87,19 @@ class Matrix:
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (variant, seed) run of a matrix: its resolved spec and its run folder."""
+    variant: str
+    seed: int
+    spec: Spec
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return run_name(self.variant, self.seed)
 
 
 ABSENT = "(absent)"  # the value of a key one of two compared specs does not have
@@ -239,7 +244,13 @@ def _eval(raw: Any, file: str) -> EvalSettings:
     seed = raw.get("seed", d.seed)
     if not (_int(seed) and seed >= 0):
         raise SpecError(file, "eval.seed", f"expected an integer >= 0, got {seed!r}")
-    return EvalSettings(tuple(sorted(contexts)), batches, batch_size, seed)
+    buckets = raw.get("buckets", d.buckets)
+    if not (_int(buckets) and buckets >= 1):
+        raise SpecError(file, "eval.buckets", f"expected an integer >= 1 (loss-by-position buckets), got {buckets!r}")
+    spacing = raw.get("spacing", d.spacing)
+    if spacing not in ("log", "linear"):
+        raise SpecError(file, "eval.spacing", f"expected log or linear, got {spacing!r}")
+    return EvalSettings(tuple(sorted(contexts)), batches, batch_size, seed, buckets, spacing)
 
 
 # ---------------------------------------------------------------------- assembling run specs
