@@ -42,7 +42,7 @@ def _tiny_dict(corpus: Path, **train) -> dict:
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_dict(corpus):
     """``tiny_dict(**train_overrides) -> dict`` (the spec as plain data, to change other sections)."""
     return lambda **train: _tiny_dict(corpus, **train)

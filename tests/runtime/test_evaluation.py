@@ -96,12 +96,10 @@ def test_rows_are_distinct_whole_windows_and_never_wrap():
 
 # ---------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, corpus):
+def trained_run(tmp_path_factory, tiny_dict):
     """A 2-step run of the conftest tiny spec, trained once for this file's tests."""
-    from conftest import _tiny_dict
-
     root = tmp_path_factory.mktemp("trained")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(_tiny_dict(corpus, steps=2, eval_every=2), sort_keys=False))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_dict(steps=2, eval_every=2), sort_keys=False))
     assert main(["train", str(root / "tiny.yaml"), "--out", str(root / "run")]) == 0
     return root / "run"
 
