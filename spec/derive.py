@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from spec.schema import Attention, Spec
 
 __all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "ExpertTraffic", "layers",
-           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
+           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "largest_groups",
            "expert_traffic", "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
 
 # fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
@@ -269,12 +269,6 @@ def attention_costs(spec: Spec) -> list[AttentionCost]:
         out.append(as_gqa if a.mechanism == "gqa" else AttentionCost(
             kind, a.mechanism, attention_matmul_params(c, a), _cache_values_per_token(a) * elem, as_gqa))
     return out
-
-
-def training_state_bytes(spec: Spec) -> int:
-    """Bytes of the training state: every parameter's fp32 weight, gradient and AdamW m and v (MATH.md §6);
-    activations, the data and the compiled code come on top."""
-    return param_counts(spec).total * TRAIN_STATE_BYTES_PER_PARAM
 
 
 def largest_groups(spec: Spec, n: int = 3) -> list[tuple[str, int, tuple[str, ...]]]:
