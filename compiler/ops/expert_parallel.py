@@ -62,9 +62,10 @@ def _check(x: Tensor, indices: Tensor, experts: int, ranks: int, group: str) -> 
                          f"{tuple(indices.shape)} {indices.dtype}")
     if ranks < 1 or experts % ranks:
         raise ValueError(f"expert_dispatch: {experts} experts do not split over {ranks} ranks")
-    if (dist.get_world_size(_group(group)) if group else 1) != ranks:
+    size = dist.get_world_size(_group(group)) if group else 1
+    if size != ranks:
         raise ValueError(f"expert_dispatch: the graph splits the experts over {ranks} ranks but its group "
-                         f"{group!r} has {dist.get_world_size(_group(group)) if group else 1}")
+                         f"{group!r} has {size}")
 
 
 def _kept(ids_sorted: Tensor, per_expert: Tensor, capacity: int | None) -> Tensor | None:
