@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from compiler.kernels import launch
+from compiler.ops.grape_m import cos_sin
 from spec.errors import GrapefxError
 
 LOG2E = 1.4426950408889634
@@ -347,9 +348,8 @@ def rotation_table(theta: Tensor, T: int) -> Tensor:
     The kernels index it by row without a bound check: rows up to the last tile's end (< T + 128
     for tiles of at most 128 rows) must exist, hence the padding.
     """
-    pos = torch.arange(T + TABLE_PAD, device=theta.device, dtype=torch.float32)
-    angle = pos[:, None] * theta.float()[None, :]                                # (T + pad, D/2)
-    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1).contiguous()
+    _, cos, sin = cos_sin(theta, T + TABLE_PAD, 0, torch.float32)               # (T + pad, D/2) each
+    return torch.stack([cos, sin], dim=1)
 
 
 TABLE_PAD = 256
