@@ -27,7 +27,7 @@ Importing this module needs no triton: the kernels are imported on the first lau
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -110,8 +110,8 @@ HOPPER = {
 }
 # Other families (Ampere 8.x, Ada 8.9, Blackwell 10.x/12.x) have not been timed: Hopper's shapes with
 # at most two pipeline stages, which fit the smaller shared memory of the 8.6/8.9/12.x cards (100 KB).
-OTHER = {key: AttnConfig(*(Tiles(t.block_m, t.block_n, t.num_warps, min(t.num_stages, 2), t.one_loop)
-                           for t in (c.fwd, c.dkdv, c.dq)), atomic_dq=c.atomic_dq)
+OTHER = {key: replace(c, **{part: replace(t, num_stages=min(t.num_stages, 2))
+                            for part, t in (("fwd", c.fwd), ("dkdv", c.dkdv), ("dq", c.dq))})
          for key, c in HOPPER.items()}
 TILE_TABLES = {9: HOPPER}                # compute capability major -> table; anything else: OTHER
 
