@@ -27,7 +27,7 @@ Importing this module needs no triton: the kernels are imported on the first lau
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from compiler.kernels import launch
+from compiler.ops.grape_m import cos_sin
 from spec.errors import GrapefxError
 
 LOG2E = 1.4426950408889634
@@ -109,8 +110,8 @@ HOPPER = {
 }
 # Other families (Ampere 8.x, Ada 8.9, Blackwell 10.x/12.x) have not been timed: Hopper's shapes with
 # at most two pipeline stages, which fit the smaller shared memory of the 8.6/8.9/12.x cards (100 KB).
-OTHER = {key: AttnConfig(*(Tiles(t.block_m, t.block_n, t.num_warps, min(t.num_stages, 2), t.one_loop)
-                           for t in (c.fwd, c.dkdv, c.dq)), atomic_dq=c.atomic_dq)
+OTHER = {key: replace(c, **{part: replace(t, num_stages=min(t.num_stages, 2))
+                            for part, t in (("fwd", c.fwd), ("dkdv", c.dkdv), ("dq", c.dq))})
          for key, c in HOPPER.items()}
 TILE_TABLES = {9: HOPPER}                # compute capability major -> table; anything else: OTHER
 
@@ -347,9 +348,8 @@ def rotation_table(theta: Tensor, T: int) -> Tensor:
     The kernels index it by row without a bound check: rows up to the last tile's end (< T + 128
     for tiles of at most 128 rows) must exist, hence the padding.
     """
-    pos = torch.arange(T + TABLE_PAD, device=theta.device, dtype=torch.float32)
-    angle = pos[:, None] * theta.float()[None, :]                                # (T + pad, D/2)
-    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=1).contiguous()
+    _, cos, sin = cos_sin(theta, T + TABLE_PAD, 0, torch.float32)               # (T + pad, D/2) each
+    return torch.stack([cos, sin], dim=1)
 
 
 TABLE_PAD = 256

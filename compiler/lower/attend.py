@@ -1,11 +1,7 @@
 """The attention chain after q, k, v, shared by every mechanism (GQA ``attention.py``, TPA ``tpa.py``).
 
-    scores    = (q_g @ k^T).float() * 1/sqrt(D)               (B, Hkv, G*T, T) fp32, GQA by grouping
-    [GRAPE-A]   scores = scores + alibi_bias(slopes)          -m_h (i - j), fp32, after the scaling
-    scores    = scores.masked_fill(blocked, -inf)              blocked: j > i, or i - j >= W (local)
-    probs     = softmax(scores).to(compute dtype)
-    out       = probs @ v                                     (B, Hkv, G*T, D) -> (B, T, Hq*D)
-    y         = out W_o
+The chain from ``scores`` on, as written out in ``compiler/lower/attention.py``'s docstring:
+scores (fp32, scaled) -> [GRAPE-A bias] -> window mask -> softmax -> probs @ v -> W_o.
 """
 
 from __future__ import annotations

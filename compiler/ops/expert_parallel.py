@@ -62,9 +62,10 @@ def _check(x: Tensor, indices: Tensor, experts: int, ranks: int, group: str) -> 
                          f"{tuple(indices.shape)} {indices.dtype}")
     if ranks < 1 or experts % ranks:
         raise ValueError(f"expert_dispatch: {experts} experts do not split over {ranks} ranks")
-    if (dist.get_world_size(_group(group)) if group else 1) != ranks:
+    size = dist.get_world_size(_group(group)) if group else 1
+    if size != ranks:
         raise ValueError(f"expert_dispatch: the graph splits the experts over {ranks} ranks but its group "
-                         f"{group!r} has {dist.get_world_size(_group(group)) if group else 1}")
+                         f"{group!r} has {size}")
 
 
 def _kept(ids_sorted: Tensor, per_expert: Tensor, capacity: int | None) -> Tensor | None:
@@ -97,7 +98,7 @@ def expert_dispatch(x: Tensor, indices: Tensor, experts: int, ranks: int, group:
         dropped = (~kept).sum().to(torch.float32)
         order, per_expert = order[kept], per_expert.clamp(max=capacity)
     sent = per_expert.view(E, experts // E)                                         # (E, Xl) to each rank
-    recv = sent.clone() if not group else _exchange(sent, [1] * E, [1] * E, group)  # (E, Xl) from each rank
+    recv = _exchange(sent, [1] * E, [1] * E, group)                                 # (E, Xl) from each rank
     splits = torch.stack([sent.sum(1), recv.sum(1)]).cpu()                          # (2, E)
     rows = _exchange(x.index_select(0, order // K), splits[1].tolist(), splits[0].tolist(), group)
     local = torch.repeat_interleave(torch.arange(experts // E, device=x.device).repeat(E), recv.reshape(-1),
