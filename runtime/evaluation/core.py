@@ -43,7 +43,7 @@ from runtime.evaluation.rows import (
 from spec.errors import GrapefxError
 from spec.schema import Spec
 
-__all__ = ["EvalSettings", "evaluate", "model_logits", "write_json", "FORMAT", "EVAL_FILE"]
+__all__ = ["EvalSettings", "evaluate", "model_logits", "write_json", "write_text", "FORMAT", "EVAL_FILE"]
 
 FORMAT = 2
 EVAL_FILE = "eval.json"
@@ -142,9 +142,14 @@ def evaluate(model: GrapeModel, spec: Spec, streams: Sequence[Stream], settings:
 
 
 def write_json(path: Path, value: dict) -> Path:
-    """Write ``value`` as JSON atomically (a temporary file renamed over ``path``)."""
+    """Write ``value`` as JSON atomically (``write_text``)."""
+    return write_text(path, json.dumps(value, indent=1) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically: a temporary file renamed over ``path`` (its folder made if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
