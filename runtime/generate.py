@@ -40,6 +40,7 @@ and batched prefill (the prompt is fed one token at a time).
 from __future__ import annotations
 
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,7 @@ from torch import Tensor, fx
 from compiler import TPA_CONTRACTION, GrapeModel, tagged, window
 from spec.errors import GrapefxError
 
-__all__ = ["Decoder", "LayerCache", "sample", "subgraph", "Generation", "generate_text"]
+__all__ = ["Decoder", "LayerCache", "sample", "subgraph", "head_logits", "Generation", "generate_text"]
 
 ROTATE = torch.ops.grapefx.grape_m_rotate
 
@@ -182,9 +183,16 @@ def _plan_layer(model: GrapeModel, index: int) -> _Layer:
                   float(scale), attn.window if kind == "local" else None)
 
 
-def _head_logits(model: GrapeModel) -> fx.GraphModule:
-    """The head graph cut to ``x [, embed_weight] -> logits`` (no targets, no loss)."""
-    return subgraph(model.head, {}, [tagged(model.head)["head.logits"]])
+def head_logits(model: GrapeModel) -> Callable[[Tensor], Tensor]:
+    """``x (B, L, C) -> logits (B, L, V)``: the head graph cut at ``head.logits`` (no targets, no loss),
+    given the tied embedding weight when the head takes it."""
+    head = subgraph(model.head, {}, [tagged(model.head)["head.logits"]])
+    takes_embed = "embed_weight" in _placeholders(head)
+
+    def run(x: Tensor) -> Tensor:
+        (logits,) = head(x, model.embed.weight) if takes_embed else head(x)
+        return logits
+    return run
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -199,9 +207,7 @@ class Decoder:
     def __init__(self, model: GrapeModel):
         self.model = model
         self.layers = [_plan_layer(model, i) for i in range(len(model.layers))]
-        self.head = _head_logits(model)
-        self.head_takes_embed = any(n.op == "placeholder" and n.target == "embed_weight"
-                                    for n in self.head.graph.nodes)
+        self.head = head_logits(model)
         self.position = 0
         self.routes: list[Tensor | None] = [None] * len(self.layers)
 
@@ -230,8 +236,7 @@ class Decoder:
             x = out[0]
             self.routes[i] = out[-1] if layer.moe else None
         self.position += 1
-        args = (x, self.model.embed.weight) if self.head_takes_embed else (x,)
-        (logits,) = self.head(*args)                                                 # (B, 1, V)
+        logits = self.head(x)                                                        # (B, 1, V)
         return logits[:, 0].to(torch.promote_types(logits.dtype, torch.float32))
 
 

@@ -23,7 +23,6 @@ only its seed-level interval, and on a CPU it is marked indicative.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import statistics
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 from runtime.ablate.figures import plot_extrapolation, plot_loss, plot_spectrum
 from runtime.ablate.matrix import Change, Matrix, Run
 from runtime.ablate.stats import MIN_SEEDS, Interval, Paired, paired, t_interval
+from runtime.evaluation.core import write_json, write_text
 from runtime.metrics import read_metrics
 from spec.errors import GrapefxError
 
@@ -238,10 +238,10 @@ def write_report(out: Path, matrix: Matrix, runs: Sequence[Run], diffs: Mapping[
         "files": [p.name for p in figures],
     }
     json_path = out / "report.json"
-    _atomic(json_path, json.dumps(report, indent=1) + "\n")
+    write_json(json_path, report)
     md_path = out / "report.md"
-    _atomic(md_path, _markdown(matrix, runs, diffs, evals, qs, summaries, pairs, speed, per_run, env, host,
-                               shlex.join(command)))
+    write_text(md_path, _markdown(matrix, runs, diffs, evals, qs, summaries, pairs, speed, per_run, env, host,
+                                  shlex.join(command)))
     return [md_path, json_path, *figures]
 
 
@@ -250,12 +250,6 @@ def _speed(a: Mapping[int, Run], b: Mapping[int, Run], per_run: Mapping[str, dic
     d = [per_run[b[k].name]["tokens_per_s"] - per_run[a[k].name]["tokens_per_s"] for k in sorted(set(a) & set(b))
          if per_run[a[k].name]["tokens_per_s"] is not None and per_run[b[k].name]["tokens_per_s"] is not None]
     return t_interval(d)
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _definitions(record: dict, run: Run) -> dict[str, str]:

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from compiler import GrapeModel, tagged
+from compiler import GrapeModel
 from runtime.balance import max_vio
 from runtime.evaluation.positions import bucket_edges, summarize, token_losses
 from runtime.evaluation.rows import (
@@ -43,7 +43,7 @@ from runtime.evaluation.rows import (
 from spec.errors import GrapefxError
 from spec.schema import Spec
 
-__all__ = ["EvalSettings", "evaluate", "model_logits", "write_json", "FORMAT", "EVAL_FILE"]
+__all__ = ["EvalSettings", "evaluate", "model_logits", "write_json", "write_text", "FORMAT", "EVAL_FILE"]
 
 FORMAT = 2
 EVAL_FILE = "eval.json"
@@ -78,10 +78,9 @@ def model_logits(model: GrapeModel) -> Callable[[torch.Tensor], torch.Tensor]:
     The hidden state entering the head is taken from the model's own forward (a pre-hook on the
     head graph), so the blocks run exactly as in training; targets are not needed for logits.
     """
-    from runtime.generate import subgraph
+    from runtime.generate import head_logits
 
-    head = subgraph(model.head, {}, [tagged(model.head)["head.logits"]])
-    takes_embed = any(n.op == "placeholder" and n.target == "embed_weight" for n in head.graph.nodes)
+    head = head_logits(model)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         seen = {}
@@ -93,8 +92,7 @@ def model_logits(model: GrapeModel) -> Callable[[torch.Tensor], torch.Tensor]:
             model(x, torch.zeros_like(x))                                     # the blocks; its loss is unused
         finally:
             hook.remove()
-        (logits,) = head(seen["h"], model.embed.weight) if takes_embed else head(seen["h"])
-        return logits                                                         # (B, L, V)
+        return head(seen["h"])                                                # (B, L, V)
     return run
 
 
@@ -144,9 +142,14 @@ def evaluate(model: GrapeModel, spec: Spec, streams: Sequence[Stream], settings:
 
 
 def write_json(path: Path, value: dict) -> Path:
-    """Write ``value`` as JSON atomically (a temporary file renamed over ``path``)."""
+    """Write ``value`` as JSON atomically (``write_text``)."""
+    return write_text(path, json.dumps(value, indent=1) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically: a temporary file renamed over ``path`` (its folder made if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
