@@ -66,6 +66,8 @@ def _train(args: argparse.Namespace) -> int:
     from runtime.distributed import check_expert_split, launched_by_torchrun, process_group
     from spec import load_spec
 
+    if args.nproc is not None and args.nproc < 1:           # before any rule that divides by it
+        raise GrapefxError(f"--nproc: {args.nproc} processes; give N >= 1")
     overrides = list(args.overrides)
     overrides += [f"train.steps={args.steps}"] if args.steps is not None else []
     overrides += ["compile.enabled=false"] if args.no_compile else []
@@ -161,8 +163,6 @@ def _launch(args: argparse.Namespace, under_torchrun: bool) -> int:
     if under_torchrun:
         raise GrapefxError("--nproc: this process was started by torchrun already; drop --nproc "
                            "(torchrun's --nproc-per-node sets the number of processes)")
-    if args.nproc < 1:
-        raise GrapefxError(f"--nproc: {args.nproc} processes; give N >= 1")
     if torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
         raise GrapefxError(f"--nproc: {args.nproc} processes but this machine has {torch.cuda.device_count()} GPUs; "
                            "one process per GPU, so use at most that many")
