@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from spec.schema import Attention, Spec
 
 __all__ = ["LayerInfo", "ParamCount", "Flops", "KVLayer", "KVCache", "AttentionCost", "ExpertTraffic", "layers",
-           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "training_state_bytes", "largest_groups",
+           "param_counts", "flops_per_token", "kv_cache", "attention_costs", "largest_groups",
            "expert_traffic", "FLOPS_CONVENTION", "TRAIN_STATE_BYTES_PER_PARAM", "GROUP_FIELDS"]
 
 # fp32 master weight + fp32 gradient + AdamW first and second moments (MATH.md §6)
@@ -133,6 +133,11 @@ class ExpertTraffic:
     training: float                  # forward + backward
 
 
+def _value_bytes(spec: Spec) -> int:
+    """Bytes of one activation or cached value in the compute dtype: 2 for bf16, 4 for fp32."""
+    return 2 if spec.precision.compute == "bf16" else 4
+
+
 def expert_traffic(spec: Spec) -> ExpertTraffic | None:
     """Bytes a token sends to other ranks per MoE layer with expert parallelism E (None without MoE).
 
@@ -146,7 +151,7 @@ def expert_traffic(spec: Spec) -> ExpertTraffic | None:
     if spec.moe is None:
         return None
     E, K, C = spec.parallel.expert, spec.moe.top_k, spec.model.d_model
-    b = 2 if spec.precision.compute == "bf16" else 4
+    b = _value_bytes(spec)
     forward = 2 * K * C * b * (E - 1) / E
     return ExpertTraffic(E, forward, 2 * forward)
 
@@ -246,7 +251,7 @@ def _cache_values_per_token(a: Attention) -> int:
 
 def kv_cache(spec: Spec, context: int | None = None) -> KVCache:
     n = context if context is not None else spec.data.seq_len
-    elem = 2 if spec.precision.compute == "bf16" else 4
+    elem = _value_bytes(spec)
     rows = []
     for info in layers(spec):
         a = spec.attention.of(info.kind)
@@ -260,7 +265,7 @@ def kv_cache(spec: Spec, context: int | None = None) -> KVCache:
 
 def attention_costs(spec: Spec) -> list[AttentionCost]:
     """Per layer kind in use (local first): one layer's attention parameters and cache bytes per token."""
-    c, elem = spec.model.d_model, 2 if spec.precision.compute == "bf16" else 4
+    c, elem = spec.model.d_model, _value_bytes(spec)
     out = []
     for kind in (k for k in ("local", "global") if k in spec.layer_kinds()):
         a = spec.attention.of(kind)
@@ -269,12 +274,6 @@ def attention_costs(spec: Spec) -> list[AttentionCost]:
         out.append(as_gqa if a.mechanism == "gqa" else AttentionCost(
             kind, a.mechanism, attention_matmul_params(c, a), _cache_values_per_token(a) * elem, as_gqa))
     return out
-
-
-def training_state_bytes(spec: Spec) -> int:
-    """Bytes of the training state: every parameter's fp32 weight, gradient and AdamW m and v (MATH.md §6);
-    activations, the data and the compiled code come on top."""
-    return param_counts(spec).total * TRAIN_STATE_BYTES_PER_PARAM
 
 
 def largest_groups(spec: Spec, n: int = 3) -> list[tuple[str, int, tuple[str, ...]]]:

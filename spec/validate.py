@@ -351,7 +351,7 @@ class _Checker:
             elif moe.experts % par.expert:
                 self.err(p + ("expert",), f"{moe.experts} experts cannot be split evenly over {par.expert} ranks "
                                           "(rank e holds experts [e*X/E, (e+1)*X/E), so moe.experts % expert must be "
-                                          f"0); use expert in {[d for d in range(1, moe.experts + 1) if moe.experts % d == 0]}")
+                                          f"0); use expert in {divisors(moe.experts)}")
         if par.capacity_factor is not None:
             if moe is None:
                 self.err(p + ("capacity_factor",), "a capacity factor limits the tokens per routed expert, but this "

@@ -76,7 +76,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise GrapefxError(f"--batch: {args.batch} rows; the batch must have at least 1 row")
     overrides = list(args.overrides) + (["compile.enabled=false"] if args.no_compile else [])
     spec = load_spec(args.spec, overrides)
-    if spec.parallel.expert > 1 and (spec.compile.enabled or args.inductor_code):
+    compile_ = spec.compile.enabled or args.inductor_code
+    if spec.parallel.expert > 1 and compile_:
         raise GrapefxError(f"parallel.expert: {spec.parallel.expert}: running the graphs of expert parallelism needs "
                            f"the job's processes (the experts are split over {spec.parallel.expert} ranks); add "
                            "--no-compile to write the dumps (the graphs of expert rank 0, with expert_dispatch and "
@@ -84,7 +85,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     passes = _passes(args, spec)
     device = pick_device()
     batch, seq_len = args.batch or spec.train.micro_batch, spec.data.seq_len
-    compile_ = spec.compile.enabled or args.inductor_code
 
     start = time.perf_counter()
     # parallel.expert > 1: the graphs of expert rank 0 (its slice of the experts, the dispatch ops)

@@ -86,7 +86,7 @@ def preflight(spec, file: str, nproc: int | None) -> None:
 
     - the global batch must split into whole micro-batches on every rank: global_batch % (micro_batch x ranks)
       == 0, ranks = ``--nproc`` (or torchrun's WORLD_SIZE);
-    - the training state alone (``spec.derive.training_state_bytes``: 16 B per parameter, divided by the ranks
+    - the training state alone (``spec.derive.TRAIN_STATE_BYTES_PER_PARAM``: 16 B per parameter, divided by the ranks
       under FSDP) must fit in one GPU's memory, or on CPU in the system RAM for all the processes of this machine.
     """
     from spec.derive import TRAIN_STATE_BYTES_PER_PARAM, largest_groups, param_counts
