@@ -384,29 +384,27 @@ def main() -> int:
                 rec.update(step_ms=step_ms, optimizer_ms_per_step_from_bench_profile=opt, optimizer_share=opt / step_ms)
             return rec
         r.phase("accum", accum)
-    if "train" in phases:
+
+    def train_vs_bench(name: str, spec: str, extra: list[str], bench_rec: dict) -> None:
+        """The phase ``name``: a training run, its tokens/s over the bench's grapefx way on ``spec``, and its MFU."""
         def train(s):
-            rec = r.train("train", BASELINE, s, ["--set", "train.global_batch=4"])
+            rec = r.train(name, spec, s, extra)
             bench = (bench_rec.get("ways") or {}).get("grapefx", {}).get("tokens_per_s")
             rec["bench_grapefx_tokens_per_s"] = bench
             rec["train_over_bench"] = rec["tokens_per_s"] / bench if bench and rec.get("tokens_per_s") else None
-            rec["mfu_measured"] = r.mfu(rec.get("tokens_per_s"), bench_rec, BASELINE)
+            rec["mfu_measured"] = r.mfu(rec.get("tokens_per_s"), bench_rec, spec)
             return rec
-        r.phase("train", train)
+        r.phase(name, train)
+
+    if "train" in phases:
+        train_vs_bench("train", BASELINE, ["--set", "train.global_batch=4"], bench_rec)
     small_rec: dict = {}
     if "small" in phases:
         r.phase("small", lambda s: small_rec.update(r.grapefx_bench(
             SMALL, "bench_small", s, ["--ways", "grapefx,reference", "--steps", "10", "--warmup", "3",
                                       "--warm-compile", "grapefx"])) or small_rec)
     if "train-small" in phases:
-        def train_small(s):
-            rec = r.train("train-small", SMALL, s, [])
-            bench = (small_rec.get("ways") or {}).get("grapefx", {}).get("tokens_per_s")
-            rec["bench_grapefx_tokens_per_s"] = bench
-            rec["train_over_bench"] = rec["tokens_per_s"] / bench if bench and rec.get("tokens_per_s") else None
-            rec["mfu_measured"] = r.mfu(rec.get("tokens_per_s"), small_rec, SMALL)
-            return rec
-        r.phase("train-small", train_small)
+        train_vs_bench("train-small", SMALL, [], small_rec)
 
     if attn is not None:
         _finish_attention(r, attn[0], attn_log, attn[1], attn[2])

@@ -1,5 +1,6 @@
 """`grapefx ablate --gpus`: scheduling runs one per device, tested with stand-in devices (no GPU needed)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_gpu_lists(text, available, expected):
     ("all", 0, "--gpus: no GPU is visible here; leave --gpus out"),
 ])
 def test_gpu_list_errors(text, available, message):
-    with pytest.raises(GrapefxError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(GrapefxError, match="^" + re.escape(message)):
         parse_gpus(text, available)
 
 

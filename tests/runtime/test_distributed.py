@@ -73,9 +73,9 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], out: str) -> Non
             torch.save(saved, os.path.join(out, f"job{j}-rank{rank}.pt"))
 
 
-def _spawn(jobs: list[dict], out, world: int = 2) -> list[list[dict]]:
-    """Run ``jobs`` on ``world`` ranks; per job, each rank's full state dict."""
-    mp.start_processes(_worker, args=(world, _free_port(), jobs, str(out)), nprocs=world, start_method="spawn")
+def _spawn(jobs: list[dict], out, world: int = 2, worker=_worker) -> list[list[dict]]:
+    """Run ``jobs`` on ``world`` ranks with ``worker``; per job, each rank's state dict as the worker saved it."""
+    mp.start_processes(worker, args=(world, _free_port(), jobs, str(out)), nprocs=world, start_method="spawn")
     return [[torch.load(out / f"job{j}-rank{r}.pt", weights_only=True) for r in range(world)] for j in range(len(jobs))]
 
 

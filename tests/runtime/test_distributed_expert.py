@@ -19,10 +19,9 @@ import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from runtime.metrics import read_metrics
-from tests.runtime.test_distributed import _assert_same_curve, _curve, _free_port, _one_process
+from tests.runtime.test_distributed import _assert_same_curve, _curve, _one_process, _spawn
 
 BIASES = ("layers.0.moe.expert_bias", "layers.1.moe.expert_bias")
 pytestmark = pytest.mark.timeout(240)
@@ -86,11 +85,6 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], out: str) -> Non
             torch.save(saved, os.path.join(out, f"job{j}-rank{rank}.pt"))
 
 
-def _spawn(jobs: list[dict], out, world: int) -> list[list[dict]]:
-    mp.start_processes(_worker, args=(world, _free_port(), jobs, str(out)), nprocs=world, start_method="spawn")
-    return [[torch.load(out / f"job{j}-rank{r}.pt", weights_only=True) for r in range(world)] for j in range(len(jobs))]
-
-
 def _assert_slices(ranks: list[dict], reference: dict, E: int) -> None:
     """Each rank's state equals the reference's, its experts the slice [e*X/E, (e+1)*X/E)."""
     for state in ranks:
@@ -115,7 +109,7 @@ def test_expert_parallel_trains_as_one_process_and_its_checkpoints_reshard(tiny_
     reference = _one_process(spec, tmp_path / "one")
     e2 = str(tmp_path / "e2")                                        # the one run that also saves step 3
     (two,) = _spawn([{"spec": {**_with(spec, data="ddp", expert=2), "train": {**spec["train"], "checkpoint_every": 3}},
-                      "run": e2, "exchange": True}], tmp_path, 2)
+                      "run": e2, "exchange": True}], tmp_path, 2, _worker)
     for name in ("to-e4", "to-e1"):                                 # the E = 2 run's step 3, resumed elsewhere
         shutil.copytree(e2, tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "step-000006")
@@ -123,7 +117,7 @@ def test_expert_parallel_trains_as_one_process_and_its_checkpoints_reshard(tiny_
         {"spec": _with(spec, data="ddp", expert=4), "run": str(tmp_path / "e4")},
         {"spec": _with(spec, data="fsdp", expert=2), "run": str(tmp_path / "e2d2")},
         {"spec": _with(spec, data="ddp", expert=4), "run": str(tmp_path / "to-e4"), "resume": True},
-    ], tmp_path, 4)
+    ], tmp_path, 4, _worker)
     to_one = _one_process(spec, tmp_path / "to-e1", resume=True)
 
     assert max(float(s["exchange_error"]) for s in two) < 1e-5

@@ -124,9 +124,10 @@ def test_sampling_is_greedy_at_zero_temperature_and_never_draws_padding():
     assert sample(decoder, [5], tokens=6, seed=7) == a
 
 
-def _train_tiny_tpa(tiny_dict, tmp_path):
+def _train_tiny_tpa(tiny_dict, tmp_path, head_factors="heads"):
+    """A 2-step run of the tiny spec with TPA on the local layers; its directory."""
     d = tiny_dict(steps=2, checkpoint_every=2, eval_every=2)
-    d["attention"]["local"].update(mechanism="tpa", head_factors="heads")
+    d["attention"]["local"].update(mechanism="tpa", head_factors=head_factors)
     path = tmp_path / "tiny-tpa.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     run = tmp_path / "run"

@@ -31,6 +31,14 @@ VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3),
                    st.dictionaries(st.one_of(st.sampled_from(WORDS), st.integers(0, 3)), SCALARS, max_size=2))
 
 
+def _validate(path: Path) -> tuple[int, io.StringIO, io.StringIO]:
+    """``grapefx validate PATH`` in this process: its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["validate", str(path)])
+    return code, out, err
+
+
 def paths(node, prefix=()):
     """Every key path (through mappings and lists) of a parsed spec."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
@@ -70,9 +78,7 @@ def test_mutated_specs_exit_0_or_2_with_a_message(data):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "mutated.yaml"
         path.write_text(yaml.safe_dump(data))
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["validate", str(path)])
+        code, out, err = _validate(path)
     if code == 0:
         assert out.getvalue().startswith(f"ok: {path} (") and err.getvalue() == ""
     else:
@@ -102,9 +108,7 @@ def test_edited_files_exit_0_or_2_with_a_message(text):
         path = Path(d) / "edited.yaml"
         path.write_text(text)
         (Path(d) / "baseline.yaml").write_text((EXAMPLES / "baseline.yaml").read_text())   # for `extends`
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["validate", str(path)])
+        code, out, err = _validate(path)
     assert code in (0, 2), (code, err.getvalue())
     first = (out.getvalue() if code == 0 else err.getvalue()).splitlines()[0]
     assert first.startswith(f"ok: {path} (" if code == 0 else d), first     # a problem of `extends` names that file

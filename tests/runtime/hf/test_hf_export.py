@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from hf_testing import ROOT, grapefx_logits, model_with_state, write_export
 
 from runtime.cli import main
@@ -15,6 +14,7 @@ from runtime.generate import Decoder, sample
 from runtime.hf import check_supported, modeling_version
 from runtime.trained import load_run
 from spec import load_spec
+from tests.runtime.test_generate import _train_tiny_tpa
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,12 +135,7 @@ def test_a_setting_newer_than_the_modeling_file_is_refused_unless_default(monkey
 
 
 def test_export_command_end_to_end_and_its_refusal(tiny_dict, tmp_path, capsys, monkeypatch):
-    d = tiny_dict(steps=2, checkpoint_every=2, eval_every=2)
-    d["attention"]["local"].update(mechanism="tpa", head_factors="kv_groups")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-    run = tmp_path / "run"
-    assert main(["train", str(path), "--out", str(run), "--no-compile"]) == 0
+    run = _train_tiny_tpa(tiny_dict, tmp_path, head_factors="kv_groups")
     capsys.readouterr()
 
     out = tmp_path / "hf"
