@@ -55,8 +55,8 @@ PHASES = ("attention", "bench", "train", "accum", "small", "train-small", "check
 BASELINE, SMALL, TINY = "examples/baseline.yaml", "examples/bench-small.yaml", "examples/tiny.yaml"
 # a training run logs every LOG steps; steady state is the mean over the windows after the first
 # (which holds the compile); seconds a phase may take at most (the budget may cut it shorter)
-PLAN = {"attention": 205, "bench": 130, "train": 60, "accum": 50, "small": 80, "train-small": 45, "check": 40}
-TRAIN_STEPS = {"accum": (5, 1), "train": (100, 20), "train-small": (160, 20)}   # steps, log_every
+PLAN = {"attention": 205, "bench": 170, "train": 80, "accum": 50, "small": 80, "train-small": 90, "check": 40}
+TRAIN_STEPS = {"accum": (5, 1), "train": (200, 20), "train-small": (400, 20)}   # steps, log_every
 
 
 class Run:

@@ -271,6 +271,8 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     selected = list(spec.compile.passes if passes is None else passes)
     report = apply_passes(model, selected)
     model.to(device)
+    for gm in lowered or []:          # parameters move in place (shared); buffers were replaced: move the copies'
+        gm.to(device)
     if shard is not None:
         shard(model)
     compile = spec.compile.enabled if compile is None else compile

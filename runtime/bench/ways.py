@@ -26,7 +26,8 @@ Per way (JSON, written after every way so a crash loses nothing):
 - ``loss_step1``: the loss of the first step (before any update): every way starts from the same
   weights on the same batch, so these agree up to bf16 rounding;
 - with ``--profile DIR``: a per-kernel-group table (ms per step) in the JSON and in
-  ``DIR/kernels.md``, and a gzipped Chrome trace per way in ``--trace-ways``.
+  ``DIR/kernels.md``, and a gzipped Chrome trace per way in ``--trace-ways``; on CUDA each traced way
+  also gets where its GPU sat idle in the step, and why (``profile.gaps``, ``runtime.bench.gaps``).
 
 Ways run in ``RUN_ORDER`` (the ways the targets compare first), each isolated: an error is recorded
 in its entry and the next way runs. ``--time-budget S`` skips ways that would start after S seconds.
@@ -53,6 +54,7 @@ from typing import Callable, Sequence
 import torch
 
 from compiler.pipeline import compute_dtype
+from runtime.bench.gaps import gap_table, idle_gaps
 from runtime.build import cuda_graphs
 from runtime.device import device_peak, memory_gib, pick_device
 from spec.derive import flops_per_token
@@ -285,6 +287,7 @@ def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> d
         _sync(device)
     groups: dict[str, float] = {}
     kernels: list[tuple[str, float, int]] = []
+    out: dict = {}
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if device.type != "cuda" or not us or evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -299,12 +302,14 @@ def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> d
         prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
+        if device.type == "cuda":
+            out["gaps"] = idle_gaps(json.loads(raw.read_text()), steps)
         raw.unlink()
     kernels.sort(key=lambda k: -k[1])
-    total = sum(groups.values())
-    return {"device_ms_per_step": total,
+    return {"device_ms_per_step": sum(groups.values()),
             "groups_ms_per_step": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": n[:160], "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
+            "top_kernels": [{"name": n[:160], "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels[:25]],
+            **out}
 
 
 def run_way(bench: Bench, way: str, *, steps: int, warmup: int, warm_compile: bool, profile_steps: int,
@@ -426,9 +431,9 @@ def run_bench(spec: Spec, out: str | Path, *, ways: Sequence[str] = RUN_ORDER, s
         doc["ways"][way] = rec
         _ratios(doc)
         write()
+        if pdir:                                   # after each way, as the JSON: a run cut short keeps both
+            (pdir / "kernels.md").write_text(kernel_tables(doc))
         say(_one_line(way, rec))
-    if pdir:
-        (pdir / "kernels.md").write_text(kernel_tables(doc))
     doc["total_s"] = time.perf_counter() - start
     write()
     return doc
@@ -503,5 +508,7 @@ def kernel_tables(doc: dict) -> str:
         parts += [f"| {g} | {ms:.2f} | {ms / total:.0%} |" for g, ms in p["groups_ms_per_step"].items()]
         parts.append("\n| top kernels | ms/step | calls/step |\n|---|---|---|")
         parts += [f"| `{k['name'][:90]}` | {k['ms_per_step']:.2f} | {k['calls_per_step']} |" for k in p["top_kernels"][:12]]
+        if p.get("gaps"):
+            parts += ["", gap_table(p["gaps"])]
         parts.append("")
     return "\n".join(parts) + "\n"

@@ -32,6 +32,14 @@ def test_build_model_eager(make_spec):
     assert [gm.code for gm in report.lowered] == [gm.code for gm in unfused.layers]
 
 
+def test_lowered_graphs_follow_the_model_to_its_device(make_spec):
+    # the dumps propagate shapes through the lowered graphs on the model's device: a buffer left behind
+    # (expert_bias on the CPU beside CUDA parameters) failed `grapefx compile --dump` on a GPU
+    _, report = build_model(make_spec(), "meta", compile=False, keep_lowered=True)
+    for gm in report.lowered:
+        assert {t.device.type for t in [*gm.parameters(), *gm.buffers()]} == {"meta"}
+
+
 def test_structure_key_ignores_names_not_structure(make_spec):
     model = lower(make_spec())
     keys = [structure_key(layer) for layer in model.layers]
