@@ -98,10 +98,10 @@ class AttnConfig:
 # bench/attention.py timed on H100 80GB HBM3 cards (bench/RESULTS.md; the
 # deterministic dq kernel preferred over the atomic one where they were within 5%). Local (W = 128):
 # a 128-row q tile with 32-key tiles visits 5 key tiles for 128 useful keys (masked in one loop).
-# The backward keeps 4 warps and 32-row q tiles in dkdv at both head dims (but global D = 64): the 8-warp variants were
-# 1.3-2x slower, on global layers too; three pipeline stages pay off at D = 64, not at D = 128.
-# Global D = 64 takes 64-row q tiles in dkdv: 1.878 ms against 1.987 for 32 rows on an H200
-# (B 8, T 4096, 12/4 heads; bench/RESULTS.md, the second sweep of 2026-12-04).
+# The backward keeps 4 warps in dkdv (the 8-warp variants were 1.3-2x slower, on global layers too)
+# and 32-row q tiles, except global D = 64, where 64-row tiles took 1.878 ms against 1.987 on an
+# H200 (B 8, T 4096, 12/4 heads; bench/RESULTS.md, the attention sweep of the evening of
+# 2026-12-04); three pipeline stages pay off at D = 64, not at D = 128.
 HOPPER = {
     (True, True): AttnConfig(fwd=Tiles(128, 32, 4, 3, True), dkdv=Tiles(32, 64, 4, 3, True),
                              dq=Tiles(64, 64, 4, 3, True)),

@@ -11,9 +11,12 @@ host call that launched it (matched by the trace's ``correlation`` id) tells why
     queued           the launch came before the gap began: the GPU waited on something else (an
                      event between streams, a copy engine)
 
-Blocking host calls (``cuda*Synchronize``, a device-to-host ``cudaMemcpy``) longer than ``SYNC_US``
-are listed apart, with their enclosing host op: each one drains the GPU, and the host then has to
-launch ahead again from empty.
+Host calls that can block (``cuda*Synchronize``, ``cudaMemcpy*``: a copy to the host waits for the
+GPU) and took longer than ``SYNC_US`` are listed apart, with their enclosing host ops: a blocking
+call drains the GPU's queue, and the host then has to launch ahead again from empty.
+
+The profiler slows the host, so the idle times it shows are larger than in an unprofiled step, and
+by how much depends on the machine: compare ways profiled in one run, not runs.
 """
 
 from __future__ import annotations
