@@ -271,7 +271,7 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     selected = list(spec.compile.passes if passes is None else passes)
     report = apply_passes(model, selected)
     model.to(device)
-    for gm in lowered or []:          # parameters move in place (shared); buffers were replaced: move the copies'
+    for gm in lowered or []:          # model.to replaced its buffers (on meta its parameters too): the copies follow
         gm.to(device)
     if shard is not None:
         shard(model)

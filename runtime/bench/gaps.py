@@ -7,7 +7,7 @@ host call that launched it (matched by the trace's ``correlation`` id) tells why
     launched late    the launch came after the GPU went idle: the host was busy (Python, guards,
                      the autograd engine, a blocking call). Charged to the host op that encloses the
                      launch: the outermost (``CompiledFunction``, ``Optimizer.step#AdamW.step``, ...)
-                     and the innermost (``aten::mm``, ``grapefx::router_logits``, ...)
+                     and the innermost (``aten::mm``, ``grapefx::expert_ffn``, ...)
     queued           the launch came before the gap began: the GPU waited on something else (an
                      event between streams, a copy engine)
 
@@ -76,10 +76,14 @@ def idle_gaps(trace: dict, steps: int, *, top: int = 12) -> dict:
                 "queued_ms_per_step": 0.0, "by_outer": [], "by_inner": [], "syncs": [], "largest": []}
     launches = {e["args"]["correlation"]: e for e in _spans(events, ("cuda_runtime", "cuda_driver"))
                 if "correlation" in e.get("args", {})}
-    host = defaultdict(list)
+    threads = defaultdict(list)
     for e in _spans(events, HOST_CATS):
-        host[(e["pid"], e["tid"])].append(e)
-    host = {k: _HostOps(v) for k, v in host.items()}
+        threads[(e["pid"], e["tid"])].append(e)
+    host = {k: _HostOps(v) for k, v in threads.items()}
+
+    def enclosing(call: dict) -> list[dict]:
+        ops = host.get((call["pid"], call["tid"]))
+        return ops.enclosing(call["ts"]) if ops else []
 
     busy = idle = late = queued = 0.0
     by_outer: dict[str, float] = defaultdict(float)
@@ -91,14 +95,15 @@ def idle_gaps(trace: dict, steps: int, *, top: int = 12) -> dict:
         if gap > 0:
             idle += gap
             launch = launches.get(e.get("args", {}).get("correlation"))
-            if launch is not None and launch["ts"] > end:
+            is_late = launch is not None and launch["ts"] > end
+            if is_late:
                 late += gap
-                ops = host[(launch["pid"], launch["tid"])].enclosing(launch["ts"]) if (launch["pid"], launch["tid"]) in host else []
+                ops = enclosing(launch)
                 by_outer[ops[0]["name"] if ops else "(no host op)"] += gap
                 by_inner[ops[-1]["name"] if ops else "(no host op)"] += gap
             else:
                 queued += gap
-            largest.append((gap, prev["name"], e["name"], "late" if launch is not None and launch["ts"] > end else "queued"))
+            largest.append((gap, prev["name"], e["name"], "late" if is_late else "queued"))
         busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
         if e["ts"] + e["dur"] > end:
             end, prev = e["ts"] + e["dur"], e
@@ -106,7 +111,7 @@ def idle_gaps(trace: dict, steps: int, *, top: int = 12) -> dict:
     syncs: dict[tuple[str, str], list[float]] = defaultdict(list)
     for e in _spans(events, ("cuda_runtime",)):
         if e["name"].startswith(SYNC_NAMES) and e["dur"] >= SYNC_US:
-            ops = host[(e["pid"], e["tid"])].enclosing(e["ts"]) if (e["pid"], e["tid"]) in host else []
+            ops = enclosing(e)
             syncs[(e["name"], " > ".join(o["name"] for o in ops[-2:]) or "(no host op)")].append(e["dur"])
 
     ms = 1e-3 / max(steps, 1)

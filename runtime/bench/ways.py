@@ -277,7 +277,8 @@ def _train_step(forward: Callable, opt: torch.optim.Optimizer, tokens, targets) 
 
 
 def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> dict:
-    """ms per step by kernel group, and the top kernels; optionally a gzipped Chrome trace."""
+    """ms per step by kernel group, and the top kernels; optionally a gzipped Chrome trace, and on CUDA
+    where the GPU sat idle in it (``gaps``)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -287,7 +288,6 @@ def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> d
         _sync(device)
     groups: dict[str, float] = {}
     kernels: list[tuple[str, float, int]] = []
-    out: dict = {}
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if device.type != "cuda" or not us or evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -297,19 +297,19 @@ def _profile(forward, opt, batches, device, steps: int, trace: Path | None) -> d
         ms = us / 1e3 / steps
         groups[kernel_group(evt.key)] = groups.get(kernel_group(evt.key), 0.0) + ms
         kernels.append((evt.key, ms, evt.count // steps))
+    kernels.sort(key=lambda k: -k[1])
+    result = {"device_ms_per_step": sum(groups.values()),
+              "groups_ms_per_step": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+              "top_kernels": [{"name": n[:160], "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
     if trace is not None:
         raw = trace.with_suffix("")                                                   # DIR/trace_way.json
         prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         if device.type == "cuda":
-            out["gaps"] = idle_gaps(json.loads(raw.read_text()), steps)
+            result["gaps"] = idle_gaps(json.loads(raw.read_text()), steps)
         raw.unlink()
-    kernels.sort(key=lambda k: -k[1])
-    return {"device_ms_per_step": sum(groups.values()),
-            "groups_ms_per_step": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": n[:160], "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels[:25]],
-            **out}
+    return result
 
 
 def run_way(bench: Bench, way: str, *, steps: int, warmup: int, warm_compile: bool, profile_steps: int,
