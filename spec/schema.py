@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 LAYER_KINDS = ("local", "global")
-PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention", "linear_cross_entropy")
+PASS_NAMES = ("tpa_rotation_commute", "attention_formation", "bias_softmax", "rotary_attention", "concat_linear",
+              "linear_cross_entropy")
 
 
 _frozen = dict(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ and int32 cumulative ``offs``; an expert with no rows is an empty group. The for
 
     dy  = grad_out[order // K];  u = grouped_mm(dy, W_down^T)            (R, F)
     dgu, hg, dgate = swiglu_bwd(gu, u, g)                                 one Triton pass
-    dW_down = grouped_mm(hg^T, dy);  dW_gate | dW_up = grouped_mm(xs^T, dgu halves)  (per-expert K groups)
+    dW_down = grouped_mm(hg^T, dy);  dW_gate | dW_up = grouped_mm(xs^T, dgu)   one GEMM, then its halves
     dxs = grouped_mm(dgu, [W_gate | W_up]^T);  dx[t] = sum_k dxs[pos[t*K+k]]
 
 The weight-gradient GEMMs use a column-major left operand (a transposed row-major view), the layout
@@ -294,8 +294,8 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
     dgu, hg, dgate = _swiglu_bwd(gu, u, g)                                         # (R, 2F), (R, F), (R,)
     xs_t = xs.t()                                                                  # (C, R) column-major
     dw_down = torch._grouped_mm(hg.t(), dy, offs=offs)                             # (E, F, C)
-    dw_gate = torch._grouped_mm(xs_t, dgu[:, :F_], offs=offs)                      # (E, C, F)
-    dw_up = torch._grouped_mm(xs_t, dgu[:, F_:], offs=offs)                        # (E, C, F)
+    dw_gu = torch._grouped_mm(xs_t, dgu, offs=offs)                                # (E, C, 2F): one GEMM, N = 2F
+    dw_gate, dw_up = dw_gu[..., :F_].contiguous(), dw_gu[..., F_:].contiguous()    # (E, C, F) each
     w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
     dxs = torch._grouped_mm(dgu, w_gu.transpose(1, 2), offs=offs)                  # (R, C)
     dx = _gather_sum(dxs, pos, None, K)                                            # (N, C)

@@ -6,10 +6,13 @@
 | ``attention_formation``  | block | attention_formation.py  | scores -> mask -> softmax -> values => ``grapefx.attention``     | -                   |
 | ``bias_softmax``         | block | bias_softmax.py         | dense ALiBi bias of an attention => in-kernel ``slopes``         | attention_formation |
 | ``rotary_attention``     | block | rotary_attention.py     | ``grape_m_rotate`` of q and k => in-kernel ``theta``             | attention_formation |
+| ``concat_linear``        | block | concat_linear.py        | ``linear(x, W_i)`` for i = 1..n => one ``linear(x, cat(W_i))``, split | -          |
 | ``linear_cross_entropy`` | head  | linear_cross_entropy.py | LM head -> cross-entropy => ``grapefx.linear_cross_entropy``     | -                   |
 
 ``tpa_rotation_commute`` is a canonicalisation: TPA layers rotate their B factors before the
 contraction, and only once it has moved the rotation after it can ``rotary_attention`` fold it.
+``concat_linear`` runs after the attention passes: they match from the projections' outputs on,
+which it leaves in place (as slices of one GEMM's output).
 
 Each pass is ``<name>_pass(gm) -> PassResult``: it rewrites one graph in place (graph module in,
 same module out), matching by structure and node metadata, never by node names, and declining
@@ -34,6 +37,7 @@ from torch import fx
 
 from compiler.passes.attention_formation import attention_formation_pass
 from compiler.passes.bias_softmax import bias_softmax_pass
+from compiler.passes.concat_linear import concat_linear_pass
 from compiler.passes.linear_cross_entropy import linear_cross_entropy_pass
 from compiler.passes.match import PassResult, Reason, propagate
 from compiler.passes.rotary_attention import rotary_attention_pass
@@ -60,6 +64,7 @@ PASSES: dict[str, Pass] = {p.name: p for p in (
     Pass("attention_formation", attention_formation_pass),
     Pass("bias_softmax", bias_softmax_pass, needs="attention_formation"),
     Pass("rotary_attention", rotary_attention_pass, needs="attention_formation"),
+    Pass("concat_linear", concat_linear_pass),
     Pass("linear_cross_entropy", linear_cross_entropy_pass, graph="head"),
 )}
 if tuple(PASSES) != PASS_NAMES:

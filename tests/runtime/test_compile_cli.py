@@ -32,6 +32,7 @@ def test_baseline_dumps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "local/moe      layers 1-3, 5-7" in out and "global/moe     layers 4, 8" in out
     assert "rotary_attention: 6 matches in layers 1-3, 5-7" in out and "bias_softmax: 2 matches in layers 4, 8" in out
+    assert "concat_linear: 16 matches in layers 1-8" in out                 # q|k|v and shared gate|up, each layer
     assert "compile: off" in out and "parameters" in out
     names = {p.name for p in tmp_path.iterdir()}
     assert {"lowered.py", "lowered.txt", "fused.py", "fused.txt", "passes.json", "passes.md", "graph.html"} <= names
@@ -65,7 +66,8 @@ def test_baseline_dumps(tmp_path, capsys):
     assert len(svgs) == 4                                                      # 2 fused graphs + 2 lowered
     for svg in svgs:
         ET.fromstring(svg)                                                     # well-formed, self-contained
-    assert page.count('fill="#fed7aa"') == 2                                   # the two fused attention nodes
+    # made by a pass, in each of the two graphs: the attention, the q|k|v GEMM, the shared experts' gate|up GEMM
+    assert page.count('fill="#fed7aa"') == 6
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")        # nothing fetched from outside
 
 
