@@ -60,7 +60,6 @@ def main() -> int:
 
     a = torch.randn(8192, 8192, device=dev, dtype=bf)
     peak = 2 * 8192 ** 3 / _time(lambda: a @ a) / 1e9
-    del a
     print(f"bf16 peak {peak:.0f} TFLOP/s")
 
     x = torch.randn(N, C, device=dev, dtype=bf)
@@ -96,7 +95,6 @@ def main() -> int:
     record("router fp32 fwd (N 64)", _time(lambda: x32 @ wr.t()), fl)
     record("router fp32 dX", _time(lambda: gr @ wr), fl)
     record("router fp32 dW", _time(lambda: gr.t() @ x32), fl)
-    del x32
 
     offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * (R // E)
     xs = torch.randn(R, C, device=dev, dtype=bf)
