@@ -4,9 +4,9 @@
 
 Every matmul a layer's forward and backward runs, shaped as baseline.yaml has them (d 1024, 16 query
 and 4 KV heads of 64, 64 experts of 256, top-6, one shared expert of 256, a fp32 router over 64
-experts), timed alone with CUDA events (median of 20 after 5 warm-up calls), with its TFLOP/s and
-the bf16 peak measured in the same process (8192^3). Variants that compute the same products
-differently sit beside the ones the compiled layer runs now:
+experts), timed alone (median of Triton's timer), with its TFLOP/s and the bf16 peak measured in the
+same process the way ``grapefx bench`` measures it. Variants that compute the same products differently
+sit beside the ones the compiled layer runs now:
 
     dense  q | k | v as three GEMMs against one over the concatenated weights (N = 1536), forward,
            input gradient (K = 1536 summed in one GEMM against three summed after) and weight gradient;
@@ -24,20 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-def _time(fn, reps: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in events)[reps // 2]
+from runtime.bench.ways import matmul_peak  # noqa: E402
+
+
+def _time(fn) -> float:
+    """ms per call: median of Triton's timer, as ``bench/attention.py`` times its kernels."""
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def main() -> int:
@@ -58,8 +59,7 @@ def main() -> int:
         rows[name] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
         print(f"{name:48s} {ms * 1e3:8.1f} us  {flop / ms / 1e9:6.1f} TFLOP/s", flush=True)
 
-    a = torch.randn(8192, 8192, device=dev, dtype=bf)
-    peak = 2 * 8192 ** 3 / _time(lambda: a @ a) / 1e9
+    peak = matmul_peak(torch.device(dev))                        # the bench's own peak (8192^3 bf16)
     print(f"bf16 peak {peak:.0f} TFLOP/s")
 
     x = torch.randn(N, C, device=dev, dtype=bf)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from compiler.passes.match import PassResult, Reason, count, dtype, finish, infer_meta, shape, val
+from compiler.passes.match import PassResult, Reason, arg, count, dtype, finish, infer_meta, is_op, shape, val
 
 NAME = "concat_linear"
 
@@ -49,14 +49,8 @@ def stacked_linear(x: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor
     return list(torch.split(y, [w.shape[0] for w in weights], -1))
 
 
-def _is_linear(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is F.linear
-
-
-def _weight_and_bias(node: fx.Node) -> tuple[fx.Node, object]:
-    args = dict(zip(("input", "weight", "bias"), node.args))
-    args.update(node.kwargs)
-    return args.get("weight"), args.get("bias")
+def _weight(node: fx.Node) -> fx.Node:
+    return arg(node, 1, "weight")
 
 
 def _runs(linears: list[fx.Node], order: dict[fx.Node, int]) -> list[list[fx.Node]]:
@@ -65,7 +59,7 @@ def _runs(linears: list[fx.Node], order: dict[fx.Node, int]) -> list[list[fx.Nod
     reads the same tokens as the shared experts, and their weights come after the router's GEMM)."""
     groups: list[list[fx.Node]] = []
     for node in linears:
-        w = _weight_and_bias(node)[0]
+        w = _weight(node)
         if groups and not (isinstance(w, fx.Node) and order[w] > order[groups[-1][0]]):
             groups[-1].append(node)
         else:
@@ -74,8 +68,8 @@ def _runs(linears: list[fx.Node], order: dict[fx.Node, int]) -> list[list[fx.Nod
 
 
 def _unsafe(x: fx.Node, linears: list[fx.Node]) -> Reason | None:
-    weights = [_weight_and_bias(n)[0] for n in linears]
-    if any(_weight_and_bias(n)[1] is not None for n in linears):
+    weights = [_weight(n) for n in linears]
+    if any(arg(n, 2, "bias") is not None for n in linears):
         return Reason("bias", "a linear map of this input has a bias")
     C = (shape(x) or (None,))[-1]
     if any(shape(w) is None or len(shape(w)) != 2 or shape(w)[1] != C for w in weights):
@@ -101,8 +95,8 @@ def concat_linear_pass(gm: fx.GraphModule) -> PassResult:
     order = {n: i for i, n in enumerate(before)}
     readers: dict[fx.Node, list[fx.Node]] = {}
     for node in before:
-        if _is_linear(node) and node.args and isinstance(node.args[0], fx.Node):
-            readers.setdefault(node.args[0], []).append(node)
+        if is_op(node, "linear") and isinstance(arg(node, 0, "input"), fx.Node):
+            readers.setdefault(arg(node, 0, "input"), []).append(node)
     groups = [(x, run) for x, linears in readers.items() for run in _runs(linears, order) if len(run) > 1]
     if not groups:
         result.absent = Reason("absent", "no input feeds two or more linear maps (whose weights exist before them)")
@@ -112,7 +106,7 @@ def concat_linear_pass(gm: fx.GraphModule) -> PassResult:
         if reason is not None:
             result.declined.append(reason)
             continue
-        weights = [_weight_and_bias(n)[0] for n in linears]
+        weights = [_weight(n) for n in linears]
         stem = _stem([n.name for n in linears])
         with g.inserting_before(linears[0]):
             stacked = g.create_node("call_function", torch.cat, (weights, 0), name=f"{stem}_weight")

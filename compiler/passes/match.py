@@ -31,6 +31,7 @@ from compiler.ops.attention import ATTENTION_ARGS, ATTENTION_DEFAULTS
 # one op, its spellings: the call_function targets; the call_method name is the key itself
 _FUNCTIONS: dict[str, tuple[Any, ...]] = {
     "matmul": (torch.matmul, operator.matmul),
+    "linear": (F.linear,),
     "mul": (torch.mul, operator.mul),
     "div": (torch.div, operator.truediv),
     "add": (torch.add, operator.add),

@@ -90,7 +90,7 @@ def test_declines_a_linear_with_a_bias_and_says_why():
     assert len(linears(gm)) == 2
 
 
-def test_without_two_readers_there_is_no_candidate(make_spec):
+def test_rewrites_once_then_finds_no_candidate():
     gm = _graph(bias=False)
     x = torch.randn(2, 4)
     expected = gm(x)
