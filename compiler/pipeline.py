@@ -45,13 +45,14 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
+from compiler.compute_weights import ComputeWeights, cast_weight_inputs
 from compiler.lower import GrapeModel, lower
 from compiler.lower.ffn import ExpertGroup
 from compiler.passes import PassReport, apply_passes, layers_text
 from spec.schema import Spec
 
 __all__ = ["build_model", "BuildReport", "BlockGroup", "compute_dtype", "structure_key", "block_groups",
-           "lift_state", "StateRunner", "through_fsdp_hooks", "compile_model", "checkpoint_blocks", "warm_up"]
+           "lift_state", "StateRunner", "through_fsdp_hooks", "compile_model", "cast_weights_once", "checkpoint_blocks", "warm_up"]
 
 
 def compute_dtype(spec: Spec, device: torch.device | str) -> str:
@@ -137,10 +138,17 @@ class StateRunner:
         for name in self.names:
             owner_path, _, leaf = name.rpartition(".")
             self._slots.append((module.get_submodule(owner_path) if owner_path else module, leaf))
+        self.substitutes: dict[int, torch.Tensor] = {}     # input position -> passed instead (ComputeWeights)
 
     def state(self) -> list[torch.Tensor]:
-        return [owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
-                for owner, leaf in self._slots]
+        return [self.substitutes[i] if i in self.substitutes
+                else owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+                for i, (owner, leaf) in enumerate(self._slots)]
+
+    def substitute(self, positions: Sequence[int], weights: ComputeWeights) -> None:
+        """Pass the compute-dtype copies of the parameters at ``positions`` instead of the parameters."""
+        for i in positions:
+            self.substitutes[i] = weights.copy_of(*self._slots[i])
 
     def __call__(self, *inputs):
         return self.fn(*self.state(), *inputs)
@@ -202,6 +210,32 @@ def through_fsdp_hooks(module: nn.Module, runner: StateRunner) -> Callable:
     return module.compiled_forward
 
 
+def cast_weights_once(model: GrapeModel) -> ComputeWeights | None:
+    """Run every block and the head with compute-dtype copies of the weights they only cast, re-cast
+    when a weight changes instead of in every forward (``compiler.compute_weights``); eager blocks get a
+    runner over their lifted graph. None (and nothing changed) when the compute dtype is fp32.
+    One process only (the gradients reach the masters through hooks, not through autograd)."""
+    if model.compute_dtype == torch.float32:
+        return None
+    weights = ComputeWeights(model.compute_dtype)
+    for i, layer in enumerate(model.layers):
+        model.runners[i] = _with_copies(layer, model.runners[i], weights)
+    model.head_runner = _with_copies(model.head, model.head_runner or model.head, weights)
+    model.compute_weights = weights
+    return weights
+
+
+def _with_copies(module: nn.Module, runner: Callable, weights: ComputeWeights) -> StateRunner:
+    stateless, names = lift_state(module)
+    if runner is module:                                  # eager: run the lifted graph itself
+        runner = StateRunner(module, names, stateless.forward)
+    if not isinstance(runner, StateRunner):
+        raise TypeError(f"cast_weights_once: a {type(runner).__name__} runner (FSDP2 or checkpointed) cannot take "
+                        "weight copies; call it before checkpoint_blocks, in one process")
+    runner.substitute(cast_weight_inputs(stateless, names, module, weights.compute), weights)
+    return runner
+
+
 class _Checkpointed:
     """A block runner whose activations are recomputed in backward (non-reentrant checkpoint)."""
 
@@ -247,7 +281,8 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
                 passes: Sequence[str] | None = None, keep_lowered: bool = False,
                 shard: Callable[[GrapeModel], None] | None = None,
                 compute: str | None = None,
-                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
+                experts: ExpertGroup | None = None,
+                cast_once: bool = False) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``, fused and (by default) compiled; and what was done.
 
     ``compile``: None follows ``spec.compile.enabled``. ``passes``: None follows
@@ -259,6 +294,8 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     on the ``meta`` device (graphs and shapes, no weights: dumps) passes the training device's.
     ``experts``: this process's expert group under expert parallelism (``compiler.lower.ffn``);
     None: every expert in this process.
+    ``cast_once``: cast the weights to the compute dtype when they change, not in every forward
+    (``cast_weights_once``; one process, several micro-batches per optimizer step).
     """
     device = torch.device(device)
     cd = compute or compute_dtype(spec, device)
@@ -278,6 +315,8 @@ def build_model(spec: Spec, device: torch.device | str, *, compile: bool | None 
     compile = spec.compile.enabled if compile is None else compile
     if compile:
         compile_model(model, options=dict(spec.compile.inductor_options))
+    if cast_once:
+        cast_weights_once(model)
     if spec.compile.activation_checkpointing:
         checkpoint_blocks(model)
     return model, BuildReport(passes=report, groups=block_groups(model), compiled=compile, device=str(device),

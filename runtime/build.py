@@ -20,15 +20,17 @@ __all__ = ["compute_dtype", "build_model", "cuda_graphs"]
 
 def build_model(spec: Spec, device: torch.device, *, compile: bool,
                 shard: Callable[[GrapeModel], None] | None = None,
-                experts: ExpertGroup | None = None) -> tuple[GrapeModel, BuildReport]:
+                experts: ExpertGroup | None = None, cast_once: bool = False) -> tuple[GrapeModel, BuildReport]:
     """The model of ``spec`` on ``device``: lowered, fused by ``compile.passes``, and its graphs compiled by
     the pipeline (``compiler.pipeline.build_model``), or run eagerly with ``compile=False``; and the
     pipeline's report (which passes matched where; the run folder keeps it as ``passes.json``).
 
     ``shard`` (FSDP2 per block, ``runtime.distributed``) is applied on ``device`` before compiling;
-    ``experts``: this rank's expert group with ``parallel.expert`` > 1 (``runtime.distributed.Parallel``).
+    ``experts``: this rank's expert group with ``parallel.expert`` > 1 (``runtime.distributed.Parallel``);
+    ``cast_once``: weights cast to the compute dtype once per optimizer step (``compiler.compute_weights``).
     """
-    return compiler.build_model(spec, device, compile=compile, shard=shard, experts=experts)   # passes: compile.passes
+    return compiler.build_model(spec, device, compile=compile, shard=shard, experts=experts,   # passes: compile.passes
+                                cast_once=cast_once)
 
 
 CUDA_GRAPHS = "triton.cudagraphs"     # the Inductor option (compile.inductor_options) that turns them on

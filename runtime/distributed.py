@@ -51,7 +51,7 @@ from torch import nn
 
 from compiler.lower.ffn import ExpertGroup
 from runtime.world import World
-from spec.errors import GrapefxError
+from spec.errors import GrapefxError, SpecError
 from spec.schema import Parallel as ParallelSpec
 
 __all__ = ["launched_by_torchrun", "process_group", "Parallel", "check_expert_split", "grad_norm", "is_expert"]
@@ -110,13 +110,14 @@ def is_expert(name: str) -> bool:
     return EXPERT_WEIGHTS in f".{name}"
 
 
-def check_expert_split(expert: int, ranks: int) -> None:
-    """Refuse ``parallel.expert`` E that does not divide the job's ``ranks`` (before anything starts)."""
+def check_expert_split(expert: int, ranks: int, file: str | None = None) -> None:
+    """Refuse ``parallel.expert`` E that does not divide the job's ``ranks`` (before anything starts);
+    ``file``: the spec file to name in the message."""
     if ranks % expert:
-        raise GrapefxError(f"parallel.expert: {expert} does not divide the {ranks} process{'es' if ranks > 1 else ''} "
-                           f"of this run: the experts are split over groups of E ranks, and the W / E groups are "
-                           f"data-parallel replicas; launch a multiple of {expert} processes (--nproc) or lower "
-                           "parallel.expert")
+        rule = (f"{expert} does not divide the {ranks} process{'es' if ranks > 1 else ''} of this run: the experts "
+                f"are split over groups of E ranks, and the W / E groups are data-parallel replicas; launch a "
+                f"multiple of {expert} processes (--nproc) or lower parallel.expert")
+        raise SpecError(file, "parallel.expert", rule) if file else GrapefxError(f"parallel.expert: {rule}")
 
 
 class Parallel:

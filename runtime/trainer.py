@@ -29,6 +29,11 @@ resume + N steps give bitwise the losses of 2N steps (tests/runtime/test_trainer
 Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C exits at once).
 With several ranks, every rank stops after the same step: the ranks agree on it after each step.
 
+Several micro-batches in one process (``compiler.compute_weights``): the weights the graphs only use
+in bf16 are cast once per optimizer step instead of in every forward, and each micro-batch's bf16
+gradient is added into the fp32 ``.grad`` in one pass: bit for bit the gradients autograd would
+accumulate, with about half the memory traffic per micro-batch.
+
 Distributed (``runtime.distributed``): ``world`` places this process among the ranks,
 ``spec.parallel`` picks DDP or FSDP2 and the expert parallelism E; the model is lowered with this
 rank's experts and wrapped before compiling.
@@ -39,7 +44,8 @@ outputs (loss sums, expert counts) is copied out before the next forward replays
 the gradients after the first of several accumulated micro-batches: a parameter's first gradient
 IS the backward graph's output memory, which the next micro-batch's replay would overwrite before
 it is added to. Once moved, later micro-batches add into it in place (autograd accumulates into an
-existing ``.grad``), so one copy per step serves any number of micro-batches.
+existing ``.grad``), so one copy per step serves any number of micro-batches. (The gradients of the
+weights with a bf16 copy are made outside graph memory, by the copies' hooks: they are not moved.)
 Verified for one process without activation checkpointing; elsewhere ``runtime.build.cuda_graphs``
 turns them off for the run and the log says why.
 """
@@ -119,10 +125,15 @@ class Trainer:
         self.parallel = Parallel(spec.parallel, world, self.device)          # data x expert mesh
         # _graph_outputs: outputs live in CUDA-graph memory that later replays reuse (Inductor's CUDA graphs)
         build_spec, self._graph_outputs, graphs_off = cuda_graphs(spec, self.device, world.size)
+        # several micro-batches in one process: the weights are cast to bf16 once per step, and each
+        # micro-batch's gradient is added into the fp32 one in one pass (compiler.compute_weights)
         self.model, self.build_report = build_model(build_spec, self.device, compile=spec.compile.enabled,
-                                                    shard=self.parallel.shard, experts=self.parallel.expert_group)
+                                                    shard=self.parallel.shard, experts=self.parallel.expert_group,
+                                                    cast_once=self.accum > 1 and world.size == 1)
         self.ddp = self.parallel.ddp(self.model)               # the DDP wrapper training calls, or None
         self.optimizer = build_optimizer(self.model, spec)
+        if self.model.compute_weights is not None:             # re-cast the bf16 copies after each step
+            self.model.compute_weights.watch(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, spec)
         self.balancer = (ExpertBalancer(self.model, spec.moe.router, all_reduce=world.all_reduce)
                          if self.model.moe_layers else None)
@@ -217,9 +228,11 @@ class Trainer:
         return status
 
     def _own_gradients(self) -> None:
-        """Move the gradients out of CUDA-graph memory (see the module docstring)."""
+        """Move the gradients out of CUDA-graph memory (see the module docstring); those of weights with a
+        compute-dtype copy were made outside it, by the copy's gradient hook."""
+        hooked = {id(p) for p in self.model.compute_weights.masters()} if self.model.compute_weights else set()
         for p in self.model.parameters():
-            if p.grad is not None:
+            if p.grad is not None and id(p) not in hooked:
                 p.grad = p.grad.clone()
 
     def _new_graph_step(self) -> None:

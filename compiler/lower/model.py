@@ -141,8 +141,11 @@ class GrapeModel(nn.Module):
         # runners the pipeline installs (compiler.pipeline); state stays in the modules above
         self.runners: list[Callable] = list(self.layers)
         self.head_runner: Callable | None = None          # None: the head graph itself
+        self.compute_weights = None      # compiler.compute_weights, when the pipeline installs it
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        if self.compute_weights is not None:          # re-cast the weights changed since the last forward
+            self.compute_weights.refresh()
         x = self.embed(tokens)                                                            # (B, T, C)
         counts, aux, dropped = [], [], []
         for i, run in enumerate(self.runners):

@@ -63,7 +63,7 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from runtime.distributed import check_expert_split, launched_by_torchrun, process_group
+    from runtime.distributed import launched_by_torchrun, process_group
     from spec import load_spec
 
     if args.nproc is not None and args.nproc < 1:           # before any rule that divides by it
@@ -74,7 +74,6 @@ def _train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, overrides)                  # a user error stops here, before any launch
     preflight(spec, args.spec, args.nproc)                  # and so does a batch or a size this launch cannot run
     run = Path(args.out or spec.output or Path("runs") / spec.name)
-    check_expert_split(spec.parallel.expert, args.nproc or int(os.environ.get("WORLD_SIZE", 1)))
     if args.nproc is not None:
         return _launch(args, launched_by_torchrun())
     if not launched_by_torchrun():
@@ -86,17 +85,30 @@ def _train(args: argparse.Namespace) -> int:
 def preflight(spec, file: str, nproc: int | None) -> None:
     """Refuse, before launching or allocating, what the ranks would refuse or could not hold.
 
+    ranks = ``--nproc`` (or torchrun's WORLD_SIZE):
+
+    - ``parallel.expert`` E must divide the ranks (``runtime.distributed.check_expert_split``, the rule the
+      ranks apply), checked first since the state below assumes groups of E ranks;
     - the global batch must split into whole micro-batches on every rank: global_batch % (micro_batch x ranks)
-      == 0, ranks = ``--nproc`` (or torchrun's WORLD_SIZE);
-    - the training state alone (``spec.derive.TRAIN_STATE_BYTES_PER_PARAM``: 16 B per parameter, divided by the ranks
-      under FSDP) must fit in one GPU's memory, or on CPU in the system RAM for all the processes of this machine.
+      == 0;
+    - the training state alone must fit in one GPU's memory, or on CPU in the system RAM for all the processes of
+      this machine. Per rank, with ``spec.derive.TRAIN_STATE_BYTES_PER_PARAM`` = 16 B per parameter and
+      X the routed-expert parameters (``param_counts(spec).groups["routed_experts"]``) when E > 1, else 0::
+
+          (total - X) x 16 / (ranks under FSDP, else 1)  +  X x 16 / E
+
+      since the parameters are replicated under DDP and sharded over all ranks under FSDP2, except, when E > 1,
+      the routed experts: they stay outside both wrappers and each rank holds its expert group's 1/E of them,
+      whatever parallel.data is (``runtime.distributed.Parallel``). With E = 1 they are ordinary parameters.
     """
+    from runtime.distributed import check_expert_split
     from spec.derive import TRAIN_STATE_BYTES_PER_PARAM, largest_groups, param_counts
     from spec.errors import SpecError
     from spec.report import human
 
-    t = spec.train
+    t, E = spec.train, spec.parallel.expert
     ranks = nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    check_expert_split(E, ranks, file)
     step = t.micro_batch * max(ranks, 1)
     if t.global_batch % step:
         lower = t.global_batch // step * step
@@ -105,18 +117,25 @@ def preflight(spec, file: str, nproc: int | None) -> None:
                         f"ranks: global_batch must be a multiple of micro_batch x ranks = {step} (e.g. "
                         + (f"{lower} or " if lower else "") + f"{lower + step}); or change micro_batch or the "
                         "number of processes")
-    total = param_counts(spec).total
+    counts = param_counts(spec)
+    total = counts.total
+    experts = counts.groups["routed_experts"] if E > 1 else 0      # split apart from the rest only when E > 1
     fsdp = spec.parallel.data == "fsdp" and ranks > 1
-    per_rank = total * TRAIN_STATE_BYTES_PER_PARAM // (ranks if fsdp else 1)
+    per_rank = ((total - experts) * TRAIN_STATE_BYTES_PER_PARAM // (ranks if fsdp else 1)
+                + experts * TRAIN_STATE_BYTES_PER_PARAM // E)
     memory, where, processes = _memory(nproc)
     need = per_rank * processes
     if memory is not None and need > memory:
+        if E > 1:
+            split = f", routed experts ({experts:,}) split over {E} ranks" + (
+                f", the other {total - experts:,} sharded over {ranks} ranks" if fsdp else "")
+        else:
+            split = f", sharded over {ranks} ranks" if fsdp else ""
         groups = ", ".join(f"{g.replace('_', ' ')} {human(n)} ({', '.join(fields)})"
                            for g, n, fields in largest_groups(spec))
         raise SpecError(file, None,
                         f"the training state alone needs {human(need, 'B')} ({total:,} parameters x "
-                        f"{TRAIN_STATE_BYTES_PER_PARAM} B: fp32 weights, gradients, AdamW m and v"
-                        + (f", sharded over {ranks} ranks" if fsdp else "")
+                        f"{TRAIN_STATE_BYTES_PER_PARAM} B: fp32 weights, gradients, AdamW m and v{split}"
                         + (f", for {processes} processes" if processes > 1 else "")
                         + f"), more than {where} holds ({human(memory, 'B')}); lower the largest parameter groups: "
                         f"{groups}")

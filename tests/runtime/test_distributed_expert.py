@@ -164,5 +164,6 @@ def test_an_expert_split_that_does_not_fit_is_refused_before_launch(tiny_yaml, t
     from runtime.cli import main
 
     assert main(["train", str(tiny_yaml(micro_batch=1, global_batch=12)), "--out", str(tmp_path / "run"), "--no-compile", *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(str(tmp_path / "tiny.yaml")) and message in err      # names the file
     assert not (tmp_path / "run").exists()

@@ -188,3 +188,38 @@ def test_cuda_graph_bookkeeping_changes_no_number(tiny_spec, tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
     evals = spec.train.eval_batches                                    # the final evaluation's forwards
     assert (len(moves), len(marks)) == (3 * 1, 3 * 4 + evals)          # one move per step, a mark per forward
+
+
+def _bf16(tiny_dict, **train):
+    d = tiny_dict(**train)
+    d["precision"] = {"cpu_compute": "bf16"}
+    return spec_from_dict(d)
+
+
+def test_bf16_weights_cast_once_per_step_change_no_number(tiny_dict, tmp_path, monkeypatch):
+    """Several micro-batches in one process: the weights are cast to bf16 once per optimizer step and each
+    micro-batch's gradient is added into the fp32 one by a hook (compiler.compute_weights). Losses, gradient
+    norms and weights must be bitwise those of the cast in every forward, through evaluations and a resume."""
+    import runtime.trainer
+    from runtime.optim import param_groups
+
+    spec = _bf16(tiny_dict, steps=4, eval_every=2, checkpoint_every=2, global_batch=8)   # 4 micro-batches of 2
+    # the optimizer on CUDA: fused AdamW, which writes the weights without bumping their version counters
+    monkeypatch.setattr(runtime.trainer, "build_optimizer", lambda model, spec: torch.optim.AdamW(
+        param_groups(model, spec), lr=spec.train.optimizer.lr, betas=spec.train.optimizer.betas, fused=True))
+    _train(spec, tmp_path / "copies", until=2)
+    copies, _ = _train(spec, tmp_path / "copies", resume=True)
+    assert copies.model.compute_weights is not None and len(copies.model.compute_weights.copies) == 2 * 10 + 1
+    build = runtime.trainer.build_model
+    monkeypatch.setattr(runtime.trainer, "build_model", lambda *a, **k: build(*a, **{**k, "cast_once": False}))
+    plain, _ = _train(spec, tmp_path / "plain")
+    assert plain.model.compute_weights is None
+    assert losses(tmp_path / "copies") == losses(tmp_path / "plain") and len(losses(tmp_path / "plain")) == 4
+    a, b = copies.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_micro_batch_per_step_keeps_the_cast_in_the_graphs(tiny_dict, tmp_path):
+    """One micro-batch per step: nothing to save, and the copies would cost 2 B per parameter."""
+    trainer, _ = _train(_bf16(tiny_dict, steps=1, eval_every=100, global_batch=2), tmp_path / "a")
+    assert trainer.model.compute_weights is None
