@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PEAK_BF16_DENSE", "Peak", "pick_device", "device_peak", "memory_gib"]
+__all__ = ["PEAK_BF16_DENSE", "Peak", "pick_device", "device_peak", "cpu_matmul_flops", "memory_gib"]
 
 # (name substring, label, dense bf16 FLOP/s from the datasheet)
 PEAK_BF16_DENSE: tuple[tuple[str, str, float], ...] = (
@@ -49,6 +50,19 @@ def device_peak(device: torch.device) -> Peak:
         if key in name:
             return Peak(flops, label, f"{name}: datasheet dense bf16 peak of the {label}, {flops / 1e12:.0f} TFLOP/s")
     return Peak(None, name, f"{name} is not in runtime.device.PEAK_BF16_DENSE; add its dense bf16 peak to get MFU")
+
+
+def cpu_matmul_flops(n: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of the best of ``repeats`` fp32 (n, n) x (n, n) matmuls on this CPU (2 n^3 FLOPs each): an upper
+    bound on what a training step reaches here, for a lower bound on its time (about 0.1 s to measure)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)                                                   # first call: allocation and dispatch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def memory_gib(device: torch.device) -> float | None:

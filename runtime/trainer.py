@@ -68,7 +68,7 @@ from runtime.build import build_model, cuda_graphs
 from runtime.checkpoint import Checkpointer
 from runtime.console import device_text, start_summary
 from runtime.data import Sampler, prepare
-from runtime.device import device_peak, memory_gib, pick_device
+from runtime.device import cpu_matmul_flops, device_peak, memory_gib, pick_device
 from runtime.distributed import Parallel
 from runtime.metrics import MetricsLogger, plot_loss
 from runtime.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
@@ -84,6 +84,15 @@ from spec.schema import Spec
 __all__ = ["Trainer", "NonFiniteLoss", "INTERRUPTED"]
 
 INTERRUPTED = 130  # exit status after Ctrl-C (checkpoint saved), the shell's 128 + SIGINT
+
+
+def _duration(seconds: float) -> str:
+    """12 min, 3.4 h, 2.1 days."""
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 class NonFiniteLoss(GrapefxError):
@@ -156,6 +165,7 @@ class Trainer:
                 spec, self.data, device=device_text(self.device), peak=self.peak, ranks=world.size, run_dir=self.run_dir,
                 compiled=r.compiled, start_step=self.step, eval_tokens=self.eval_rows * spec.data.seq_len))
             self._note_small_validation()
+            self._note_slow_cpu()
         if r.compiled:   # the first step (and the first evaluation, under no_grad) waits for Inductor
             self._say(f"compiling {len(r.groups)} distinct block graph{'s' if len(r.groups) != 1 else ''} and the "
                       f"head with Inductor ({r.compute_dtype}) on the first step; a cold compile takes about a "
@@ -185,6 +195,24 @@ class Trainer:
                       f"({self.eval_rows * T:,} tokens), fewer than train.eval_batches x micro_batch = {asked} rows: "
                       f"each evaluation uses those {self.eval_rows} rows once. For more, raise "
                       "data.valid_fraction (or add validation text)")
+
+    SLOW_CPU_STEP_S = 600     # a step estimated slower than this on a CPU gets a note before anything compiles
+
+    def _note_slow_cpu(self) -> None:
+        """On a CPU, a model sized for GPUs would otherwise compile for minutes and then sit in its first step
+        for hours without a word: say so, from a lower bound on a step's time (FLOPs at the matmul rate)."""
+        if self.device.type != "cpu":
+            return
+        t, T = self.spec.train, self.spec.data.seq_len
+        tokens = t.global_batch * T // self.world.size
+        flops = self.flops_per_token * tokens
+        rate = cpu_matmul_flops()
+        seconds = flops / rate
+        if seconds > self.SLOW_CPU_STEP_S:
+            self._say(f"note: on this CPU one optimizer step takes at least {_duration(seconds)}: {tokens:,} tokens x "
+                      f"{self.flops_per_token / 1e9:.2f} GFLOPs per token = {flops:.2e} FLOPs, at the "
+                      f"{rate / 1e9:.3g} GFLOP/s of a 1024 x 1024 matmul here. Train this spec on a GPU; on a CPU "
+                      "use a small spec (examples/tiny.yaml) or lower train.global_batch and data.seq_len")
 
     def _say(self, message: str) -> None:
         if self.world.coordinator:

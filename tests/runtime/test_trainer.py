@@ -223,3 +223,21 @@ def test_one_micro_batch_per_step_keeps_the_cast_in_the_graphs(tiny_dict, tmp_pa
     """One micro-batch per step: nothing to save, and the copies would cost 2 B per parameter."""
     trainer, _ = _train(_bf16(tiny_dict, steps=1, eval_every=100, global_batch=2), tmp_path / "a")
     assert trainer.model.compute_weights is None
+
+
+def test_a_step_hours_long_on_this_cpu_is_announced_before_the_compile(tiny_spec, tmp_path, monkeypatch, capsys):
+    import runtime.trainer
+    from spec.derive import flops_per_token
+
+    spec = tiny_spec(steps=1, eval_every=100)                        # 4 sequences of 16 tokens per step
+    per_token = flops_per_token(spec).per_token
+    # a CPU whose matmuls run at 1/7200 of the step's FLOPs per second: 2 hours per step
+    monkeypatch.setattr(runtime.trainer, "cpu_matmul_flops", lambda: per_token * 64 / 7200)
+    _train(spec, tmp_path / "slow")
+    out = capsys.readouterr().out
+    assert (f"note: on this CPU one optimizer step takes at least 2.0 h: 64 tokens x {per_token / 1e9:.2f} GFLOPs "
+            f"per token = {per_token * 64:.2e} FLOPs, at the {per_token * 64 / 7200 / 1e9:.3g} GFLOP/s of a 1024 x 1024 matmul here. Train this spec "
+            "on a GPU; on a CPU use a small spec (examples/tiny.yaml) or lower train.global_batch and data.seq_len") in out
+    monkeypatch.setattr(runtime.trainer, "cpu_matmul_flops", lambda: per_token * 64 / 599)    # under 10 minutes
+    _train(spec, tmp_path / "fast")
+    assert "one optimizer step takes" not in capsys.readouterr().out
