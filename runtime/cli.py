@@ -1,13 +1,16 @@
 """The ``grapefx`` command: one entry point, one module per subcommand.
 
 Each module in ``COMMANDS`` exposes ``register(subparsers)``, which adds its subparser and sets
-``func(args) -> int``. User errors (``GrapefxError``) print one line to stderr and exit 2.
+``func(args) -> int``. User errors (``GrapefxError``) print one line to stderr and exit 2. A reader
+that stops early (``grapefx validate examples/*.yaml | head -1``) ends the command quietly with
+status 141 (128 + SIGPIPE, what a shell reports for ``cat``), not with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from spec.errors import GrapefxError
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader closed stdout: point it at /dev/null so the interpreter's final flush is quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
