@@ -8,6 +8,7 @@ The public API (what ``runtime`` imports; the modules behind it may move):
     model, build = build_model(spec, device)               # lower + passes + compile, as training runs it
     tagged(model.layers[0])["attention.q"]                 # a node by its role in the lowering
     window.blocked(i_minus_j, W)                           # the window rule (query i, key j)
+    alibi_slopes(H)                                        # GRAPE-A's per-head slopes (the HF export writes them)
     write_dumps(...)                                       # lowered and fused graph dumps, pass report
 
 Roles (``tagged``) are how code outside the compiler finds nodes: the lowering tags them
@@ -26,9 +27,10 @@ from compiler.lower import GrapeModel, ModelOutput, graph_kind, lower
 from compiler.lower.ffn import ExpertGroup
 from compiler.lower.builder import tagged
 from compiler.lower.tpa import TPA_CONTRACTION
+from compiler.ops.alibi import alibi_slopes
 from compiler.passes import PASSES, PassReport, apply_passes, check_pass_names
 from compiler.pipeline import BuildReport, build_model, compute_dtype, warm_up
 
-__all__ = ["GrapeModel", "ModelOutput", "ExpertGroup", "graph_kind", "lower", "tagged", "TPA_CONTRACTION", "PASSES", "PassReport",
+__all__ = ["GrapeModel", "ModelOutput", "ExpertGroup", "graph_kind", "lower", "tagged", "TPA_CONTRACTION", "alibi_slopes", "PASSES", "PassReport",
            "apply_passes", "check_pass_names", "BuildReport", "build_model", "compute_dtype", "warm_up", "window",
            "write_dumps", "write_inductor_index"]

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from compiler.lower.ffn import ExpertGroup
+from compiler import ExpertGroup
 from runtime.world import World
 from spec.errors import GrapefxError, SpecError
 from spec.schema import Parallel as ParallelSpec

@@ -60,9 +60,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import torch
     from torch._dynamo.utils import counters
 
-    from compiler.dump import write_dumps, write_inductor_index
-    from compiler.lower.ffn import ExpertGroup
-    from compiler.pipeline import build_model, compute_dtype, warm_up
+    from compiler import ExpertGroup, build_model, compute_dtype, warm_up, write_dumps, write_inductor_index
     from runtime.device import pick_device
     from spec import load_spec
     from spec.report import human, summary_line

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from compiler.ops.alibi import alibi_slopes
+from compiler import alibi_slopes
 from spec.convert import yaml_key
 from spec.schema import Spec
 

@@ -110,10 +110,10 @@ def test_inductor_code_compiles_a_spec_that_turns_the_compile_off(tmp_path, caps
     Inductor compile of CPU graphs costs minutes): what is pinned is the decision, not Inductor."""
     import torch
 
-    import compiler.pipeline as pipeline
+    import compiler
 
     asked, traced = [], []
-    real_build, real_warm_up = pipeline.build_model, pipeline.warm_up
+    real_build, real_warm_up = compiler.build_model, compiler.warm_up
 
     def build_model(spec, device, *, compile=None, **kw):
         asked.append((spec.compile.enabled, compile, torch.device(device).type))
@@ -125,8 +125,8 @@ def test_inductor_code_compiles_a_spec_that_turns_the_compile_off(tmp_path, caps
         traced.append(torch._inductor.config.trace.enabled)
         return real_warm_up(*args)
 
-    monkeypatch.setattr(pipeline, "build_model", build_model)
-    monkeypatch.setattr(pipeline, "warm_up", warm_up)
+    monkeypatch.setattr(compiler, "build_model", build_model)
+    monkeypatch.setattr(compiler, "warm_up", warm_up)
     args = ["compile", str(EXAMPLES / "tiny.yaml"), "--dump", str(tmp_path), "--inductor-code"]
     for s in SMALL:
         args += ["--set", s]
