@@ -59,19 +59,20 @@ class ComputeWeights:
     def __init__(self, compute: torch.dtype):
         self.compute = compute
         self._slots: list[tuple[nn.Module, str]] = []           # (owner module, parameter name): the master
+        self._index: dict[tuple[int, str], int] = {}            # (id(owner), name) -> slot
         self.copies: list[torch.Tensor] = []                    # the compute-dtype leaf tensor of each slot
         self._seen: list[tuple[int, int] | None] = []           # (id, version) of the master at the last copy
 
     def copy_of(self, owner: nn.Module, leaf: str) -> torch.Tensor:
         """The copy of ``owner._parameters[leaf]`` (made on first request, one per master)."""
-        for i, (o, name) in enumerate(self._slots):
-            if o is owner and name == leaf:
-                return self.copies[i]
+        if (id(owner), leaf) in self._index:
+            return self.copies[self._index[id(owner), leaf]]
         master = owner._parameters[leaf]
         copy = torch.empty_like(master, dtype=self.compute, requires_grad=True)
         if master.is_cuda:      # one address all run: Inductor's CUDA graphs read it in place
             torch._dynamo.mark_static_address(copy)
         copy.register_post_accumulate_grad_hook(self._add_to_master(len(self._slots)))
+        self._index[id(owner), leaf] = len(self._slots)
         self._slots.append((owner, leaf))
         self.copies.append(copy)
         self._seen.append(None)
