@@ -73,6 +73,7 @@ from runtime.distributed import Parallel
 from runtime.metrics import MetricsLogger, plot_loss
 from runtime.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
 from runtime.resume import resume_note, spec_changes
+from spec.report import human
 from runtime.rng import rng_state, seed_all, set_rng_state
 from runtime.run_folder import record_run
 from runtime.world import World
@@ -172,6 +173,11 @@ class Trainer:
                       "minute per graph on a small CPU, seconds with a warm cache")
         if graphs_off:
             self._say(f"note: {graphs_off}")
+        if self.model.compute_weights is not None:
+            copies = self.model.compute_weights.copies
+            self._say(f"accumulation: {len(copies)} weights are cast to {r.compute_dtype} once per optimizer step, not in "
+                      f"each of its {self.accum} micro-batches (the copies hold "
+                      f"{human(sum(c.numel() * c.element_size() for c in copies), 'B')})")
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds) the data first; the others then open its cache."""

@@ -196,7 +196,7 @@ def _bf16(tiny_dict, **train):
     return spec_from_dict(d)
 
 
-def test_bf16_weights_cast_once_per_step_change_no_number(tiny_dict, tmp_path, monkeypatch):
+def test_bf16_weights_cast_once_per_step_change_no_number(tiny_dict, tmp_path, monkeypatch, capsys):
     """Several micro-batches in one process: the weights are cast to bf16 once per optimizer step and each
     micro-batch's gradient is added into the fp32 one by a hook (compiler.compute_weights). Losses, gradient
     norms and weights must be bitwise those of the cast in every forward, through evaluations and a resume."""
@@ -210,6 +210,10 @@ def test_bf16_weights_cast_once_per_step_change_no_number(tiny_dict, tmp_path, m
     _train(spec, tmp_path / "copies", until=2)
     copies, _ = _train(spec, tmp_path / "copies", resume=True)
     assert copies.model.compute_weights is not None and len(copies.model.compute_weights.copies) == 2 * 10 + 1
+    # 2 layers x (wq 16x16, wk 8x16, wv 8x16, wo 16x16 = 768; experts 3 x 4x16x16 = 3072; shared 3 x 16x16 = 768)
+    # + the LM head over the vocabulary padded to 320: 320x16 = 5120; 14,336 bf16 numbers = 28,672 B = 28 KiB
+    assert ("accumulation: 21 weights are cast to bf16 once per optimizer step, not in each of its 4 micro-batches "
+            "(the copies hold 28.00 KiB)") in capsys.readouterr().out
     build = runtime.trainer.build_model
     monkeypatch.setattr(runtime.trainer, "build_model", lambda *a, **k: build(*a, **{**k, "cast_once": False}))
     plain, _ = _train(spec, tmp_path / "plain")
