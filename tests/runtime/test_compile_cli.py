@@ -32,7 +32,7 @@ def test_baseline_dumps(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "local/moe      layers 1-3, 5-7" in out and "global/moe     layers 4, 8" in out
     assert "rotary_attention: 6 matches in layers 1-3, 5-7" in out and "bias_softmax: 2 matches in layers 4, 8" in out
-    assert "concat_linear: 16 matches in layers 1-8" in out                 # q|k|v and shared gate|up, each layer
+    assert "concat_linear: nothing — off (not in compile.passes)" in out    # opt-in (spec.schema.DEFAULT_PASSES)
     assert "compile: off" in out and "parameters" in out
     names = {p.name for p in tmp_path.iterdir()}
     assert {"lowered.py", "lowered.txt", "fused.py", "fused.txt", "passes.json", "passes.md", "graph.html"} <= names
@@ -66,9 +66,16 @@ def test_baseline_dumps(tmp_path, capsys):
     assert len(svgs) == 4                                                      # 2 fused graphs + 2 lowered
     for svg in svgs:
         ET.fromstring(svg)                                                     # well-formed, self-contained
-    # made by a pass, in each of the two graphs: the attention, the q|k|v GEMM, the shared experts' gate|up GEMM
-    assert page.count('fill="#fed7aa"') == 6
+    assert page.count('fill="#fed7aa"') == 2                                  # made by a pass: each graph's attention
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")        # nothing fetched from outside
+
+
+def test_concat_linear_on_request_stacks_qkv_and_the_shared_gate_up(tmp_path, capsys):
+    passes = "attention_formation,bias_softmax,rotary_attention,concat_linear"
+    assert _compile("baseline.yaml", "--dump", str(tmp_path), "--passes", passes) == 0
+    assert "concat_linear: 16 matches in layers 1-8" in capsys.readouterr().out   # q|k|v and shared gate|up, each layer
+    # made by a pass, in each of the two graphs: the attention, the q|k|v GEMM, the shared experts' gate|up GEMM
+    assert (tmp_path / "graph.html").read_text().count('fill="#fed7aa"') == 6
 
 
 def test_nope_global_ablation_says_bias_softmax_matched_nothing(tmp_path, capsys):
