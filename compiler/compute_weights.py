@@ -78,6 +78,10 @@ class ComputeWeights:
         self._seen.append(None)
         return copy
 
+    def nbytes(self) -> int:
+        """The memory the copies hold."""
+        return sum(c.numel() * c.element_size() for c in self.copies)
+
     def masters(self) -> list[nn.Parameter]:
         return [o._parameters[name] for o, name in self._slots]
 

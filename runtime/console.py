@@ -60,6 +60,15 @@ def clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def rough_duration(seconds: float) -> str:
+    """12 min, 3.4 h, 2.1 days: an estimate's size, where ``clock`` gives a measured time to the second."""
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def mfu_text(mfu: float | None, peak_label: str = "cpu") -> str:
     """``38.2%``, or ``unknown (cpu)`` / ``unknown (no peak)`` when there is no peak to divide by."""
     if mfu is not None:

@@ -66,34 +66,25 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from runtime.balance import ExpertBalancer
 from runtime.build import build_model, cuda_graphs
 from runtime.checkpoint import Checkpointer
-from runtime.console import device_text, start_summary
+from runtime.console import device_text, rough_duration, start_summary
 from runtime.data import Sampler, prepare
 from runtime.device import cpu_matmul_flops, device_peak, memory_gib, pick_device
 from runtime.distributed import Parallel
 from runtime.metrics import MetricsLogger, plot_loss
 from runtime.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
 from runtime.resume import resume_note, spec_changes
-from spec.report import human
 from runtime.rng import rng_state, seed_all, set_rng_state
 from runtime.run_folder import record_run
 from runtime.world import World
 from spec import dump_spec
 from spec.derive import flops_per_token
 from spec.errors import GrapefxError
+from spec.report import human
 from spec.schema import Spec
 
 __all__ = ["Trainer", "NonFiniteLoss", "INTERRUPTED"]
 
 INTERRUPTED = 130  # exit status after Ctrl-C (checkpoint saved), the shell's 128 + SIGINT
-
-
-def _duration(seconds: float) -> str:
-    """12 min, 3.4 h, 2.1 days."""
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 class NonFiniteLoss(GrapefxError):
@@ -174,10 +165,9 @@ class Trainer:
         if graphs_off:
             self._say(f"note: {graphs_off}")
         if self.model.compute_weights is not None:
-            copies = self.model.compute_weights.copies
-            self._say(f"accumulation: {len(copies)} weights are cast to {r.compute_dtype} once per optimizer step, not in "
-                      f"each of its {self.accum} micro-batches (the copies hold "
-                      f"{human(sum(c.numel() * c.element_size() for c in copies), 'B')})")
+            weights = self.model.compute_weights
+            self._say(f"accumulation: {len(weights.copies)} weights are cast to {r.compute_dtype} once per optimizer "
+                      f"step, not in each of its {self.accum} micro-batches (the copies hold {human(weights.nbytes(), 'B')})")
 
     def _prepare_data(self):
         """Rank 0 prepares (or finds) the data first; the others then open its cache."""
@@ -215,7 +205,7 @@ class Trainer:
         rate = cpu_matmul_flops()
         seconds = flops / rate
         if seconds > self.SLOW_CPU_STEP_S:
-            self._say(f"note: on this CPU one optimizer step takes at least {_duration(seconds)}: {tokens:,} tokens x "
+            self._say(f"note: on this CPU one optimizer step takes at least {rough_duration(seconds)}: {tokens:,} tokens x "
                       f"{self.flops_per_token / 1e9:.2f} GFLOPs per token = {flops:.2e} FLOPs, at the "
                       f"{rate / 1e9:.3g} GFLOP/s of a 1024 x 1024 matmul here. Train this spec on a GPU; on a CPU "
                       "use a small spec (examples/tiny.yaml) or lower train.global_batch and data.seq_len")
