@@ -95,7 +95,8 @@ def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, see
     res = {"shape": dict(N=N, C=C, F=F_, E=E, K=K, idle=idle), "errors": errs, "no_host_sync": no_sync, "ok": ok}
     if compiled:
         code = "\n".join(inductor_code)
-        res["inductor_launches_lean_kernels"] = "_swiglu_fwd_kernel" in code and "_swiglu_bwd_kernel" in code
+        res["inductor_launches_lean_kernels"] = all(k in code for k in ("_rows_kernel", "_weight_kernel",
+                                                                        "_swiglu_bwd_kernel", "_gather_sum_kernel"))
         res["inductor_calls_opaque_op"] = "expert_ffn_fwd" in code or "expert_ffn_lean" in code
     return res
 

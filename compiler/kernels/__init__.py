@@ -55,9 +55,11 @@ def launch(kernel):
     eagerly), the kernel itself everywhere else (no tracing wrapper's dispatch on direct calls)."""
     if not getattr(_traceable, "on", False):
         return kernel
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     # Triton's interpreter (TRITON_INTERPRET=1, CPU tests) gives no JITFunction: nothing to trace there
-    return torch.library.wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    return torch.library.wrap_triton(kernel) if isinstance(jit, JITFunction) else kernel
 
 
 __all__ = ["available", "triton_installed", "opaque", "launch", "traceable_launches"]

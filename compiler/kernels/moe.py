@@ -11,6 +11,9 @@ Rows r are the N*K (token, slot) assignments sorted by expert; ``gu`` (R, 2F) ho
         h = silu(a) b;  dgate = u . h;  dh = g u;  da = dh b sigma(a) (1 + a (1 - sigma(a)));
         db = dh silu(a);  hg = g h  (the left factor of dW_down = hg^T dy)
 
+and, from ``compiler.kernels.grouped_gemm``, the grouped GEMMs that read their rows in place:
+``rows_mm_swiglu`` (the first GEMM with SwiGLU in its epilogue), ``rows_mm`` and ``weight_mm``.
+
 All math in fp32, outputs in the inputs' dtype. ``pos`` is the inverse of the sort: row of
 assignment t*K + k. Importing this module needs triton; ``compiler.kernels.register`` imports it where a GPU
 is present and registers it with ``compiler.ops.experts``, which calls it only for CUDA tensors.
@@ -25,8 +28,9 @@ import triton.language as tl
 from torch import Tensor
 
 from compiler.kernels import launch
+from compiler.kernels.grouped_gemm import rows_mm, rows_mm_swiglu, weight_mm
 
-__all__ = ["swiglu_fwd", "swiglu_bwd", "gather_sum"]
+__all__ = ["swiglu_fwd", "swiglu_bwd", "gather_sum", "rows_mm", "rows_mm_swiglu", "weight_mm"]
 
 
 @triton.jit

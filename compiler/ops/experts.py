@@ -14,26 +14,36 @@ and no per-token Python:
 
     order, offs = stable sort of the N*K expert ids; offs = searchsorted(sorted ids, 0..E-1, right)
                                             (cumulative int32 group ends, no bincount / .item())
-    xs  = x[order // K]                     (R, C), R = N*K rows grouped by expert
-    gu  = grouped_mm(xs, [W_gate | W_up])   (R, 2F): ONE grouped GEMM over the concatenated weights
-    h   = silu(a) * b                       (R, F)   Triton on CUDA (registered ``swiglu_fwd``)
+    tok = order // K                        (R,) the token of each sorted row, R = N*K
+    gu  = x[tok] @ [W_gate | W_up][e]       (R, 2F): ONE grouped GEMM over both weights
+    h   = silu(a) * b                       (R, F)
     y   = grouped_mm(h, W_down)             (R, C)
     out[t] = sum_k g[t,k] y[pos[t*K+k]]     (N, C)   Triton gather-sum with the gates, fp32 sum;
                                             pos = the inverse permutation: no scatter/index_add
+
+With the registered CUDA kernels the first GEMM is a Triton grouped GEMM that reads x's rows where
+they lie (no (R, C) copy of x[tok]), takes W_gate and W_up as they are (no concatenated copy) and
+applies SwiGLU in its epilogue (``rows_mm_swiglu``); elsewhere x[tok] is gathered, the weights
+concatenated, ``torch._grouped_mm`` multiplies and SwiGLU is its own pass (same values: h is computed
+from the bf16-rounded a and b either way).
 
 ``torch._grouped_mm`` takes bf16 operands with 16-byte aligned strides (C and F multiples of 8)
 and int32 cumulative ``offs``; an expert with no rows is an empty group. The forward keeps ``gu``
 (and the sort) for the backward, so nothing is recomputed there:
 
-    dy  = grad_out[order // K];  u = grouped_mm(dy, W_down^T)            (R, F)
+    u   = grad_out[tok] @ W_down[e]^T                                      (R, F)
     dgu, hg, dgate = swiglu_bwd(gu, u, g)                                 one Triton pass
-    dW_down = grouped_mm(hg^T, dy);  dW_gate | dW_up = grouped_mm(xs^T, dgu)   one GEMM, then its halves
+    dW_down[e] = sum_r hg_r^T grad_out[tok_r];  dW_gate | dW_up [e] = sum_r x[tok_r]^T dgu_r
     dxs = grouped_mm(dgu, [W_gate | W_up]^T);  dx[t] = sum_k dxs[pos[t*K+k]]
 
-The weight-gradient GEMMs use a column-major left operand (a transposed row-major view), the layout
-for which the CUTLASS kernel accepts groups of any size, empty ones included. Where triton is
-missing the elementwise steps run as torch ops (same math); the CPU tests run this path in fp32
-(``LEAN_ON_CPU``). Out-of-range expert ids are not checked on this path (the router produces ids
+With the kernels, u and the weight gradients read the rows of grad_out and x in place and the two
+halves of dW_gate | dW_up are written straight into their own tensors (``rows_mm``, ``weight_mm``);
+elsewhere grad_out[tok] and x[tok] are gathered and ``torch._grouped_mm`` runs, then dW_gate | dW_up
+is split by two copies. The weight-gradient GEMMs there use a column-major left operand (a transposed
+row-major view), the layout for which the CUTLASS kernel accepts groups of any size, empty ones
+included. The kernels need row counts known when tracing; under expert parallelism they are
+data-dependent, and the torch ops serve. Where triton is missing the elementwise steps run as torch
+ops (same math); the CPU tests run this path in fp32 (``LEAN_ON_CPU``). Out-of-range expert ids are not checked on this path (the router produces ids
 in range; the reference path checks).
 
 Structure: ``grapefx::expert_ffn`` is a CompositeImplicitAutograd forwarder to
@@ -211,7 +221,8 @@ def register_cuda_impl(elementwise, traced: Optional[Callable] = None) -> None:
 
     ``elementwise``: an object (``compiler.kernels.moe``) with the three steps whose torch versions
     follow, same arguments and results: ``swiglu_fwd(gu)``, ``swiglu_bwd(gu, u, g)`` and
-    ``gather_sum(src, pos, gates, K)``. They serve CUDA tensors only.
+    ``gather_sum(src, pos, gates, K)``, and the grouped GEMMs of ``compiler.kernels.grouped_gemm``
+    (``rows_mm_swiglu``, ``rows_mm``, ``weight_mm``). They serve CUDA tensors only.
     ``traced(x, indices, gates, w_gate, w_up, w_down) -> (out, gu, order, offs)``: the lean forward
     as a traceable op with its autograd, which ``grapefx::expert_ffn`` calls on CUDA where the lean
     path applies (None: the opaque ``grapefx::expert_ffn_fwd`` serves).
@@ -267,15 +278,29 @@ def _inverse(order: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
+def _grouped_kernels(x: Tensor):
+    """The registered kernels' grouped GEMMs that read rows in place, where they serve: CUDA tensors
+    whose row count is known when tracing (under expert parallelism it is data-dependent) and whose
+    width C, the depth of their products, is a multiple of their 64-wide K tiles; else None."""
+    k = _cuda_kernels if x.is_cuda else None
+    static = not isinstance(x.shape[0], torch.SymInt)
+    return k if k is not None and static and x.shape[1] % 64 == 0 else None
+
+
 def _lean_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
                   w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out (N, C), gu (R, 2F), order (R,), offs (E,)) -- formulas in the module docstring."""
     K, E = indices.shape[1], w_gate.shape[0]
     order, offs = _lean_route(indices, E)
-    xs = x.index_select(0, order // K)                                             # (R, C) rows by expert
-    w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
-    gu = torch._grouped_mm(xs, w_gu, offs=offs)                                    # (R, 2F)
-    y = torch._grouped_mm(_swiglu_fwd(gu), w_down, offs=offs)                      # (R, C)
+    tok = order // K                                                               # (R,) token of each sorted row
+    k = _grouped_kernels(x)
+    if k is not None:
+        gu, h = k.rows_mm_swiglu(x.contiguous(), tok, offs, w_gate, w_up)          # rows read in place, SwiGLU fused
+    else:
+        xs = x.index_select(0, tok)                                                # (R, C) rows by expert
+        gu = torch._grouped_mm(xs, torch.cat([w_gate, w_up], dim=2), offs=offs)    # (R, 2F)
+        h = _swiglu_fwd(gu)                                                        # (R, F)
+    y = torch._grouped_mm(h, w_down, offs=offs)                                    # (R, C)
     out = _gather_sum(y, _inverse(order), gates.reshape(-1), K)                    # (N, C) gated sum
     return out, gu, order, offs
 
@@ -288,14 +313,24 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
         _, gu, order, offs = _lean_forward(x, indices, gates, w_gate, w_up, w_down)
     tok, pos = order // K, _inverse(order)
     g = gates.reshape(-1).index_select(0, order)                                   # (R,) gate of each row
-    xs = x.index_select(0, tok)                                                    # (R, C)
-    dy = grad_out.to(x.dtype).index_select(0, tok)                                 # (R, C)
-    u = torch._grouped_mm(dy, w_down.transpose(1, 2), offs=offs)                   # (R, F)
-    dgu, hg, dgate = _swiglu_bwd(gu, u, g)                                         # (R, 2F), (R, F), (R,)
-    xs_t = xs.t()                                                                  # (C, R) column-major
-    dw_down = torch._grouped_mm(hg.t(), dy, offs=offs)                             # (E, F, C)
-    dw_gu = torch._grouped_mm(xs_t, dgu, offs=offs)                                # (E, C, 2F): one GEMM, N = 2F
-    dw_gate, dw_up = dw_gu[..., :F_].contiguous(), dw_gu[..., F_:].contiguous()    # (E, C, F) each
+    grad_out, x = grad_out.to(x.dtype).contiguous(), x.contiguous()
+    k = _grouped_kernels(x)
+    if k is not None:                                                              # rows of x and grad_out read in place
+        u = k.rows_mm(grad_out, tok, offs, w_down.transpose(1, 2))                 # (R, F)
+        dgu, hg, dgate = _swiglu_bwd(gu, u, g)                                     # (R, 2F), (R, F), (R,)
+        dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=w_down.device)
+        dw_gate = torch.empty(w_gate.shape, dtype=w_gate.dtype, device=w_gate.device)
+        dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=w_up.device)
+        k.weight_mm(hg, None, grad_out, tok, offs, dw_down)                        # (E, F, C)
+        k.weight_mm(x, tok, dgu, None, offs, dw_gate, dw_up)                       # (E, C, F) each, one pass
+    else:
+        xs = x.index_select(0, tok)                                                # (R, C)
+        dy = grad_out.index_select(0, tok)                                         # (R, C)
+        u = torch._grouped_mm(dy, w_down.transpose(1, 2), offs=offs)               # (R, F)
+        dgu, hg, dgate = _swiglu_bwd(gu, u, g)
+        dw_down = torch._grouped_mm(hg.t(), dy, offs=offs)                         # (E, F, C)
+        dw_gu = torch._grouped_mm(xs.t(), dgu, offs=offs)                          # (E, C, 2F): one GEMM, N = 2F
+        dw_gate, dw_up = dw_gu[..., :F_].contiguous(), dw_gu[..., F_:].contiguous()
     w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
     dxs = torch._grouped_mm(dgu, w_gu.transpose(1, 2), offs=offs)                  # (R, C)
     dx = _gather_sum(dxs, pos, None, K)                                            # (N, C)
