@@ -45,6 +45,7 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
+from compiler.code_version import tag_compile_caches
 from compiler.compute_weights import ComputeWeights, cast_weight_inputs
 from compiler.lower import GrapeModel, lower
 from compiler.lower.ffn import ExpertGroup
@@ -172,8 +173,11 @@ def compile_model(model: GrapeModel, *, options: dict | None = None, head: bool 
     """Compile each distinct block graph of ``model`` once (and the head) and install the runners.
 
     ``options``: ``torch._inductor.config`` patches (the spec's ``compile.inductor_options``).
-    Compilation itself happens on the first call (Dynamo is lazy).
+    Compilation itself happens on the first call (Dynamo is lazy); the compile caches' keys carry this
+    compiler's source fingerprint (``compiler.code_version``), so a changed grapefx never reuses code
+    compiled from another version.
     """
+    tag_compile_caches()
     compiled = []
     for group in block_groups(model):
         stateless, names = lift_state(model.layers[group.layers[0]])
