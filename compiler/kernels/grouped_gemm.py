@@ -28,7 +28,6 @@ memory 6 GiB lower (``bench/grouped_gemm.py``, ``bench/RESULTS.md``). The second
 input gradient stay on ``torch._grouped_mm``, which is faster there (their rows are already in order).
 """
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -42,8 +41,7 @@ _FWD_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_s
                                      (128, 256, 8, 3), (64, 64, 4, 4))]
 _WGRAD_CONFIGS = [triton.Config({"BI": bi, "BO": bo, "BR": br}, num_warps=w, num_stages=s)
                   for bi, bo, br, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                           (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
-                                           (128, 128, 128, 8, 2))]
+                                           (64, 128, 64, 4, 4), (128, 128, 32, 4, 4))]
 
 
 @triton.jit
