@@ -13,27 +13,12 @@ wrapper's per-call table). fp16 stands in for bf16: the interpreter's dot
 mishandles bf16 operands.
 """
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # Triton decides at decoration time whether a @jit function is interpreted, its own library
-    # included: the variable must be set before triton is first imported in this process.
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own "
-                    "process (or export TRITON_INTERPRET=1)", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-    import numpy
-    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton's interpreter mis-runs loops whose bounds depend on the program id with numpy >= 2.4; "
-                    "run these tests with numpy < 2.4 (pip install 'numpy<2.4')", allow_module_level=True)
+from triton_interpreter import on_gpu_or_interpreter
+
+ON_GPU = on_gpu_or_interpreter()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

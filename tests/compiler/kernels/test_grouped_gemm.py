@@ -7,25 +7,12 @@ interpreter (its dot mishandles bf16), bf16 on a GPU. Groups are uneven, one exp
 the row count is no multiple of any tile.
 """
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own "
-                    "process (or export TRITON_INTERPRET=1)", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-    import numpy
-    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton's interpreter mis-runs loops with runtime bounds with numpy >= 2.4; run these tests "
-                    "with numpy < 2.4 (pip install 'numpy<2.4')", allow_module_level=True)
+from triton_interpreter import on_gpu_or_interpreter
+
+ON_GPU = on_gpu_or_interpreter()
 
 from compiler.kernels import grouped_gemm as gg  # noqa: E402
 

@@ -3,25 +3,13 @@ versions the ops fall back to (same math). CPU: Triton's interpreter (TRITON_INT
 triton is imported); skipped where triton is missing (CI). fp16 stands in for bf16 on the interpreter."""
 
 import importlib
-import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file in its own process",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-    import numpy
-    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton's interpreter mis-runs loops whose bounds depend on the program id with numpy >= 2.4; "
-                    "run these tests with numpy < 2.4 (pip install 'numpy<2.4')", allow_module_level=True)
+from triton_interpreter import on_gpu_or_interpreter
+
+ON_GPU = on_gpu_or_interpreter()
 
 from compiler.kernels import cross_entropy, moe  # noqa: E402
 
