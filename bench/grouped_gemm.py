@@ -41,16 +41,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if torch.isfinite(a).all() else float("nan")
 
 
-def _routing(N: int, E: int, K: int, dev: str, idle: int | None = None):
-    """order, tok (= order // K), offs, pos: the routing of N tokens to K of E experts by random scores."""
+def _routing(N: int, E: int, K: int, dev: str, idle: int):
+    """order, tok (= order // K), offs: N tokens routed to K of E experts by random scores, as the lean
+    path sorts them; expert ``idle`` gets no row."""
+    from compiler.ops import experts
     scores = torch.rand(N, E, device=dev)
-    if idle is not None:
-        scores[:, idle] = -1.0                                                  # expert `idle` gets no row
-    idx = scores.topk(K, dim=1).indices.reshape(-1)
-    ids, order = torch.sort(idx, stable=True)
-    offs = torch.searchsorted(ids, torch.arange(E, device=dev), right=True).to(torch.int32)
-    pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
-    return order, (order // K), offs, pos
+    scores[:, idle] = -1.0
+    order, offs = experts._lean_route(scores.topk(K, dim=1).indices, E)
+    return order, order // K, offs
 
 
 def _groups(offs: torch.Tensor) -> list[tuple[int, int]]:
@@ -61,7 +59,7 @@ def _groups(offs: torch.Tensor) -> list[tuple[int, int]]:
 def check(dev: str, dt: torch.dtype) -> dict:
     torch.manual_seed(1)
     N, C, F, E, K = 77, 128, 64, 5, 2
-    order, tok, offs, _ = _routing(N, E, K, dev, idle=3)
+    order, tok, offs = _routing(N, E, K, dev, idle=3)
     R = order.numel()
     x = torch.randn(N, C, device=dev).to(dt)
     wg, wu = (torch.randn(E, C, F, device=dev) / C ** 0.5).to(dt), (torch.randn(E, C, F, device=dev) / C ** 0.5).to(dt)

@@ -64,7 +64,8 @@ def _expert_tile(pid_m, Offs, E: tl.constexpr, E_P2: tl.constexpr, BM: tl.conste
 @triton.jit
 def _rows_kernel(A, Src, W1, W2, Out, H, Offs, K1, N_OUT, stride_a, stride_o, stride_h,
                  s1e, s1k, s1n, s2e, s2k, s2n,
-                 E: tl.constexpr, E_P2: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 E: tl.constexpr, E_P2: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e, row0, row_end = _expert_tile(pid_m, Offs, E, E_P2, BM)
@@ -181,9 +182,9 @@ def _rows(tuned, a, src, offs, w1, w2, out, h, K1, n_out):
         return triton.cdiv(n_out, meta["BN"]), triton.cdiv(R, meta["BM"]) + E
 
     launch(tuned)[grid](a, a if src is None else src, w1, w2, out, out if h is None else h, offs,
-                              K1, n_out, a.stride(0), out.stride(0), out.stride(0) if h is None else h.stride(0),
-                              *w1.stride(), *w2.stride(), E=E, E_P2=triton.next_power_of_2(E),
-                              GATHER=src is not None, SWIGLU=h is not None)
+                        K1, n_out, a.stride(0), out.stride(0), out.stride(0) if h is None else h.stride(0),
+                        *w1.stride(), *w2.stride(), E=E, E_P2=triton.next_power_of_2(E),
+                        GATHER=src is not None, SWIGLU=h is not None)
 
 
 def rows_mm(a: Tensor, src: Tensor | None, offs: Tensor, w: Tensor) -> Tensor:

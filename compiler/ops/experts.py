@@ -43,8 +43,8 @@ is split by two copies. The weight-gradient GEMMs there use a column-major left 
 row-major view), the layout for which the CUTLASS kernel accepts groups of any size, empty ones
 included. The kernels need row counts known when tracing; under expert parallelism they are
 data-dependent, and the torch ops serve. Where triton is missing the elementwise steps run as torch
-ops (same math); the CPU tests run this path in fp32 (``LEAN_ON_CPU``). Out-of-range expert ids are not checked on this path (the router produces ids
-in range; the reference path checks).
+ops (same math); the CPU tests run this path in fp32 (``LEAN_ON_CPU``). Out-of-range expert ids are
+not checked on this path (the router produces ids in range; the reference path checks).
 
 Structure: ``grapefx::expert_ffn`` is a CompositeImplicitAutograd forwarder to
 ``grapefx::expert_ffn_fwd`` -> (out, gu, order, offs) (the last three empty on the reference
@@ -318,9 +318,7 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
     if k is not None:                                                              # rows of x and grad_out read in place
         u = k.rows_mm(grad_out, tok, offs, w_down.transpose(1, 2))                 # (R, F)
         dgu, hg, dgate = _swiglu_bwd(gu, u, g)                                     # (R, 2F), (R, F), (R,)
-        dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=w_down.device)
-        dw_gate = torch.empty(w_gate.shape, dtype=w_gate.dtype, device=w_gate.device)
-        dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=w_up.device)
+        dw_down, dw_gate, dw_up = (w.new_empty(w.shape) for w in (w_down, w_gate, w_up))   # contiguous
         k.weight_mm(hg, None, grad_out, tok, offs, dw_down)                        # (E, F, C)
         k.weight_mm(x, tok, dgu, None, offs, dw_gate, dw_up)                       # (E, C, F) each, one pass
     else:
