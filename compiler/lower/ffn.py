@@ -2,7 +2,7 @@
 
 MoE, per token t (N = B*T tokens, E routed experts, K chosen):
 
-    logits  = h W_r^T                          (N, E) fp32 (router weight kept fp32)
+    logits  = h W_r^T                          (N, E) fp32 (router weight kept fp32; ops.router.router_logits)
     s       = sigmoid(logits)                  (N, E) fp32     [softmax: see below]
     choice  = s + b                            expert_bias b steers the choice only
     idx     = top-k(choice)                    (N, K) ties to the lower index; group-limited
@@ -39,6 +39,7 @@ import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
 from compiler.lower.builder import GraphBuilder, tag
 from compiler.lower.common import weight
 from compiler.lower.init import Initializer
+from compiler.ops.router import router_logits
 from spec.schema import MoE, Parallel
 
 ops = torch.ops.grapefx
@@ -80,8 +81,7 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
 
     # router, fp32 end to end (MATH.md §5-6)
     w_r = b.param("moe.router.weight", init.normal(f"{name}.moe.router.weight", (E, C)))
-    flat32 = flat if cd == torch.float32 else b.method("moe_tokens_fp32", "float", flat)
-    logits = b("moe_router_logits", F.linear, flat32, w_r)                                 # (N, E) fp32
+    logits = b("moe_router_logits", router_logits, flat, w_r)                              # (N, E) fp32
     if r.score_function == "sigmoid":
         scores = b("moe_router_scores", torch.sigmoid, logits)                              # (N, E)
     elif r.pre_softmax:

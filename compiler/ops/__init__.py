@@ -14,7 +14,8 @@ it with no graph break) and an explicit autograd formula. One module per op fami
 | ``linear_cross_entropy(x, weight, targets, ignore_index=-100)`` (+ ``_fwd``, ``_fwd_bwd``) | linear_cross_entropy.py | §6 |
 | ``expert_dispatch(x, indices, experts, ranks, group, capacity_factor)``, ``expert_combine(y, gates, order, splits, group)`` | expert_parallel.py | §5 |
 
-Python helpers: ``grape_m_init_log_freq``, ``grape_m_theta``, ``alibi_slopes``.
+Python helpers: ``grape_m_init_log_freq``, ``grape_m_theta``, ``alibi_slopes``; ``router.router_logits``
+(the router's fp32 logits from bf16 tokens: plain torch ops that torch.compile traces through).
 
 Note: the package attribute ``compiler.ops.attention`` is the op wrapper (a function), not the
 module; reach the module's other names with ``from compiler.ops.attention import register_cuda_impl``.

@@ -1,4 +1,7 @@
-"""The DeepSeek-V3 router's expert selection: deterministic top-k, optionally group-limited (MATH.md §5).
+"""The DeepSeek-V3 router: its fp32 logits and its expert selection (MATH.md §5).
+
+``router_logits``: logits = x W_r^T in fp32 from bf16 tokens, at bf16 tensor-core speed on CUDA
+(its docstring). ``router_topk``: deterministic top-k, optionally group-limited.
 
 The selection reads the *biased* choice scores ``s + b``; gates are gathered from the unbiased
 ``s`` by the caller, so nothing here needs a gradient.
@@ -18,7 +21,83 @@ before the top-k.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+# mm with bf16 inputs and an fp32 result (fp32 accumulation, no rounding to bf16): CUDA only
+_MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _split_bf16(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 t as three bf16 parts with t == hi + mid + lo exactly.
+
+    Each part is what the ones before it leave, cut to its top 16 bits (sign, exponent and the 7
+    leading fraction bits: a bf16 number, so the casts are exact), and the remainders are exact fp32
+    differences; 8 + 8 + 8 significant bits hold fp32's 24. Cutting, not rounding: Inductor drops a
+    rounding cast followed by the cast back inside one kernel, which would leave mid = lo = 0.
+    """
+    hi = _top16(t)
+    rest = t - hi
+    mid = _top16(rest)
+    return hi.to(torch.bfloat16), mid.to(torch.bfloat16), (rest - mid).to(torch.bfloat16)
+
+
+def _top16(t: Tensor) -> Tensor:
+    """fp32 t with the low 16 bits of each number cleared (rounded towards zero to a bf16 value)."""
+    return (t.view(torch.int32) & -65536).view(torch.float32)
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b of bf16 matrices as fp32: every product of two bf16 numbers is exact in fp32 and the sums
+    are fp32 (cuBLAS's mm with out_dtype on CUDA; on other devices the same numbers via fp32 inputs)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+class _SplitLogits(torch.autograd.Function):
+    """x W^T (x bf16 (N, C), W fp32 (E, C)) as bf16 GEMMs over the split of W; ``router_logits``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        E = weight.shape[0]
+        parts = torch.cat(_split_bf16(weight))                               # (3E, C) bf16: hi; mid; lo
+        ctx.save_for_backward(x, parts)
+        return _mm_fp32(x, parts.t()).view(-1, 3, E).sum(1)                  # (N, E) fp32
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, parts = ctx.saved_tensors
+        E = grad.shape[1]
+        hi, mid, _ = parts.split(E)
+        g_hi, g_mid, g_lo = _split_bf16(grad)                                # (N, E) bf16 each
+        dx = torch.cat([g_hi, g_hi, g_mid], 1) @ torch.cat([hi, mid, hi])     # (N, C) bf16
+        dw = _mm_fp32(torch.cat([g_hi, g_mid, g_lo], 1).t(), x)              # (3E, C) fp32
+        return dx, dw.view(3, E, -1).sum(0)
+
+
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """logits = x W_r^T, (N, E) fp32, from the tokens x (N, C) and the fp32 router weight W_r (E, C).
+
+    bf16 x on CUDA: three bf16 GEMMs give the fp32 product,
+
+        W_r = W_hi + W_mid + W_lo              exactly (``_split_bf16``)
+        x W_r^T = x [W_hi; W_mid; W_lo]^T      one (N, 3E) fp32 GEMM result, summed over its E-blocks
+
+    bf16 x bf16 products are exact in fp32 and the tensor cores sum in fp32, so this is the fp32
+    GEMM of the bf16 tokens up to the order of its sums. Backward, with g = dL/dlogits (fp32):
+
+        dW_r = g^T x   from [g_hi | g_mid | g_lo]^T x, fp32, summed over the E-blocks    (as exact)
+        dx   = g W_r   from [g_hi | g_hi | g_mid] [W_hi; W_mid; W_hi], rounded to bf16 once
+
+    dx leaves out the three terms smaller than 2^-16 of the product, under its bf16 rounding
+    (2^-9). Why: the fp32 GEMMs with E = 64 columns ran at 30-37 TFLOP/s on an H100, 4.7 ms of a
+    baseline.yaml step, and the fp32 copy of x they read is no longer made (nor kept for the
+    backward). Any other case (fp32 x, CPU): ``F.linear(x.float(), W_r)``.
+    """
+    if x.is_cuda and _MM_FP32_OUT and x.dtype == torch.bfloat16 and weight.dtype == torch.float32:
+        return _SplitLogits.apply(x, weight)
+    return F.linear(x.float(), weight)
 
 
 def _check(scores: Tensor, k: int, num_groups: int, group_topk: int) -> None:

@@ -72,7 +72,7 @@ KERNEL_GROUPS: tuple[tuple[str, str], ...] = (
     ("attention", r"^_fwd$|^_bwd_(dkdv|dq|delta)$|flex|attention|fmha|flash|triton_tem"),
     ("optimizer", r"adam|Adam|multi_tensor_apply"),
     ("grapefx Triton (SwiGLU / expert combine / loss)", r"_swiglu_(fwd|bwd)_kernel|_gather_sum_kernel|_ce_rows_kernel"),
-    ("grouped GEMM", r"[Gg]rouped|GroupProblemShape|KernelPtrArray"),
+    ("grouped GEMM", r"[Gg]rouped|GroupProblemShape|KernelPtrArray|^_(rows|weight)_kernel$"),
     ("dense GEMM", r"gemm|Gemm|nvjet|xmma|cutlass|cublas|splitKreduce|Kernel2"),
     ("weight/dtype copies", r"^triton_\w+_fused__to_copy_\d+$|^(?!triton_).*([Cc]opy|CatArray)"),
     ("Inductor elementwise/reduction", r"^triton_"),

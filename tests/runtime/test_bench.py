@@ -68,6 +68,7 @@ def test_bench_cli_rejects_unknown_ways(tmp_path, capsys):
 
 def test_kernel_groups_and_table():
     assert kernel_group("_bwd_dkdv") == "attention"
+    assert kernel_group("_rows_kernel") == kernel_group("_weight_kernel") == "grouped GEMM"   # ours (grouped_gemm.py)
     assert kernel_group("triton_tem_fused_flex_attention_0") == "attention"
     assert kernel_group("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<") \
         == "grouped GEMM"

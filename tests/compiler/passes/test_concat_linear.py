@@ -39,10 +39,9 @@ def test_q_k_v_and_the_shared_experts_gate_up_become_one_gemm_each(make_spec):
     assert counters["grapefx"]["concat_linear"] - before == 8
     layer = fused.layers[0]
     widths = sorted(tuple(n.meta["val"].shape)[-1] for n in linears(layer))
-    # the fp32 router reads the same tokens as the shared experts but its weight comes before their
-    # weights exist (its GEMM is left alone): router 4; o, gate|up = 16 + 16, shared down: 32 each;
-    # q|k|v = 4*8 + 2*8 + 2*8
-    assert widths == [4, 32, 32, 32, 64]
+    # the router reads the same tokens as the shared experts but is no linear (ops.router.router_logits,
+    # fp32 out of bf16 GEMMs): left alone. o, gate|up = 16 + 16, shared down: 32 each; q|k|v = 4*8 + 2*8 + 2*8
+    assert widths == [32, 32, 32, 64]
     qkv = next(n for n in linears(layer) if n.meta["val"].shape[-1] == 64)
     assert qkv.meta["grapefx_fused"] == ["concat_linear"]
     split = next(iter(qkv.users))
