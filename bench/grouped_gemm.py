@@ -172,7 +172,12 @@ def timing(N: int) -> dict:
     rows["configs"] = {name: {str(k): str(v) for k, v in tuner.cache.items()}
                        for name, tuner in (("rows_mm", gg._rows_tuned), ("rows_mm_swiglu", gg._swiglu_tuned),
                                            ("weight_mm", gg._weight_tuned))}
-    print(json.dumps(rows["configs"], indent=1))
+    # each tile's time in the last tuning of each kernel (Triton keeps the timings of its last tuning only)
+    rows["config_timings_ms"] = {name: {str(k): [round(float(v), 4) for v in (t_ if isinstance(t_, list) else [t_])]
+                                        for k, t_ in (getattr(tuner, "configs_timings", None) or {}).items()}
+                                 for name, tuner in (("rows_mm", gg._rows_tuned), ("rows_mm_swiglu", gg._swiglu_tuned),
+                                                     ("weight_mm", gg._weight_tuned))}
+    print(json.dumps({k: rows[k] for k in ("configs", "config_timings_ms")}, indent=1))
     return rows
 
 
