@@ -88,14 +88,14 @@ def timing(N: int, C: int, E: int) -> dict:
     for name, fn in (("fp32 GEMMs", _old), ("split", _new)):
         f = torch.compile(fn, fullgraph=True)
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out[name] = {"forward_ms": ms(lambda: f(x, w)),
-                     "forward_backward_ms": ms(lambda: f(xr, wr).backward(grad), [xr, wr])}
+        out[name] = {"forward_ms": ms(lambda f=f: f(x, w)),
+                     "forward_backward_ms": ms(lambda f=f, xr=xr, wr=wr: f(xr, wr).backward(grad), [xr, wr])}
     gs = torch.cat(_split_bf16(grad), 1)                                 # (N, 3E)
     dw = {"fp32 GEMM": ms(lambda: grad.t() @ x.float()),
           "one GEMM": ms(lambda: torch.mm(gs.t(), x, out_dtype=torch.float32).view(3, E, C).sum(0))}
     for S in (4, 8, 16):
         a, b = gs.view(S, N // S, 3 * E).transpose(1, 2), x.view(S, N // S, C)
-        dw[f"split-K {S}"] = ms(lambda: torch.bmm(a, b, out_dtype=torch.float32).view(S * 3, E, C).sum(0))
+        dw[f"split-K {S}"] = ms(lambda a=a, b=b, S=S: torch.bmm(a, b, out_dtype=torch.float32).view(S * 3, E, C).sum(0))
     out["weight gradient alone"] = dw
     return out
 

@@ -34,9 +34,11 @@ from torch import Tensor
 
 from compiler.kernels import launch
 
-__all__ = ["rows_mm", "rows_mm_swiglu", "weight_mm"]
+__all__ = ["rows_mm", "rows_mm_swiglu", "weight_mm", "ROWS_DEPTH_MULTIPLE"]
 
-_FWD_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": 64}, num_warps=w, num_stages=s)
+ROWS_DEPTH_MULTIPLE = 64        # the rows GEMMs' K tile: the depth of their products must be a multiple of it
+
+_FWD_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": ROWS_DEPTH_MULTIPLE}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4),
                                      (128, 256, 8, 3), (64, 64, 4, 4))]
 _WGRAD_CONFIGS = [triton.Config({"BI": bi, "BO": bo, "BR": br}, num_warps=w, num_stages=s)
@@ -166,8 +168,8 @@ _weight_tuned = triton.autotune(_WGRAD_CONFIGS, key=["I", "O", "O_SPLIT"])(_weig
 
 
 def _check_rows(a: Tensor, K1: int) -> None:
-    if a.stride(-1) != 1 or K1 % 64:
-        raise ValueError(f"grouped_gemm: the rows must be contiguous and their depth a multiple of 64; "
+    if a.stride(-1) != 1 or K1 % ROWS_DEPTH_MULTIPLE:
+        raise ValueError(f"grouped_gemm: the rows must be contiguous and their depth a multiple of {ROWS_DEPTH_MULTIPLE}; "
                          f"got {tuple(a.shape)} with strides {a.stride()}")
 
 

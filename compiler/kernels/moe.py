@@ -28,9 +28,9 @@ import triton.language as tl
 from torch import Tensor
 
 from compiler.kernels import launch
-from compiler.kernels.grouped_gemm import rows_mm, rows_mm_swiglu, weight_mm
+from compiler.kernels.grouped_gemm import ROWS_DEPTH_MULTIPLE, rows_mm, rows_mm_swiglu, weight_mm
 
-__all__ = ["swiglu_fwd", "swiglu_bwd", "gather_sum", "rows_mm", "rows_mm_swiglu", "weight_mm"]
+__all__ = ["swiglu_fwd", "swiglu_bwd", "gather_sum", "rows_mm", "rows_mm_swiglu", "weight_mm", "ROWS_DEPTH_MULTIPLE"]
 
 
 @triton.jit

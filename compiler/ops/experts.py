@@ -222,7 +222,8 @@ def register_cuda_impl(elementwise, traced: Optional[Callable] = None) -> None:
     ``elementwise``: an object (``compiler.kernels.moe``) with the three steps whose torch versions
     follow, same arguments and results: ``swiglu_fwd(gu)``, ``swiglu_bwd(gu, u, g)`` and
     ``gather_sum(src, pos, gates, K)``, and the grouped GEMMs of ``compiler.kernels.grouped_gemm``
-    (``rows_mm_swiglu``, ``rows_mm``, ``weight_mm``). They serve CUDA tensors only.
+    (``rows_mm_swiglu``, ``rows_mm``, ``weight_mm`` and their K tile ``ROWS_DEPTH_MULTIPLE``). They serve CUDA
+    tensors only.
     ``traced(x, indices, gates, w_gate, w_up, w_down) -> (out, gu, order, offs)``: the lean forward
     as a traceable op with its autograd, which ``grapefx::expert_ffn`` calls on CUDA where the lean
     path applies (None: the opaque ``grapefx::expert_ffn_fwd`` serves).
@@ -281,10 +282,10 @@ def _inverse(order: Tensor) -> Tensor:
 def _grouped_kernels(x: Tensor):
     """The registered kernels' grouped GEMMs that read rows in place, where they serve: CUDA tensors
     whose row count is known when tracing (under expert parallelism it is data-dependent) and whose
-    width C, the depth of their products, is a multiple of their 64-wide K tiles; else None."""
+    width C, the depth of their products, is a multiple of their K tile (``ROWS_DEPTH_MULTIPLE``); else None."""
     k = _cuda_kernels if x.is_cuda else None
     static = not isinstance(x.shape[0], torch.SymInt)
-    return k if k is not None and static and x.shape[1] % 64 == 0 else None
+    return k if k is not None and static and x.shape[1] % k.ROWS_DEPTH_MULTIPLE == 0 else None
 
 
 def _lean_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor,
