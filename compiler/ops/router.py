@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from compiler.ops._util import compute_dtype
+
 # mm with bf16 inputs and an fp32 result (fp32 accumulation, no rounding to bf16): CUDA only
 _MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()
 
@@ -93,11 +95,12 @@ def router_logits(x: Tensor, weight: Tensor) -> Tensor:
     dx leaves out the three terms smaller than 2^-16 of the product, under its bf16 rounding
     (2^-9). Why: the fp32 GEMMs with E = 64 columns ran at 30-37 TFLOP/s on an H100, 4.7 ms of a
     baseline.yaml step, and the fp32 copy of x they read is no longer made (nor kept for the
-    backward). Any other case (fp32 x, CPU): ``F.linear(x.float(), W_r)``.
+    backward). Any other case (fp32 x, CPU): ``F.linear`` of the two in fp32 (fp64 when either is fp64).
     """
     if x.is_cuda and _MM_FP32_OUT and x.dtype == torch.bfloat16 and weight.dtype == torch.float32:
         return _SplitLogits.apply(x, weight)
-    return F.linear(x.float(), weight)
+    dt = compute_dtype(x.dtype, weight.dtype)
+    return F.linear(x.to(dt), weight.to(dt))
 
 
 def _check(scores: Tensor, k: int, num_groups: int, group_topk: int) -> None:

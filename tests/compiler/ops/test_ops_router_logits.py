@@ -97,3 +97,10 @@ def test_traces_whole_under_compile():
     compiled = torch.compile(lambda a, b: _SplitLogits.apply(a, b), backend="aot_eager", fullgraph=True)
     compiled(x2, w2).backward(grad)
     assert torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad)
+
+
+def test_fp64_stays_fp64():
+    # models run in fp64 (the decoding and gradient checks) keep the router in fp64
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    out = router_logits(x, w)
+    assert out.dtype == torch.float64 and torch.equal(out, F.linear(x, w))
