@@ -15,7 +15,11 @@ spec's lr, betas, eps and weight-decay groups; no clipping, no schedule) at the 
 and sequence length, on random tokens from a fixed seed (the same batches for every way).
 
 Per way (JSON, written after every way so a crash loses nothing):
-- ``step_ms``: median over the timed steps (CUDA events; the host clock on CPU), ``tokens_per_s``;
+- ``step_ms``: median of the last window of timed steps (CUDA events; the host clock on CPU),
+  ``tokens_per_s``. A window is ``--steps`` steps; another follows while the two halves of the last
+  one have medians more than ``STEADY_TOLERANCE`` apart (a warm-up transient or drift still in it),
+  up to ``MAX_WINDOWS``. ``step_ms_all``: every timed step; ``timed_windows``; ``steady``: whether the
+  last window passed (the table says when it did not);
 - ``mfu_measured`` / ``mfu_datasheet``: FLOPs/token (``spec.derive.flops_per_token``) x tokens/s
   over the bf16 matmul peak measured in this run (an 8192^3 bf16 matmul) / the datasheet peak;
 - ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over the way (weights, grads and AdamW
@@ -232,6 +236,29 @@ class Bench:
 
 
 # ----------------------------------------------------------------------------- timing one way
+STEADY_TOLERANCE = 0.03     # a window's halves may differ by 3% (steps of one steady run differ by about 1%)
+MAX_WINDOWS = 3
+
+
+def steady(times: Sequence[float], tol: float = STEADY_TOLERANCE) -> bool:
+    """Whether the medians of the first and second half of a window of step times lie within ``tol`` of
+    each other (relative to the smaller): no transient or drift left in the window."""
+    h = len(times) // 2
+    if h == 0:
+        return True
+    a, b = statistics.median(times[:h]), statistics.median(times[h:])
+    return abs(a - b) <= tol * min(a, b)
+
+
+def timed_windows(window: Callable[[], list[float]], max_windows: int = MAX_WINDOWS) -> list[list[float]]:
+    """Windows of step times from ``window()`` (one call times one window), until one is ``steady`` or
+    ``max_windows`` ran."""
+    windows = [window()]
+    while not steady(windows[-1]) and len(windows) < max_windows:
+        windows.append(window())
+    return windows
+
+
 class _Timer:
     """Step times: CUDA events on CUDA (read after one sync at the end), the host clock on CPU."""
 
@@ -334,15 +361,22 @@ def run_way(bench: Bench, way: str, *, steps: int, warmup: int, warm_compile: bo
     rec["loss_step1"] = float(loss1)
     for i in range(max(0, warmup - 1)):
         _train_step(built.forward, opt, *batches[(i + 1) % len(batches)])
-    timer = _Timer(device)
-    last = loss1
-    for i in range(steps):
-        with timer.step():
-            last = _train_step(built.forward, opt, *batches[i % len(batches)])
-    times = timer.seconds()
-    step_s = statistics.median(times)
+    last, done = loss1, 0
+
+    def window(forward=built.forward, opt=opt) -> list[float]:
+        nonlocal last, done
+        timer = _Timer(device)
+        for _ in range(steps):
+            with timer.step():
+                last = _train_step(forward, opt, *batches[done % len(batches)])
+            done += 1
+        return timer.seconds()
+
+    windows = timed_windows(window)
+    step_s = statistics.median(windows[-1])
     tokens = bench.spec.train.micro_batch * bench.spec.data.seq_len
-    rec.update(step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=tokens / step_s,
+    rec.update(step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for w in windows for t in w], timed_windows=len(windows),
+               steady=steady(windows[-1]), tokens_per_s=tokens / step_s,
                loss_last=float(last), compile_cold_s=max(0.0, rec["first_step_s"] - step_s) if way in COMPILED else None,
                peak_memory_gib=memory_gib(device))
     if not math.isfinite(rec["loss_last"]):
@@ -356,7 +390,7 @@ def run_way(bench: Bench, way: str, *, steps: int, warmup: int, warm_compile: bo
         _train_step(built.forward, opt, *batches[0])
         _sync(device)
         rec["compile_warm_s"] = max(0.0, time.perf_counter() - t2 - step_s)
-    del built, opt
+    del built, opt, window
     torch._dynamo.reset()
     gc.collect()
     return rec
@@ -490,6 +524,10 @@ def format_table(doc: dict) -> str:
     for k, v in doc.get("ratios", {}).items():
         out.append(f"{k}: {v:.2f}")
     for way, r in doc["ways"].items():
+        if r.get("steady") is False:
+            out.append(f"{way}: step times still drifting after {r['timed_windows']} windows of "
+                       f"{doc['settings']['steps']} steps (halves differ by more than {STEADY_TOLERANCE:.0%}); "
+                       "its figures are the last window's median: run more --steps")
         if r.get("status") == "error":
             out.append(f"{way} failed: {r.get('error', '')[:300]}")
     return "\n".join(out)

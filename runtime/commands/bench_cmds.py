@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE.json", help="where the results go (rewritten after each way)")
     p.add_argument("--ways", default=",".join(WAY_NAMES), metavar="A,B",
                    help="which ways to run (default: all five; they run in the order grapefx, reference, flex, eager, compile)")
-    p.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps per way (median reported; default 10)")
+    p.add_argument("--steps", type=int, default=10, metavar="N",
+                   help="timed steps per window (the median of the last window is reported; another window, up "
+                        "to 3, follows while the halves of the last differ by more than 3%%; default 10)")
     p.add_argument("--warmup", type=int, default=3, metavar="N",
                    help="untimed steps first, the compiling one included (default 3)")
     p.add_argument("--profile", metavar="DIR", help="profile a few steps per way: kernel-group table in the JSON and "

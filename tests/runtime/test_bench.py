@@ -9,6 +9,7 @@ import torch
 
 from compiler.lower import lower
 from runtime.bench import RUN_ORDER, format_table, kernel_group
+from runtime.bench.ways import MAX_WINDOWS, steady, timed_windows
 from runtime.bench.reference_model import ReferenceModel
 from runtime.cli import main
 from spec import load_spec
@@ -52,13 +53,45 @@ def test_bench_cli_eager_on_cpu(tmp_path, capsys):
     assert code == 0
     doc = json.loads(out.read_text())
     rec = doc["ways"]["eager"]
-    assert rec["status"] == "ok" and len(rec["step_ms_all"]) == 2
+    assert rec["status"] == "ok" and len(rec["step_ms_all"]) == 2 * rec["timed_windows"]
+    assert rec["step_ms"] == pytest.approx(sum(rec["step_ms_all"][-2:]) / 2)      # the last window's median
     assert rec["tokens_per_s"] == pytest.approx(2 * 12 / (rec["step_ms"] / 1e3))
     assert rec["loss_step1"] == pytest.approx(float(torch.log(torch.tensor(320.0))), rel=0.05)  # ~uniform at init
     assert rec["mfu_measured"] is None and rec["compile_cold_s"] is None            # CPU: no peak, eager
     assert doc["settings"]["order"] == ["eager"] and doc["flops_per_token"] > 0
     printed = capsys.readouterr().out
     assert "eager" in printed and "tok/s" in printed
+
+
+# step times (ms) of one GPU run: the first six timed steps still ~15 ms slow, the last two settled
+DRIFTING = [142.2, 138.0, 136.1, 135.7, 136.4, 135.8, 120.9, 120.5]
+SETTLED = [120.6, 121.3, 121.9, 120.6, 121.8, 122.1, 120.5, 120.3]
+
+
+def test_steady_compares_the_medians_of_the_halves():
+    assert steady(SETTLED)                        # 121.15 and 121.15
+    assert not steady(DRIFTING)                   # 137.05 against 128.35: 6.8% apart
+    assert steady([100.0, 102.9]) and not steady([100.0, 103.1])    # 3% of the smaller
+    assert steady([5.0])                          # one step: nothing to compare
+
+
+def test_timed_windows_run_until_a_window_is_steady_or_the_cap():
+    given = iter([DRIFTING, SETTLED, DRIFTING])
+    windows = timed_windows(lambda: next(given))
+    assert windows == [DRIFTING, SETTLED]         # stopped at the steady one
+    assert len(timed_windows(lambda: DRIFTING)) == MAX_WINDOWS
+    assert timed_windows(lambda: SETTLED) == [SETTLED]
+
+
+def test_the_table_says_when_a_way_never_settled():
+    doc = {"spec": "s", "shape": {"tokens_per_step": 8}, "flops_per_token": 1e6,
+           "settings": {"order": ["grapefx"], "steps": 8},
+           "peak": {"measured_bf16_matmul_tflops": None, "datasheet_tflops": None},
+           "ways": {"grapefx": {"status": "ok", "step_ms": 128.35, "steady": False, "timed_windows": 3}}}
+    assert ("grapefx: step times still drifting after 3 windows of 8 steps (halves differ by more than 3%); "
+            "its figures are the last window's median: run more --steps") in format_table(doc)
+    doc["ways"]["grapefx"]["steady"] = True
+    assert "drifting" not in format_table(doc)
 
 
 def test_bench_cli_rejects_unknown_ways(tmp_path, capsys):
