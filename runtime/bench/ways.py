@@ -28,7 +28,8 @@ Per way (JSON, written after every way so a crash loses nothing):
   empty Inductor cache when the run starts with one); ``compile_warm_s``: the same after
   ``torch._dynamo.reset()`` with the FX-graph and AOT caches warm (``--warm-compile`` ways);
 - ``loss_step1``: the loss of the first step (before any update): every way starts from the same
-  weights on the same batch, so these agree up to bf16 rounding;
+  weights on the same batch, so these agree up to bf16 rounding; ``loss_last``: the loss of step
+  warmup + steps (the first window's last), the same step whatever windows followed;
 - with ``--profile DIR``: a per-kernel-group table (ms per step) in the JSON and in
   ``DIR/kernels.md``, and a gzipped Chrome trace per way in ``--trace-ways``; on CUDA each traced way
   also gets where its GPU sat idle in the step, and why (``profile.gaps``, ``runtime.bench.gaps``).
@@ -361,27 +362,28 @@ def run_way(bench: Bench, way: str, *, steps: int, warmup: int, warm_compile: bo
     rec["loss_step1"] = float(loss1)
     for i in range(max(0, warmup - 1)):
         _train_step(built.forward, opt, *batches[(i + 1) % len(batches)])
-    last, done = loss1, 0
+    window_losses: list = []                       # the loss of each window's last step
 
     def window(forward=built.forward, opt=opt) -> list[float]:
-        nonlocal last, done
         timer = _Timer(device)
-        for _ in range(steps):
+        for i in range(len(window_losses) * steps, (len(window_losses) + 1) * steps):
             with timer.step():
-                last = _train_step(forward, opt, *batches[done % len(batches)])
-            done += 1
+                loss = _train_step(forward, opt, *batches[i % len(batches)])
+        window_losses.append(loss)
         return timer.seconds()
 
     windows = timed_windows(window)
+    last = window_losses[0]                         # step warmup + steps, whatever windows followed
     step_s = statistics.median(windows[-1])
     tokens = bench.spec.train.micro_batch * bench.spec.data.seq_len
     rec.update(step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for w in windows for t in w], timed_windows=len(windows),
                steady=steady(windows[-1]), tokens_per_s=tokens / step_s,
                loss_last=float(last), compile_cold_s=max(0.0, rec["first_step_s"] - step_s) if way in COMPILED else None,
                peak_memory_gib=memory_gib(device))
-    if not math.isfinite(rec["loss_last"]):
+    bad = next((float(v) for v in window_losses if not math.isfinite(float(v))), None)
+    if bad is not None:
         rec["status"] = "error"
-        rec["error"] = f"the loss became {rec['loss_last']}"
+        rec["error"] = f"the loss became {bad}"
     if profile_steps:
         rec["profile"] = _profile(built.forward, opt, batches, device, profile_steps, trace)
     if warm_compile and way in COMPILED:
