@@ -159,7 +159,7 @@ class Run:
             rec["peak_tflops"] = doc["peak"]["measured_bf16_matmul_tflops"]
             rec["ways"] = {w: {k: r.get(k) for k in ("status", "tokens_per_s", "step_ms", "mfu_measured",
                                                        "peak_memory_gib", "compile_cold_s", "compile_warm_s",
-                                                       "loss_step1", "error")}
+                                                       "loss_step1", "steady", "error")}
                            for w, r in doc["ways"].items()}
             rec["ratios"] = doc.get("ratios", {})
             g = doc["ways"].get("grapefx", {})
@@ -278,7 +278,8 @@ def report(doc: dict) -> str:
         out += [f"`{name}` (peak {_f(rec.get('peak_tflops'), '.0f')} TFLOP/s): ratios "
                 + ", ".join(f"{k} {v:.2f}" for k, v in rec.get("ratios", {}).items()), "",
                 "| way | tok/s | ms/step | MFU | peak GiB | cold s | warm s | loss@1 |", "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {w} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('step_ms'), '.1f')} | "
+        out += [f"| {w} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('step_ms'), '.1f')}"
+                f"{' (never steady)' if r.get('steady') is False else ''} | "
                 f"{_f(r.get('mfu_measured'), '.1%')} | {_f(r.get('peak_memory_gib'), '.1f')} | "
                 f"{_f(r.get('compile_cold_s'), '.0f')} | {_f(r.get('compile_warm_s'), '.0f')} | {_f(r.get('loss_step1'), '.4f')} |"
                 for w, r in rec["ways"].items()]
