@@ -1,0 +1,56 @@
+"""The grouped GEMMs' main loops as Triton compiles them for Hopper (compiler/kernels/pipelining.py,
+bench/kernel_ir.py): every autotuned tile keeps each operand num_stages deep.
+
+Needs triton, not a GPU (skipped in CI, which has no triton). Runs in a subprocess without
+TRITON_INTERPRET, which the interpreter tests of this folder set for the whole process.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_every_tile_keeps_its_operands_num_stages_deep(tmp_path):
+    out = tmp_path / "ir.json"
+    p = _run(["bench/kernel_ir.py", str(out), "--first", "2"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["shallow"] == []
+    weight = doc["launches"]["dW_gate | dW_up (weight_mm, a gathered)"]
+    # 128 x 128 tiles over 64-row chunks, 4 stages: a^T (128 x 64) and b (64 x 128) bf16, 16 KiB each, 4 deep
+    r = next(r for r in weight if r["num_stages"] == 4)
+    assert r["operand_buffers"] == [4, 4] and r["shared_bytes"] == 4 * 2 * 16384 and r["async_copies"] > 0
+    swiglu = doc["launches"]["gate|up + SwiGLU (rows_mm_swiglu)"][0]
+    assert swiglu["operand_buffers"] == [3, 3, 3] and swiglu["mma_waits"][0] == 2    # a, w_gate, w_up; two dots
+
+
+def test_without_the_unit_stride_the_weight_is_not_pipelined(tmp_path):
+    # W_down^T's unit stride along k is what lets u's weight loads be vectorized and copied
+    # asynchronously; compiled as if strided, only the rows (a) keep their 3 buffers and no MMA overlaps
+    code = ("import json\n"
+            "from compiler.kernels.pipelining import pipelining, GROUPED_GEMM_LAUNCHES as L\n"
+            "fn, sig, cx, unit, cfg = L['u = dy W_down^T (rows_mm)']\n"
+            "c = cfg[0]\n"
+            "print(json.dumps([pipelining(fn, sig, {**cx, **c.kwargs}, c.num_warps, c.num_stages, u) for u in (unit, ())]))\n")
+    p = _run(["-c", code], tmp_path)
+    assert p.returncode == 0, p.stderr
+    with_unit, without = json.loads(p.stdout.splitlines()[-1])
+    assert with_unit["operand_buffers"] == [3, 3] and with_unit["mma_waits"][0] == 1
+    assert without["operand_buffers"] == [3] and without["mma_waits"] == [0]
