@@ -146,9 +146,9 @@ def _weight_kernel(A, ASrc, B, BSrc, Out1, Out2, Offs, I, O, O_SPLIT, stride_a, 
     o_ok = oo < O
     rr = tl.arange(0, BR)
     acc = tl.zeros((BI, BO), tl.float32)                                      # a^T (BI, BR) @ b (BR, BO)
-    # the source rows of each chunk are read one chunk ahead, so that no load in the loop feeds
-    # another: Triton then pipelines the operand loads num_stages deep (with the index load in the
-    # same iteration it kept two buffers whatever num_stages said)
+    # each chunk's source rows are read one chunk ahead, so that no load feeds another load of the
+    # same iteration: Triton then pipelines the operand loads num_stages deep (with the index load
+    # in the same iteration it kept two buffers whatever num_stages said)
     sa_next = _source_rows(ASrc, r0 + rr, r1, GATHER_A)
     sb_next = _source_rows(BSrc, r0 + rr, r1, GATHER_B)
     for r in range(r0, r1, BR):
