@@ -41,7 +41,8 @@ def bench(tree: Path, name: str, args, out: Path) -> dict:
         return {"status": f"cut off after {args.limit} s"}
     print("\n".join(p.stdout.splitlines()[-4:]), flush=True)
     if p.returncode or not result.is_file():
-        return {"status": "error", "error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]}
+        last = (p.stderr or p.stdout).strip().splitlines()
+        return {"status": "error", "error": last[-1] if last else f"exit status {p.returncode}, no output"}
     return json.loads(result.read_text())["ways"]["grapefx"]
 
 
