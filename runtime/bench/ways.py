@@ -373,14 +373,14 @@ def run_way(bench: Bench, way: str, *, steps: int, warmup: int, warm_compile: bo
         return timer.seconds()
 
     windows = timed_windows(window)
-    last = window_losses[0]                         # step warmup + steps, whatever windows followed
+    losses = [float(v) for v in window_losses]     # one host read per window; losses[0]: step warmup + steps
     step_s = statistics.median(windows[-1])
     tokens = bench.spec.train.micro_batch * bench.spec.data.seq_len
     rec.update(step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for w in windows for t in w], timed_windows=len(windows),
                steady=steady(windows[-1]), tokens_per_s=tokens / step_s,
-               loss_last=float(last), compile_cold_s=max(0.0, rec["first_step_s"] - step_s) if way in COMPILED else None,
+               loss_last=losses[0], compile_cold_s=max(0.0, rec["first_step_s"] - step_s) if way in COMPILED else None,
                peak_memory_gib=memory_gib(device))
-    bad = next((float(v) for v in window_losses if not math.isfinite(float(v))), None)
+    bad = next((v for v in losses if not math.isfinite(v)), None)
     if bad is not None:
         rec["status"] = "error"
         rec["error"] = f"the loss became {bad}"
