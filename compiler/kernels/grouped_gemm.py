@@ -40,12 +40,13 @@ __all__ = ["rows_mm", "rows_mm_swiglu", "weight_mm", "ROWS_DEPTH_MULTIPLE"]
 
 ROWS_DEPTH_MULTIPLE = 64        # the rows GEMMs' K tile: the depth of their products must be a multiple of it
 
-# autotuned tiles; the last of each list is untimed: 128 x 256 with 2 stages, the wide tile that fits
-# the SwiGLU GEMM's three operands in a Hopper block (with 3 it needs 240 KiB: bench/kernel_ir.py),
-# and the 128 x 256 weight-gradient tile, which lost only while that kernel kept two buffers
+# autotuned tiles (bench/grouped_gemm.py writes each one's time). 128 x 256 with 3 stages is u = dy W_down^T's
+# best; the SwiGLU GEMM cannot take it (its three operands need 240 KiB of shared memory: bench/kernel_ir.py),
+# and with 2 stages it was 4x slower there (H100). 128 x 256 wins dW_gate | dW_up since the weight-gradient
+# kernel is pipelined num_stages deep
 _FWD_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": ROWS_DEPTH_MULTIPLE}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4),
-                                     (128, 256, 8, 3), (64, 64, 4, 4), (128, 256, 8, 2))]
+                                     (128, 256, 8, 3), (64, 64, 4, 4))]
 _WGRAD_CONFIGS = [triton.Config({"BI": bi, "BO": bo, "BR": br}, num_warps=w, num_stages=s)
                   for bi, bo, br, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                                            (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3))]
