@@ -2,7 +2,7 @@
 
     git archive REV | (mkdir -p .dev/before && tar -x -C .dev/before)       # where git is, before the call
     python3 bench/ab.py .dev/before [--out DIR] [--spec examples/baseline.yaml] [--steps 8] [--limit 240]
-                        [--set KEY=VALUE ...]
+                        [--trace] [--set KEY=VALUE ...]
 
 Runs ``grapefx bench SPEC --ways grapefx`` (profiled, one micro-batch of SPEC per step, ``--set
 train.global_batch=...`` to change it) in the other tree, then in this one, each in its own process
@@ -11,6 +11,9 @@ call, so a cache shared between two trees can serve one tree's compiled kernels 
 Prints and writes (``DIR/ab.json``, the two bench JSONs, ``DIR/kernels.md``) tokens/s, step time,
 the ratio, peak memory, compile time, the losses at the first step and at step warmup + steps,
 whether the step times settled, and the kernel groups of both. ``--limit`` bounds each run (seconds).
+``--trace`` also takes each run's profiler trace, so that ``DIR/kernels.md`` says where each GPU sat
+idle in the step and which host op it waited on (``runtime.bench.gaps``): for a change that moves
+kernel time one way and the step the other.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def bench(tree: Path, name: str, args, out: Path) -> dict:
     """``grapefx bench`` of ``args.spec`` in ``tree``; its grapefx way's record (``status`` says how it went)."""
     result, prof = out / f"bench_{name}.json", out / f"profile_{name}"
     cmd = [sys.executable, "-m", "runtime.cli", "bench", args.spec, "--out", str(result), "--ways", "grapefx",
-           "--steps", str(args.steps), "--warmup", "3", "--warm-compile", "none", "--trace-ways", "none",
+           "--steps", str(args.steps), "--warmup", "3", "--warm-compile", "none",
+           "--trace-ways", "grapefx" if args.trace else "none",
            "--profile", str(prof)] + [a for s in args.set for a in ("--set", s)]
     env = dict(os.environ, PYTHONPATH=str(tree), TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"ab-inductor-{name}-"))
     print(f"== {name}: {tree}", flush=True)
@@ -71,6 +75,7 @@ def main() -> int:
     ap.add_argument("--spec", default="examples/baseline.yaml")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--limit", type=int, default=240, help="seconds each run may take")
+    ap.add_argument("--trace", action="store_true", help="take profiler traces: where the GPU sat idle, and why")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     before_tree = Path(args.before).resolve()
