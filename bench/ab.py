@@ -50,21 +50,19 @@ def bench(tree: Path, name: str, args, out: Path) -> dict:
     return json.loads(result.read_text())["ways"]["grapefx"]
 
 
+def _cell(v, key: str = "") -> str:
+    return "-" if v is None else f"{v:,.0f}" if key == "tokens_per_s" else f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
 def compare(before: dict, after: dict) -> list[str]:
     """The side-by-side table, Markdown."""
-    def cell(r, k):
-        v = r.get(k)
-        return "-" if v is None else (f"{v:,.0f}" if k == "tokens_per_s" else f"{v:.6g}" if isinstance(v, float) else str(v))
-
     lines = ["| | before | after |", "|---|---|---|"]
-    lines += [f"| {k} | {cell(before, k)} | {cell(after, k)} |" for k in ("status",) + FIELDS]
+    lines += [f"| {k} | {_cell(before.get(k), k)} | {_cell(after.get(k), k)} |" for k in ("status",) + FIELDS]
     if before.get("tokens_per_s") and after.get("tokens_per_s"):
         lines.append(f"| after / before tokens/s | | **{after['tokens_per_s'] / before['tokens_per_s']:.3f}x** |")
-    groups = sorted(set((before.get("profile") or {}).get("groups_ms_per_step", {}))
-                    | set((after.get("profile") or {}).get("groups_ms_per_step", {})))
-    for g in groups:
-        b, a = ((r.get("profile") or {}).get("groups_ms_per_step", {}).get(g) for r in (before, after))
-        lines.append(f"| {g} (ms a step) | {cell({'v': b}, 'v')} | {cell({'v': a}, 'v')} |")
+    b_groups, a_groups = ((r.get("profile") or {}).get("groups_ms_per_step", {}) for r in (before, after))
+    for g in sorted(set(b_groups) | set(a_groups)):
+        lines.append(f"| {g} (ms a step) | {_cell(b_groups.get(g))} | {_cell(a_groups.get(g))} |")
     return lines
 
 
