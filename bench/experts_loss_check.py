@@ -14,6 +14,10 @@
    ``F.cross_entropy(F.linear(x, W).float())`` in fp32 on the same inputs, with ignored targets:
    loss, dx, dW.
 
+4. ``grapefx::router_topk`` (the Triton selection kernel on CUDA) against the op's torch version on
+   the CPU over the same scores, baseline.yaml's shape (16,384 x 64, top-6) with ties, -0 / +0 and
+   masked experts: indices and counts equal, and no host synchronisation.
+
 Prints one line per check and a summary last; exit status 0 when every check passed, 1 otherwise.
 """
 
@@ -128,6 +132,25 @@ def check_lce(N: int, C: int, V: int, chunk_rows: int, seed: int) -> dict:
     return {"shape": dict(N=N, C=C, V=V, chunk_rows=chunk_rows), "errors": errs, "ok": ok}
 
 
+def check_router(N: int, E: int, K: int, seed: int) -> dict:
+    from compiler.ops import router_topk
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(N, E, generator=g)
+    s[::5] = torch.randint(0, 4, (len(s[::5]), E), generator=g).float() / 4       # many ties
+    s[1::5, ::2] = -0.0                                                            # -0 ties +0
+    s[2::5, : E // 2] = float("-inf")                                              # masked experts
+    want_idx, want_counts = router_topk(s, K, 1, 1)                                # the torch version (CPU)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        idx, counts = router_topk(s.cuda(), K, 1, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    errs = {"indices_differing": float((idx.cpu() != want_idx).sum()),
+            "counts_differing": float((counts.cpu() != want_counts).sum())}
+    return {"shape": dict(N=N, E=E, K=K), "errors": errs, "no_host_sync": True,
+            "ok": errs["indices_differing"] == 0 and errs["counts_differing"] == 0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the results here as JSON")
@@ -148,7 +171,9 @@ def main() -> int:
              ("expert_ffn idle expert, odd N", check_experts, dict(N=1003, C=256, F_=512, E=8, K=2, idle=5, seed=2)),
              ("expert_ffn top-1", check_experts, dict(N=777, C=128, F_=256, E=4, K=1, idle=0, seed=3)),
              ("linear_cross_entropy 3 chunks", check_lce, dict(N=5000, C=768, V=32768, chunk_rows=2048, seed=4)),
-             ("linear_cross_entropy 1 chunk", check_lce, dict(N=300, C=256, V=1000, chunk_rows=4096, seed=5))]
+             ("linear_cross_entropy 1 chunk", check_lce, dict(N=300, C=256, V=1000, chunk_rows=4096, seed=5)),
+             ("router_topk baseline shape", check_router, dict(N=16384, E=64, K=6, seed=7)),
+             ("router_topk 48 experts, odd N", check_router, dict(N=1001, E=48, K=8, seed=8))]
     for name, fn, kw in cases:
         t0 = time.perf_counter()
         try:

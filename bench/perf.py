@@ -24,7 +24,7 @@ itself and every finished phase's JSON is kept:
                  the step (the optimizer's kernel time per step from the bench profile / step time)
     small        grapefx bench examples/bench-small.yaml (grapefx, reference)
     train-small  grapefx train examples/bench-small.yaml: steady tokens/s against that bench
-    check        bench/experts_loss_check.py: the expert and loss kernels against fp32 references
+    check        bench/experts_loss_check.py: the expert, loss and router kernels against their references
 
 Writes into DIR (default $OUT, else ./perf-out), at most 8 files: perf.json (versions, each phase's
 status, seconds and headline figures, the best tiles), perf.log (every phase's output), attention.json,

@@ -267,9 +267,13 @@ def _swiglu_bwd(gu: Tensor, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def _lean_route(indices: Tensor, E: int) -> tuple[Tensor, Tensor]:
-    """(order (R,) int64: assignments sorted by expert, offs (E,) int32: cumulative group ends)."""
+    """(order (R,) int64: assignments sorted by expert, offs (E,) int32: cumulative group ends).
+
+    The sort's keys are the expert ids in the narrowest integer type that holds E - 1 (uint8 up to
+    256 experts): a GPU radix sort makes one pass per key byte, eight for the int64 ids."""
     flat = indices.reshape(-1)                                                     # (R,) expert of each (t, k)
-    ids, order = torch.sort(flat, stable=True)
+    key_dtype = torch.uint8 if E <= 256 else torch.int16 if E <= 2**15 else torch.int32
+    ids, order = torch.sort(flat.to(key_dtype), stable=True)
     experts = torch.arange(E, device=flat.device, dtype=ids.dtype)
     return order, torch.searchsorted(ids, experts, right=True).to(torch.int32)
 

@@ -14,7 +14,9 @@ values, so for fp32 scores it runs on int64 keys that cannot tie,
 
 (the larger score wins, and among equal scores the lower index j); other dtypes take a stable
 descending sort (equal scores keep their index order) and its first k columns. Both give the same
-indices; the sort of a whole (N, E) row costs several times the top-k on a GPU. Group-limited routing: the E experts form ``num_groups`` contiguous groups
+indices; the sort of a whole (N, E) row costs several times the top-k on a GPU. On CUDA, fp32 scores
+without group-limited routing go to one Triton kernel over the same keys (``register_cuda_impl``,
+``compiler.kernels.router``). Group-limited routing: the E experts form ``num_groups`` contiguous groups
 of E / num_groups; a group's score is the sum of its top ``k // group_topk`` scores; the best
 ``group_topk`` groups are kept (ties to the lower group index) and the others masked to -inf
 before the top-k.
@@ -136,6 +138,18 @@ def _topk_lower_index(x: Tensor, k: int) -> Tensor:
     return (M - 1) - (torch.topk(keys, k, dim=-1).values & 0xFFFFFFFF)
 
 
+_cuda_topk = None                 # compiler.kernels.router.router_topk: see register_cuda_impl
+_CUDA_MAX_EXPERTS = 0
+
+
+def register_cuda_impl(topk, max_experts: int = 0) -> None:
+    """Route ``router_topk`` of fp32 CUDA scores without group-limited routing, E <= ``max_experts``, to
+    ``topk(choice_scores, k) -> (indices, counts)`` (same contract); ``None`` unregisters.
+    ``compiler.kernels`` calls this."""
+    global _cuda_topk, _CUDA_MAX_EXPERTS
+    _cuda_topk, _CUDA_MAX_EXPERTS = topk, max_experts
+
+
 @torch.library.custom_op("grapefx::router_topk", mutates_args=())
 def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int) -> tuple[Tensor, Tensor]:
     """Top-k experts per token and tokens per expert (MATH.md §5).
@@ -146,6 +160,9 @@ def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int)
     """
     _check(choice_scores, k, num_groups, group_topk)
     N, E = choice_scores.shape
+    if (_cuda_topk is not None and choice_scores.is_cuda and choice_scores.dtype == torch.float32
+            and num_groups == 1 and E <= _CUDA_MAX_EXPERTS):
+        return _cuda_topk(choice_scores, k)
     scores = choice_scores
     if num_groups > 1:
         grouped = scores.reshape(N, num_groups, E // num_groups)                             # (N, groups, E/groups)

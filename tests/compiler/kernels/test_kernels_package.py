@@ -1,5 +1,5 @@
 """compiler.kernels without a GPU (CI): it imports with or without triton, says it is not
-available, hooks into the ops (attention, experts, linear cross-entropy) only when it is, and its
+available, hooks into the ops (attention, experts, linear cross-entropy, router) only when it is, and its
 CUDA entry points hand every call they cannot take to the op's reference."""
 
 import importlib
@@ -16,13 +16,15 @@ from spec.errors import GrapefxError
 ops_attention = importlib.import_module("compiler.ops.attention")   # the package attribute is the op wrapper
 ops_experts = importlib.import_module("compiler.ops.experts")
 ops_lce = importlib.import_module("compiler.ops.linear_cross_entropy")
+ops_router = importlib.import_module("compiler.ops.router")
 
 
 @pytest.fixture
 def unregistered(monkeypatch):
     """Every op hook emptied for the test (and restored after it)."""
     for module, names in ((ops_attention, ("_cuda_kernels", "_traced_kernels")),
-                          (ops_experts, ("_cuda_kernels", "_traced_lean")), (ops_lce, ("_cuda_rows",))):
+                          (ops_experts, ("_cuda_kernels", "_traced_lean")), (ops_lce, ("_cuda_rows",)),
+                          (ops_router, ("_cuda_topk",))):
         for name in names:
             monkeypatch.setattr(module, name, None)
 
@@ -37,18 +39,19 @@ def test_importing_the_compiler_registers_nothing_without_a_gpu():
         pytest.skip("a GPU and triton are present: the kernels are registered")
     assert ops_attention._cuda_impl() is None and ops_attention._traced_kernels is None
     assert ops_experts._cuda_kernels is None and ops_experts._traced_lean is None
-    assert ops_lce._cuda_rows is None
+    assert ops_lce._cuda_rows is None and ops_router._cuda_topk is None
 
 
 def test_registers_with_the_ops_only_when_available(monkeypatch, unregistered):
     monkeypatch.setattr(kernels, "available", lambda: False)
     kregister.register()
     assert ops_attention._cuda_kernels is None and ops_experts._cuda_kernels is None and ops_lce._cuda_rows is None
+    assert ops_router._cuda_topk is None
 
 
-@pytest.mark.skipif(not kernels.triton_installed(), reason="the moe and cross-entropy kernels import triton")
+@pytest.mark.skipif(not kernels.triton_installed(), reason="the moe, cross-entropy and router kernels import triton")
 def test_opaque_registers_the_kernels_without_the_traced_ops(monkeypatch, unregistered):
-    from compiler.kernels import cross_entropy, moe
+    from compiler.kernels import cross_entropy, moe, router
     monkeypatch.setattr(kernels, "available", lambda: True)
     monkeypatch.setenv("GRAPEFX_OPAQUE_KERNELS", "1")
     kregister.register()
@@ -56,6 +59,7 @@ def test_opaque_registers_the_kernels_without_the_traced_ops(monkeypatch, unregi
     assert ops_attention._traced_kernels is None                 # opaque: the op bodies launch the kernels
     assert ops_experts._cuda_kernels is moe and ops_experts._traced_lean is None
     assert ops_lce._cuda_rows is cross_entropy.ce_rows
+    assert ops_router._cuda_topk is router.router_topk and ops_router._CUDA_MAX_EXPERTS == 256
 
 
 @pytest.mark.skipif(not kernels.triton_installed(), reason="defining the triton_ops needs triton")

@@ -108,3 +108,12 @@ def test_aot_autograd_trace(lean):
     want = grads_of(expert_ffn, args, g)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("E", [5, 256, 300])          # uint8 keys, the last uint8 id, int16 keys
+def test_route_sorts_narrow_keys_as_the_int64_ids(E):
+    ids = torch.randint(0, E, (97, 6), generator=torch.Generator().manual_seed(E))
+    ids[0, 0] = E - 1
+    order, offs = experts._lean_route(ids, E)
+    assert torch.equal(order, torch.argsort(ids.reshape(-1), stable=True))
+    assert torch.equal(offs, torch.cumsum(torch.bincount(ids.reshape(-1), minlength=E), 0).to(torch.int32))
