@@ -13,3 +13,10 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dt in dtypes:
         out = torch.promote_types(out, dt)
     return out
+
+
+def expert_sort_keys(ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Expert ids in ``[0, experts)`` as the narrowest integer type that holds them (uint8 up to 256
+    experts), to sort by: a GPU radix sort makes one pass per key byte (eight for int64 ids), and a
+    stable sort of the narrow keys gives the same order. Not for indexing (a uint8 index is a mask)."""
+    return ids.to(torch.uint8 if experts <= 256 else torch.int16 if experts <= 2**15 else torch.int32)

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from compiler.ops._util import expert_sort_keys
+
 
 def _group(name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
@@ -88,7 +90,7 @@ def expert_dispatch(x: Tensor, indices: Tensor, experts: int, ranks: int, group:
     _check(x, indices, experts, ranks, group)
     E, (N, K) = ranks, indices.shape
     ids = indices.reshape(-1)
-    order = torch.sort(ids, stable=True).indices                                   # (N*K,)
+    order = torch.sort(expert_sort_keys(ids, experts), stable=True).indices        # (N*K,)
     ids_sorted = ids.index_select(0, order)
     per_expert = torch.bincount(ids, minlength=experts)                             # (X,)
     capacity = math.ceil(capacity_factor * N * K / experts) if capacity_factor > 0 else None

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from compiler.ops._util import compute_dtype
+from compiler.ops._util import compute_dtype, expert_sort_keys
 
 
 def _check(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> None:
@@ -267,13 +267,9 @@ def _swiglu_bwd(gu: Tensor, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def _lean_route(indices: Tensor, E: int) -> tuple[Tensor, Tensor]:
-    """(order (R,) int64: assignments sorted by expert, offs (E,) int32: cumulative group ends).
-
-    The sort's keys are the expert ids in the narrowest integer type that holds E - 1 (uint8 up to
-    256 experts): a GPU radix sort makes one pass per key byte, eight for the int64 ids."""
+    """(order (R,) int64: assignments sorted by expert, offs (E,) int32: cumulative group ends)."""
     flat = indices.reshape(-1)                                                     # (R,) expert of each (t, k)
-    key_dtype = torch.uint8 if E <= 256 else torch.int16 if E <= 2**15 else torch.int32
-    ids, order = torch.sort(flat.to(key_dtype), stable=True)
+    ids, order = torch.sort(expert_sort_keys(flat, E), stable=True)               # narrow keys: fewer radix passes
     experts = torch.arange(E, device=flat.device, dtype=ids.dtype)
     return order, torch.searchsorted(ids, experts, right=True).to(torch.int32)
 
