@@ -2,8 +2,8 @@
 
     indices, counts = router_topk(choice_scores, k)       (N, E) fp32 -> (N, k) int64, (E,) fp32
 
-One program takes BLOCK_N rows whole (E <= 256 columns) and picks the k best of each row by k
-max-reductions over the op's tie-free keys,
+One program takes BLOCK_N = max(8, 2048 / E_P2) rows whole (E <= 256 columns, E_P2 the next power of
+two) and picks the k best of each row by k max-reductions over the op's tie-free keys,
 
     key = ordered(s) * 2^32 + (E - 1 - j)       ordered: the fp32 bits as an int32 in the order of the
                                                 values (negatives' magnitude bits flipped; -0 as +0)
@@ -29,7 +29,7 @@ from compiler.kernels import launch
 __all__ = ["router_topk", "MAX_EXPERTS"]
 
 MAX_EXPERTS = 256
-KEYS_PER_PROGRAM = 2048    # BLOCK_N x E_P2 int64 keys in registers: 128 of them, no spills, at E 64 on sm90
+KEYS_PER_PROGRAM = 2048    # (BLOCK_N, E_P2) int64 keys in registers: 32 rows at E = 64 take 128 registers, no spills (sm90)
 LOWEST = tl.constexpr(-2**63)   # below every real key
 
 
