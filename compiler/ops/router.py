@@ -139,15 +139,15 @@ def _topk_lower_index(x: Tensor, k: int) -> Tensor:
 
 
 _cuda_topk = None                 # compiler.kernels.router.router_topk: see register_cuda_impl
-_CUDA_MAX_EXPERTS = 0
+_cuda_max_experts = 0
 
 
 def register_cuda_impl(topk, max_experts: int = 0) -> None:
     """Route ``router_topk`` of fp32 CUDA scores without group-limited routing, E <= ``max_experts``, to
     ``topk(choice_scores, k) -> (indices, counts)`` (same contract); ``None`` unregisters.
     ``compiler.kernels`` calls this."""
-    global _cuda_topk, _CUDA_MAX_EXPERTS
-    _cuda_topk, _CUDA_MAX_EXPERTS = topk, max_experts
+    global _cuda_topk, _cuda_max_experts
+    _cuda_topk, _cuda_max_experts = topk, max_experts
 
 
 @torch.library.custom_op("grapefx::router_topk", mutates_args=())
@@ -161,7 +161,7 @@ def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int)
     _check(choice_scores, k, num_groups, group_topk)
     N, E = choice_scores.shape
     if (_cuda_topk is not None and choice_scores.is_cuda and choice_scores.dtype == torch.float32
-            and num_groups == 1 and E <= _CUDA_MAX_EXPERTS):
+            and num_groups == 1 and E <= _cuda_max_experts):
         return _cuda_topk(choice_scores, k)
     scores = choice_scores
     if num_groups > 1:

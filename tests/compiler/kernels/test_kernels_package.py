@@ -59,7 +59,7 @@ def test_opaque_registers_the_kernels_without_the_traced_ops(monkeypatch, unregi
     assert ops_attention._traced_kernels is None                 # opaque: the op bodies launch the kernels
     assert ops_experts._cuda_kernels is moe and ops_experts._traced_lean is None
     assert ops_lce._cuda_rows is cross_entropy.ce_rows
-    assert ops_router._cuda_topk is router.router_topk and ops_router._CUDA_MAX_EXPERTS == 256
+    assert ops_router._cuda_topk is router.router_topk and ops_router._cuda_max_experts == 256
 
 
 @pytest.mark.skipif(not kernels.triton_installed(), reason="defining the triton_ops needs triton")
