@@ -56,7 +56,7 @@ BASELINE, SMALL, TINY = "examples/baseline.yaml", "examples/bench-small.yaml", "
 # a training run logs every LOG steps; steady state is the mean over the windows after the first
 # (which holds the compile); seconds a phase may take at most (the budget may cut it shorter)
 PLAN = {"attention": 205, "bench": 170, "train": 80, "accum": 100, "small": 80, "train-small": 90, "check": 75}
-TRAIN_STEPS = {"accum": (5, 1), "train": (200, 20), "train-small": (400, 20)}   # steps, log_every
+TRAIN_STEPS = {"accum": (10, 1), "train": (200, 20), "train-small": (400, 20)}   # steps, log_every
 
 
 class Run:
