@@ -1,5 +1,6 @@
 """The grouped GEMMs' main loops as Triton compiles them for Hopper (compiler/kernels/pipelining.py,
-bench/kernel_ir.py): every autotuned tile keeps each operand num_stages deep.
+bench/kernel_ir.py): every autotuned tile keeps each operand num_stages deep. And the router's
+selection kernel compiles for Hopper at the row counts its launches use.
 
 Needs triton, not a GPU (skipped in CI, which has no triton). Runs in a subprocess without
 TRITON_INTERPRET, which the interpreter tests of this folder set for the whole process.
@@ -54,3 +55,20 @@ def test_without_the_unit_stride_the_weight_is_not_pipelined(tmp_path):
     with_unit, without = json.loads(p.stdout.splitlines()[-1])
     assert with_unit["operand_buffers"] == [3, 3] and with_unit["mma_waits"][0] == 1
     assert without["operand_buffers"] == [3] and without["mma_waits"] == [0]
+
+
+@pytest.mark.parametrize("E, K", [(64, 6), (48, 8), (256, 8)])
+def test_the_router_kernel_compiles_for_hopper(tmp_path, E, K):
+    # what the interpreter tests cannot show: the selection kernel lowers to sm90 code (ptxas included)
+    # at the row counts its launches use; its only shared memory is the reductions' scratch
+    code = ("import json, triton\n"
+            "from compiler.kernels import router as r\n"
+            "from compiler.kernels.pipelining import pipelining\n"
+            f"e_p2 = triton.next_power_of_2({E})\n"
+            "sig = 'S:*fp32 Idx:*i64 Counts:*fp32 N:i32 stride_s:i32'\n"
+            f"cx = dict(E={E}, E_P2=e_p2, K={K}, BLOCK_N=max(8, r.KEYS_PER_PROGRAM // e_p2))\n"
+            "print(json.dumps(pipelining(r._router_topk_kernel, sig, cx, 4, 1)))\n")
+    p = _run(["-c", code], tmp_path)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout.splitlines()[-1])
+    assert info["async_copies"] == 0 and info["mma_waits"] == [] and 0 < info["shared_bytes"] <= 4096
