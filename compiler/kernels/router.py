@@ -58,6 +58,13 @@ def _router_topk_kernel(S, Idx, Counts, N, stride_s, E: tl.constexpr, E_P2: tl.c
     tl.atomic_add(Counts + cols, tl.sum(chosen, axis=0), mask=col_ok)
 
 
+def launch_rows(E: int) -> tuple[int, int]:
+    """(E_P2, BLOCK_N) of a launch over E experts: the columns padded to a power of two, and the rows a
+    program takes (``KEYS_PER_PROGRAM`` keys, at least 8 rows)."""
+    e_p2 = triton.next_power_of_2(E)
+    return e_p2, max(8, KEYS_PER_PROGRAM // e_p2)
+
+
 def router_topk(choice_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(indices (N, k) int64, counts (E,) fp32) of fp32 ``choice_scores`` (N, E), E <= ``MAX_EXPERTS``
     (the contract of ``grapefx::router_topk`` without group-limited routing)."""
@@ -66,8 +73,7 @@ def router_topk(choice_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     indices = torch.empty(N, k, dtype=torch.int64, device=s.device)
     counts = torch.zeros(E, dtype=torch.float32, device=s.device)
     if N:
-        e_p2 = triton.next_power_of_2(E)
-        block_n = max(8, KEYS_PER_PROGRAM // e_p2)
+        e_p2, block_n = launch_rows(E)
         launch(_router_topk_kernel)[(triton.cdiv(N, block_n),)](
             s, indices, counts, N, s.stride(0), E=E, E_P2=e_p2, K=k, BLOCK_N=block_n, num_warps=4)
     return indices, counts

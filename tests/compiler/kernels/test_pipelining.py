@@ -61,12 +61,12 @@ def test_without_the_unit_stride_the_weight_is_not_pipelined(tmp_path):
 def test_the_router_kernel_compiles_for_hopper(tmp_path, E, K):
     # what the interpreter tests cannot show: the selection kernel lowers to sm90 code (ptxas included)
     # at the row counts its launches use; its only shared memory is the reductions' scratch
-    code = ("import json, triton\n"
+    code = ("import json\n"
             "from compiler.kernels import router as r\n"
             "from compiler.kernels.pipelining import pipelining\n"
-            f"e_p2 = triton.next_power_of_2({E})\n"
+            f"e_p2, block_n = r.launch_rows({E})\n"
             "sig = 'S:*fp32 Idx:*i64 Counts:*fp32 N:i32 stride_s:i32'\n"
-            f"cx = dict(E={E}, E_P2=e_p2, K={K}, BLOCK_N=max(8, r.KEYS_PER_PROGRAM // e_p2))\n"
+            f"cx = dict(E={E}, E_P2=e_p2, K={K}, BLOCK_N=block_n)\n"
             "print(json.dumps(pipelining(r._router_topk_kernel, sig, cx, 4, 1)))\n")
     p = _run(["-c", code], tmp_path)
     assert p.returncode == 0, p.stderr
