@@ -140,28 +140,32 @@ def _topk_lower_index(x: Tensor, k: int) -> Tensor:
 
 _cuda_topk = None                 # compiler.kernels.router.router_topk: see register_cuda_impl
 _cuda_max_experts = 0
+_traced_topk = None               # compiler.kernels.router_ops.router_select_triton
 
 
-def register_cuda_impl(topk, max_experts: int = 0) -> None:
+def register_cuda_impl(topk, max_experts: int = 0, traced=None) -> None:
     """Route ``router_topk`` of fp32 CUDA scores without group-limited routing, E <= ``max_experts``, to
-    ``topk(choice_scores, k) -> (indices, counts)`` (same contract); ``None`` unregisters.
+    ``topk(choice_scores, k) -> (indices, counts)`` (same contract), launched from the opaque
+    ``grapefx::router_select``'s body; or, given ``traced`` (the same function as a ``triton_op``), to
+    ``traced``, which torch.compile decomposes into the launch. ``None`` unregisters both.
     ``compiler.kernels`` calls this."""
-    global _cuda_topk, _cuda_max_experts
+    global _cuda_topk, _cuda_max_experts, _traced_topk
     _cuda_topk, _cuda_max_experts = topk, max_experts
+    _traced_topk = None if topk is None else traced
 
 
-@torch.library.custom_op("grapefx::router_topk", mutates_args=())
-def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int) -> tuple[Tensor, Tensor]:
-    """Top-k experts per token and tokens per expert (MATH.md §5).
+def _kernel_applies(choice_scores: Tensor, num_groups: int) -> bool:
+    return (choice_scores.is_cuda and choice_scores.dtype == torch.float32 and num_groups == 1
+            and choice_scores.shape[1] <= _cuda_max_experts)
 
-    choice_scores (N, E) fp32 (the biased scores s + b). Returns indices (N, k) int64, best
-    first, ties to the lower index, and counts (E,) fp32 = tokens routed to each expert
-    (sum = N * k). ``num_groups > 1`` turns on group-limited routing. No gradient.
-    """
+
+@torch.library.custom_op("grapefx::router_select", mutates_args=())
+def router_select(choice_scores: Tensor, k: int, num_groups: int, group_topk: int) -> tuple[Tensor, Tensor]:
+    """The opaque ``router_topk``: the registered kernel launched from here where it applies, else the
+    torch version below. Same arguments and results as ``router_topk``."""
     _check(choice_scores, k, num_groups, group_topk)
     N, E = choice_scores.shape
-    if (_cuda_topk is not None and choice_scores.is_cuda and choice_scores.dtype == torch.float32
-            and num_groups == 1 and E <= _cuda_max_experts):
+    if _cuda_topk is not None and _kernel_applies(choice_scores, num_groups):
         return _cuda_topk(choice_scores, k)
     scores = choice_scores
     if num_groups > 1:
@@ -179,7 +183,7 @@ def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int)
     return indices, counts
 
 
-@router_topk.register_fake
+@router_select.register_fake
 def _(choice_scores, k, num_groups, group_topk):
     _check(choice_scores, k, num_groups, group_topk)
     N, E = choice_scores.shape
@@ -197,4 +201,32 @@ def _backward(ctx, grad_indices, grad_counts):
 
 # Registered so that scores which require grad (the router's) pass through cleanly: both
 # outputs are marked non-differentiable, so this backward never runs.
-router_topk.register_autograd(_backward, setup_context=_setup_context)
+router_select.register_autograd(_backward, setup_context=_setup_context)
+
+# The public op: what the lowering writes into the MoE graphs.
+_lib = torch.library.Library("grapefx", "FRAGMENT")
+_lib.define("router_topk(Tensor choice_scores, int k, int num_groups, int group_topk) -> (Tensor, Tensor)")
+
+
+def _router_topk_dispatch(choice_scores, k, num_groups, group_topk):
+    if _traced_topk is not None and _kernel_applies(choice_scores, num_groups):
+        _check(choice_scores, k, num_groups, group_topk)
+        return _traced_topk(choice_scores.detach(), k)        # detach: no gradient, as router_select's outputs
+    return torch.ops.grapefx.router_select(choice_scores, k, num_groups, group_topk)
+
+
+_lib.impl("router_topk", _router_topk_dispatch, "CompositeImplicitAutograd")
+
+
+def router_topk(choice_scores: Tensor, k: int, num_groups: int, group_topk: int) -> tuple[Tensor, Tensor]:
+    """``torch.ops.grapefx.router_topk``: top-k experts per token and tokens per expert (MATH.md §5).
+
+    choice_scores (N, E) fp32 (the biased scores s + b). Returns indices (N, k) int64, best
+    first, ties to the lower index, and counts (E,) fp32 = tokens routed to each expert
+    (sum = N * k). ``num_groups > 1`` turns on group-limited routing. No gradient.
+
+    On CUDA with the kernels registered (fp32, no group limit, E <= 256) it is the traced
+    ``grapefx::router_select_triton``, which torch.compile decomposes into the kernel's launch;
+    everywhere else the opaque ``grapefx::router_select``.
+    """
+    return torch.ops.grapefx.router_topk(choice_scores, k, num_groups, group_topk)

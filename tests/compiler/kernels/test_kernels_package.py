@@ -24,7 +24,7 @@ def unregistered(monkeypatch):
     """Every op hook emptied for the test (and restored after it)."""
     for module, names in ((ops_attention, ("_cuda_kernels", "_traced_kernels")),
                           (ops_experts, ("_cuda_kernels", "_traced_lean")), (ops_lce, ("_cuda_rows",)),
-                          (ops_router, ("_cuda_topk",))):
+                          (ops_router, ("_cuda_topk", "_traced_topk"))):
         for name in names:
             monkeypatch.setattr(module, name, None)
 
@@ -39,7 +39,7 @@ def test_importing_the_compiler_registers_nothing_without_a_gpu():
         pytest.skip("a GPU and triton are present: the kernels are registered")
     assert ops_attention._cuda_impl() is None and ops_attention._traced_kernels is None
     assert ops_experts._cuda_kernels is None and ops_experts._traced_lean is None
-    assert ops_lce._cuda_rows is None and ops_router._cuda_topk is None
+    assert ops_lce._cuda_rows is None and ops_router._cuda_topk is None and ops_router._traced_topk is None
 
 
 def test_registers_with_the_ops_only_when_available(monkeypatch, unregistered):
@@ -60,6 +60,7 @@ def test_opaque_registers_the_kernels_without_the_traced_ops(monkeypatch, unregi
     assert ops_experts._cuda_kernels is moe and ops_experts._traced_lean is None
     assert ops_lce._cuda_rows is cross_entropy.ce_rows
     assert ops_router._cuda_topk is router.router_topk and ops_router._cuda_max_experts == 256
+    assert ops_router._traced_topk is None
 
 
 @pytest.mark.skipif(not kernels.triton_installed(), reason="defining the triton_ops needs triton")
@@ -69,8 +70,10 @@ def test_registers_the_traced_ops_by_default(monkeypatch, unregistered):
     kregister.register()
     from compiler.kernels.attention_ops import traced_attention
     from compiler.kernels.moe_ops import expert_ffn_lean_fwd
+    from compiler.kernels.router_ops import router_select_triton
     assert ops_attention._traced_kernels is traced_attention
     assert ops_experts._traced_lean is expert_ffn_lean_fwd
+    assert ops_router._traced_topk is router_select_triton
 
 
 def test_unsupported_calls_go_to_the_reference():

@@ -1,5 +1,7 @@
 """The router's expert selection (MATH.md §5): ties to the lower index, group-limited routing, counts."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -93,8 +95,8 @@ def test_no_gradient_through_selection():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(dtype):
     scores = torch.rand(6, 8, dtype=dtype, requires_grad=True)
-    assert_opcheck(torch.ops.grapefx.router_topk.default, (scores, 3, 1, 1))
-    assert_opcheck(torch.ops.grapefx.router_topk.default, (scores, 4, 4, 2))
+    assert_opcheck(torch.ops.grapefx.router_select.default, (scores, 3, 1, 1))
+    assert_opcheck(torch.ops.grapefx.router_select.default, (scores, 4, 4, 2))
 
 
 @pytest.mark.parametrize("k, groups, group_topk, match", [
@@ -106,3 +108,23 @@ def test_opcheck(dtype):
 def test_rejects_impossible_settings(k, groups, group_topk, match):
     with pytest.raises(ValueError, match=match):
         router_topk(torch.rand(2, 8), k, groups, group_topk)
+
+
+def test_the_registered_traced_kernel_takes_detached_scores_after_the_checks(monkeypatch):
+    """Where the traced kernel applies (CUDA there; forced here), ``router_topk`` hands it the scores
+    without their gradient, after the same argument checks as the opaque op."""
+    router_module = importlib.import_module("compiler.ops.router")
+    seen = []
+
+    def traced(scores, k):
+        seen.append((scores.requires_grad, k))
+        return torch.zeros(scores.shape[0], k, dtype=torch.int64), torch.zeros(scores.shape[1])
+
+    monkeypatch.setattr(router_module, "_traced_topk", traced)
+    monkeypatch.setattr(router_module, "_kernel_applies", lambda scores, num_groups: True)
+    scores = torch.rand(5, 8, requires_grad=True)
+    idx, counts = router_topk(scores, 2, 1, 1)
+    assert seen == [(False, 2)] and idx.shape == (5, 2) and counts.shape == (8,)
+    with pytest.raises(ValueError, match="1 <= k <= E"):
+        router_topk(scores, 9, 1, 1)
+    assert len(seen) == 1
