@@ -1,6 +1,6 @@
 """GPU check of the lean step's CUDA paths against fp32 references (issue 7), before any timing.
 
-    python3 bench/experts_loss_check.py [--out FILE.json]
+    python3 bench/experts_loss_check.py [--out FILE.json] [--only TEXT]
 
 1. Versions: python, torch (>= 2.11 required: exit 3 otherwise), triton, CUDA, the GPU.
 2. ``grapefx::expert_ffn`` lean path (bf16, ``torch._grouped_mm``, Triton SwiGLU / combine) against
@@ -140,9 +140,11 @@ def check_router(N: int, E: int, K: int, seed: int) -> dict:
     s[1::5, ::2] = -0.0                                                            # -0 ties +0
     s[2::5, : E // 2] = float("-inf")                                              # masked experts
     want_idx, want_counts = router_topk(s, K, 1, 1)                                # the torch version (CPU)
+    s = s.cuda()                                                                   # (the copy itself syncs)
+    router_topk(s, K, 1, 1)                                                        # compiles the kernel
     torch.cuda.set_sync_debug_mode("error")
     try:
-        idx, counts = router_topk(s.cuda(), K, 1, 1)
+        idx, counts = router_topk(s, K, 1, 1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     errs = {"indices_differing": float((idx.cpu() != want_idx).sum()),
@@ -154,6 +156,7 @@ def check_router(N: int, E: int, K: int, seed: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the results here as JSON")
+    ap.add_argument("--only", default="", metavar="TEXT", help="run only the checks whose name contains TEXT")
     args = ap.parse_args()
     doc = {"versions": versions(), "checks": []}
     v = doc["versions"]
@@ -174,6 +177,10 @@ def main() -> int:
              ("linear_cross_entropy 1 chunk", check_lce, dict(N=300, C=256, V=1000, chunk_rows=4096, seed=5)),
              ("router_topk baseline shape", check_router, dict(N=16384, E=64, K=6, seed=7)),
              ("router_topk 48 experts, odd N", check_router, dict(N=1001, E=48, K=8, seed=8))]
+    cases = [c for c in cases if args.only in c[0]]
+    if not cases:
+        print(f"--only {args.only!r}: no check's name contains it")
+        return 2
     for name, fn, kw in cases:
         t0 = time.perf_counter()
         try:
