@@ -155,6 +155,7 @@ def register_cuda_impl(topk, max_experts: int = 0, traced=None) -> None:
 
 
 def _kernel_applies(choice_scores: Tensor, num_groups: int) -> bool:
+    """Whether the registered kernel takes these (checked) scores: fp32 on CUDA, no group limit, E <= its limit."""
     return (choice_scores.is_cuda and choice_scores.dtype == torch.float32 and num_groups == 1
             and choice_scores.shape[1] <= _cuda_max_experts)
 
@@ -209,8 +210,8 @@ _lib.define("router_topk(Tensor choice_scores, int k, int num_groups, int group_
 
 
 def _router_topk_dispatch(choice_scores, k, num_groups, group_topk):
+    _check(choice_scores, k, num_groups, group_topk)
     if _traced_topk is not None and _kernel_applies(choice_scores, num_groups):
-        _check(choice_scores, k, num_groups, group_topk)
         return _traced_topk(choice_scores.detach(), k)        # detach: no gradient, as router_select's outputs
     return torch.ops.grapefx.router_select(choice_scores, k, num_groups, group_topk)
 

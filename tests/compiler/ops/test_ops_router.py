@@ -128,3 +128,12 @@ def test_the_registered_traced_kernel_takes_detached_scores_after_the_checks(mon
     with pytest.raises(ValueError, match="1 <= k <= E"):
         router_topk(scores, 9, 1, 1)
     assert len(seen) == 1
+
+
+def test_a_vector_of_scores_gets_the_ops_error_where_the_kernel_is_registered(monkeypatch):
+    """The argument checks come before the kernel's dispatch reads the scores' shape (as on CUDA)."""
+    router_module = importlib.import_module("compiler.ops.router")
+    monkeypatch.setattr(router_module, "_traced_topk", lambda s, k: None)
+    monkeypatch.setattr(router_module, "_kernel_applies", lambda scores, num_groups: scores.shape[1] <= 256)
+    with pytest.raises(ValueError, match=r"choice_scores must be a float \(N, E\) matrix, got \(8,\)"):
+        router_topk(torch.rand(8), 2, 1, 1)
