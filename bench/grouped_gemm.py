@@ -11,9 +11,7 @@ they are, writes the two gradients in place and applies SwiGLU in the first GEMM
 
 1. Correctness: each of its entry points against a per-expert fp32 matmul of the same bf16
    inputs, at a shape with an expert that gets no row and uneven groups: ||a - b|| / ||b|| < 1e-2.
-2. The weight-gradient GEMMs with and without work units, side by side, on routing as a fresh router
-   makes it (a few experts take every token) and on balanced routing (``units_timing``).
-3. Timing (median of Triton's timer) at the baseline's shapes (d 1024, 64 experts of 256, top-6;
+2. Timing (median of Triton's timer) at the baseline's shapes (d 1024, 64 experts of 256, top-6;
    routing from random scores), step by step and for the whole lean forward and backward as they run
    now (``compiler.ops.experts``) against the same steps as they were (written out here), with the
    two's results compared and the autotuned tile of each kernel.
@@ -24,7 +22,6 @@ Writes one JSON document; exit 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -184,50 +181,6 @@ def timing(N: int) -> dict:
     return rows
 
 
-def units_timing(N: int, hot: int = 3) -> dict:
-    """The weight-gradient GEMMs with work units (``UNIT_ROWS``) against one program per expert tile
-    (``unit_rows`` = all rows), side by side, on routing as the router starts: ``hot`` experts take
-    every token (MaxVio about 9, as ``grapefx train`` logs in its first steps) and each token's other
-    slots go to random experts; then on balanced routing (random scores), where nothing splits."""
-    from triton.testing import do_bench
-
-    from compiler.ops import experts
-
-    dev, bf = "cuda", torch.bfloat16
-    C, F, E, K = 1024, 256, 64, 6
-    torch.manual_seed(0)
-    rest = torch.rand(N, E - hot, device=dev).topk(K - hot, dim=1).indices + hot
-    routings = {"skewed": torch.cat([torch.arange(hot, device=dev).expand(N, hot), rest], 1),
-                "balanced": torch.rand(N, E, device=dev).topk(K, dim=1).indices}
-    x, gout = torch.randn(N, C, device=dev, dtype=bf), torch.randn(N, C, device=dev, dtype=bf)
-    out: dict = {"hot_experts": hot}
-    for name, indices in routings.items():
-        order, offs = experts._lean_route(indices, E)
-        tok, R = order // K, order.numel()
-        counts = torch.diff(offs, prepend=offs.new_zeros(1))
-        dgu = torch.randn(R, 2 * F, device=dev, dtype=bf)
-        hg = torch.randn(R, F, device=dev, dtype=bf)
-        dwg, dwu = torch.empty(E, C, F, device=dev, dtype=bf), torch.empty(E, C, F, device=dev, dtype=bf)
-        dwd = torch.empty(E, F, C, device=dev, dtype=bf)
-        row = {"max_vio": round(float(counts.max()) / (R / E) - 1, 2)}
-        for unit_name, unit in (("units", gg.UNIT_ROWS), ("one unit per expert", R)):
-            gate_up = functools.partial(gg.weight_mm, x, tok, dgu, None, offs, dwg, dwu, unit_rows=unit)
-            down = functools.partial(gg.weight_mm, hg, None, gout, tok, offs, dwd, unit_rows=unit)
-            gate_up()
-            down()
-            ref = torch.stack([x.float()[tok][a:b].t() @ dgu[a:b].float()
-                               for a, b in zip([0] + offs.tolist()[:-1], offs.tolist())])
-            t_gu = float(do_bench(gate_up, warmup=25, rep=100, return_mode="median"))
-            t_d = float(do_bench(down, warmup=25, rep=100, return_mode="median"))
-            row[unit_name] = {"dW_gate|up_us": round(t_gu * 1e3, 1), "dW_down_us": round(t_d * 1e3, 1),
-                              "dW_gate|up_rel_err": _rel(torch.cat([dwg, dwu], 2), ref)}
-        row["speedup"] = round((row["one unit per expert"]["dW_gate|up_us"] + row["one unit per expert"]["dW_down_us"])
-                               / (row["units"]["dW_gate|up_us"] + row["units"]["dW_down_us"]), 3)
-        print(f"weight GEMMs, {name} routing (MaxVio {row['max_vio']}): {json.dumps(row)}", flush=True)
-        out[name] = row
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
@@ -245,7 +198,6 @@ def main() -> int:
     for k, v in doc["check"].items():
         print(f"{'ok  ' if k not in failed else 'FAIL'} {k}: {v:.2e}", flush=True)
     if not args.check_only and not interp:
-        doc["units"] = units_timing(args.tokens)
         doc["timing"] = timing(args.tokens)
     doc["failed"] = failed
     Path(args.out).write_text(json.dumps(doc, indent=1))

@@ -17,18 +17,11 @@ source is already in sorted order.
 operands' dtype. A forward program owns one BM x BN tile of one expert; its expert comes from the
 offsets in the kernel (tiles per expert = ceil(rows / BM), scanned with a cumulative sum), so the
 launch grid is an upper bound, cdiv(R, BM) + E tiles, and the surplus programs return at once:
-no host synchronisation. A weight-gradient program owns one BI x BO tile of one work unit: at most
-``UNIT_ROWS`` rows of one expert (an expert without rows is one empty unit and writes zeros). It runs
-over the unit's rows BR at a time, reading each chunk's source-row indices one chunk ahead so that
-Triton pipelines its operand loads as deep as num_stages (``compiler.kernels.pipelining`` reads that
-from the compiled IR). An expert with more rows than a unit writes each unit's fp32 partial sum to a
-workspace, and a second kernel adds them in unit order and writes the gradient (deterministic). Tile
-shapes are autotuned per shape at first use (Triton's autotuner: a few seconds in the first step).
-
-Why units: at initialisation the router sends nearly every token to a few experts (MaxVio about 9 on
-baseline.yaml: an expert with 16,384 of the 98,304 rows). One program per tile of such an expert
-then ran ten times longer than the others and ended the kernel alone. Units of at most 2,048 rows
-bound every program's work; a balanced routing (no expert above 2,048 rows) never splits.
+no host synchronisation. A weight-gradient program owns one BI x BO tile of one expert's gradient and
+runs over that expert's rows BR at a time (an expert without rows writes zeros), reading each
+chunk's source-row indices one chunk ahead so that Triton pipelines its operand loads as deep as
+num_stages (``compiler.kernels.pipelining`` reads that from the compiled IR). Tile shapes are
+autotuned per shape at first use (Triton's autotuner: a few seconds in the first step).
 
 Why: on baseline.yaml (64 experts of 256, top-6, 16,384 tokens, one H100) the gathered copies, the
 concatenated weights and the split gradient cost as much as the GEMMs beside them; reading in place
@@ -37,17 +30,15 @@ memory 6 GiB lower (``bench/grouped_gemm.py``, ``bench/RESULTS.md``). The second
 input gradient stay on ``torch._grouped_mm``, which is faster there (their rows are already in order).
 """
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from compiler.kernels import launch
 
-__all__ = ["rows_mm", "rows_mm_swiglu", "weight_mm", "ROWS_DEPTH_MULTIPLE", "UNIT_ROWS"]
+__all__ = ["rows_mm", "rows_mm_swiglu", "weight_mm", "ROWS_DEPTH_MULTIPLE"]
 
 ROWS_DEPTH_MULTIPLE = 64        # the rows GEMMs' K tile: the depth of their products must be a multiple of it
-UNIT_ROWS = 2048                # a weight-gradient program's most rows: longer experts are split into units
 
 # autotuned tiles (bench/grouped_gemm.py writes each one's time). 128 x 256 with 3 stages is u = dy W_down^T's
 # best; the SwiGLU GEMM cannot take it (its three operands need 240 KiB of shared memory: bench/kernel_ir.py),
@@ -142,40 +133,17 @@ def _source_rows(Src, rows, end, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _expert_units(Offs, E: tl.constexpr, E_P2: tl.constexpr, UNIT: tl.constexpr):
-    """Per expert (padded to E_P2): its first row, end row, work units (ceil(rows / UNIT), at least one;
-    0 past E) and its first workspace slot (slots are numbered over the experts of several units)."""
-    idx = tl.arange(0, E_P2)
-    ends = tl.load(Offs + idx, mask=idx < E, other=0)
-    starts = tl.load(Offs + idx - 1, mask=(idx > 0) & (idx < E), other=0)
-    ends = tl.where(idx < E, ends, starts)
-    units = tl.where(idx < E, tl.maximum((ends - starts + UNIT - 1) // UNIT, 1), 0)
-    split_units = tl.where(units > 1, units, 0)
-    first_slot = tl.cumsum(split_units, 0) - split_units
-    return idx, starts, ends, units, first_slot
-
-
-@triton.jit
-def _weight_kernel(A, ASrc, B, BSrc, Out1, Out2, Work, Offs, I, O, O_SPLIT, stride_a, stride_b,
+def _weight_kernel(A, ASrc, B, BSrc, Out1, Out2, Offs, I, O, O_SPLIT, stride_a, stride_b,
                    so1e, so1i, so2e, so2i,
-                   E: tl.constexpr, E_P2: tl.constexpr, UNIT: tl.constexpr,
                    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SPLIT: tl.constexpr,
                    BI: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
-    u = tl.program_id(1)                                                      # work unit (module docstring)
-    idx, starts, ends, units, first_slot = _expert_units(Offs, E, E_P2, UNIT)
-    unit_end = tl.cumsum(units, 0)
-    e = tl.sum((unit_end <= u).to(tl.int32), 0)                              # experts wholly before unit u
-    if e >= E:
-        return
-    here = idx == e
-    j = u - tl.sum(tl.where(here, unit_end - units, 0), 0)                   # e's j-th unit
-    n_units = tl.sum(tl.where(here, units, 0), 0)
-    r0 = tl.sum(tl.where(here, starts, 0), 0) + j * UNIT
-    r1 = tl.minimum(tl.sum(tl.where(here, ends, 0), 0), r0 + UNIT)
+    e = tl.program_id(1)
     tiles_i = tl.cdiv(I, BI)
     ti = pid % tiles_i
     to = pid // tiles_i
+    r0 = tl.load(Offs + e - 1, mask=e > 0, other=0)
+    r1 = tl.load(Offs + e)
     ii = ti * BI + tl.arange(0, BI)
     oo = to * BO + tl.arange(0, BO)
     i_ok = ii < I
@@ -196,60 +164,15 @@ def _weight_kernel(A, ASrc, B, BSrc, Out1, Out2, Work, Offs, I, O, O_SPLIT, stri
         a_t = tl.load(A + ii[:, None] + sa[None, :] * stride_a, mask=i_ok[:, None] & ok[None, :], other=0.0)
         b = tl.load(B + sb[:, None] * stride_b + oo[None, :], mask=ok[:, None] & o_ok[None, :], other=0.0)
         acc = tl.dot(a_t, b, acc)
-    ok = i_ok[:, None] & o_ok[None, :]
-    if n_units > 1:                                                           # a partial sum: to e's workspace slot j
-        slot = (tl.sum(tl.where(here, first_slot, 0), 0) + j).to(tl.int64)
-        tl.store(Work + slot * I * O + ii[:, None] * O + oo[None, :], acc, mask=ok)
-    else:
-        _store_gradient(Out1, Out2, e, ii, oo, ok, acc, O_SPLIT, so1e, so1i, so2e, so2i, SPLIT)
-
-
-@triton.jit
-def _store_gradient(Out1, Out2, e, ii, oo, ok, acc, O_SPLIT, so1e, so1i, so2e, so2i, SPLIT: tl.constexpr):
-    """Expert e's gradient at rows ii, columns oo, in the outputs' dtype; with SPLIT, columns < O_SPLIT
-    go to Out1 and the rest to Out2."""
     e64 = e.to(tl.int64)
+    ok = i_ok[:, None] & o_ok[None, :]
     val = acc.to(Out1.dtype.element_ty)
-    if SPLIT:
+    if SPLIT:                                                                 # columns < O_SPLIT to Out1, the rest to Out2
         first = oo < O_SPLIT
         tl.store(Out1 + e64 * so1e + ii[:, None] * so1i + oo[None, :], val, mask=ok & first[None, :])
         tl.store(Out2 + e64 * so2e + ii[:, None] * so2i + (oo - O_SPLIT)[None, :], val, mask=ok & ~first[None, :])
     else:
         tl.store(Out1 + e64 * so1e + ii[:, None] * so1i + oo[None, :], val, mask=ok)
-
-
-@triton.jit
-def _unit_sum_kernel(Work, Out1, Out2, Offs, I, O, O_SPLIT, so1e, so1i, so2e, so2i,
-                     E: tl.constexpr, E_P2: tl.constexpr, UNIT: tl.constexpr, SPLIT: tl.constexpr,
-                     SPAN: tl.constexpr, BLOCK: tl.constexpr):
-    """out[e] = sum of e's unit partials, in unit order, for the q-th expert of several units
-    (program (s, q) covers its elements s * SPAN .. (s + 1) * SPAN - 1 of I * O)."""
-    s = tl.program_id(0)
-    q = tl.program_id(1)
-    idx, starts, ends, units, first_slot = _expert_units(Offs, E, E_P2, UNIT)
-    split_end = tl.cumsum((units > 1).to(tl.int32), 0)
-    e = tl.sum((split_end <= q).to(tl.int32), 0)                             # the q-th expert of several units
-    if e >= E:
-        return
-    here = idx == e
-    n_units = tl.sum(tl.where(here, units, 0), 0)
-    slot0 = tl.sum(tl.where(here, first_slot, 0), 0).to(tl.int64)
-    size = I * O
-    for k0 in range(s * SPAN, (s + 1) * SPAN, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        ok = k < size
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for j in range(0, n_units):
-            acc += tl.load(Work + (slot0 + j) * size + k, mask=ok, other=0.0)
-        i, o = k // O, k % O
-        val = acc.to(Out1.dtype.element_ty)
-        e64 = e.to(tl.int64)
-        if SPLIT:
-            first = o < O_SPLIT
-            tl.store(Out1 + e64 * so1e + i * so1i + o, val, mask=ok & first)
-            tl.store(Out2 + e64 * so2e + i * so2i + (o - O_SPLIT), val, mask=ok & ~first)
-        else:
-            tl.store(Out1 + e64 * so1e + i * so1i + o, val, mask=ok)
 
 
 # one autotuner per use (keys hold only runtime arguments: the variant's constexprs pick the tuner)
@@ -300,37 +223,21 @@ def rows_mm_swiglu(a: Tensor, src: Tensor | None, offs: Tensor, w_gate: Tensor, 
 
 
 def weight_mm(a: Tensor, a_src: Tensor | None, b: Tensor, b_src: Tensor | None, offs: Tensor,
-              out1: Tensor, out2: Tensor | None = None, unit_rows: int = UNIT_ROWS) -> None:
+              out1: Tensor, out2: Tensor | None = None) -> None:
     """out[e] = sum over e's sorted rows r of a[a_src[r]]^T b[b_src[r]], written into out1 (E, I, O)
-    (or, with out2, columns < O/2 into out1 and the rest into out2, each (E, I, O/2)). A program
-    covers at most ``unit_rows`` rows of one expert (module docstring)."""
+    (or, with out2, columns < O/2 into out1 and the rest into out2, each (E, I, O/2))."""
     E, I = offs.numel(), a.shape[1]
     O = b.shape[1]
-    R = (a if a_src is None else a_src).shape[0]                              # sorted rows
     if a.stride(-1) != 1 or b.stride(-1) != 1 or out1.stride(-1) != 1:
         raise ValueError("grouped_gemm.weight_mm: the operands' and outputs' rows must be contiguous")
     split = out2 is not None
     o_split = O // 2 if split else O
     o2 = out1 if out2 is None else out2
-    # experts of several units have more than unit_rows rows each: at most R // (unit_rows + 1) of them,
-    # holding fewer than 2 R / unit_rows units between them (each has at most rows / unit_rows + 1)
-    split_experts = min(E, R // (unit_rows + 1))
-    work = out1.new_empty((2 * R // unit_rows, I, O), dtype=torch.float32) if split_experts else out1
-    consts = dict(E=E, E_P2=triton.next_power_of_2(E), UNIT=unit_rows)
 
     def grid(meta):
-        return triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]), triton.cdiv(R, unit_rows) + E
+        return triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]), E
 
-    strides = (out1.stride(0), out1.stride(1), o2.stride(0), o2.stride(1))
-    launch(_weight_tuned)[grid](a, a if a_src is None else a_src, b, b if b_src is None else b_src, out1, o2, work,
-                                offs, I, O, o_split, a.stride(0), b.stride(0), *strides, **consts,
-                                GATHER_A=a_src is not None, GATHER_B=b_src is not None, SPLIT=split)
-    if split_experts:
-        block = min(1024, triton.next_power_of_2(triton.cdiv(I * O, _SUM_PROGRAMS)))
-        span = triton.cdiv(triton.cdiv(I * O, _SUM_PROGRAMS), block) * block           # a multiple of the block
-        launch(_unit_sum_kernel)[(triton.cdiv(I * O, span), split_experts)](
-            work, out1, o2, offs, I, O, o_split, *strides, **consts, SPLIT=split, SPAN=span, BLOCK=block,
-            num_warps=4)
-
-
-_SUM_PROGRAMS = 64              # programs per split expert in the unit sum
+    launch(_weight_tuned)[grid](a, a if a_src is None else a_src, b, b if b_src is None else b_src, out1, o2, offs,
+                                I, O, o_split, a.stride(0), b.stride(0), out1.stride(0), out1.stride(1),
+                                o2.stride(0), o2.stride(1), GATHER_A=a_src is not None,
+                                GATHER_B=b_src is not None, SPLIT=split)

@@ -36,7 +36,7 @@ __all__ = ["pipelining", "GROUPED_GEMM_LAUNCHES"]
 
 _ROWS_SIG = ("A:*bf16 Src:*i64 W1:*bf16 W2:*bf16 Out:*bf16 H:*bf16 Offs:*i32 K1:i32 N_OUT:i32 stride_a:i32 "
              "stride_o:i32 stride_h:i32 s1e:i32 s1k:i32 s1n:i32 s2e:i32 s2k:i32 s2n:i32")
-_WEIGHT_SIG = ("A:*bf16 ASrc:*i64 B:*bf16 BSrc:*i64 Out1:*bf16 Out2:*bf16 Work:*fp32 Offs:*i32 I:i32 O:i32 O_SPLIT:i32 "
+_WEIGHT_SIG = ("A:*bf16 ASrc:*i64 B:*bf16 BSrc:*i64 Out1:*bf16 Out2:*bf16 Offs:*i32 I:i32 O:i32 O_SPLIT:i32 "
                "stride_a:i32 stride_b:i32 so1e:i32 so1i:i32 so2e:i32 so2i:i32")
 
 # name -> (kernel, signature, launch constexprs other than the tile, the arguments equal to 1, autotuned tiles)
@@ -46,10 +46,8 @@ GROUPED_GEMM_LAUNCHES: dict[str, tuple[Callable, str, dict, tuple[str, ...], lis
     "u = dy W_down^T (rows_mm)": (gg._rows_kernel, _ROWS_SIG, dict(E=64, E_P2=64, GATHER=True, SWIGLU=False),
                                   ("s1k", "s2k"), gg._FWD_CONFIGS),
     "dW_gate | dW_up (weight_mm, a gathered)": (gg._weight_kernel, _WEIGHT_SIG,
-                                                dict(E=64, E_P2=64, UNIT=gg.UNIT_ROWS, GATHER_A=True, GATHER_B=False, SPLIT=True), (),
-                                                gg._WGRAD_CONFIGS),
-    "dW_down (weight_mm, b gathered)": (gg._weight_kernel, _WEIGHT_SIG,
-                                        dict(E=64, E_P2=64, UNIT=gg.UNIT_ROWS, GATHER_A=False, GATHER_B=True, SPLIT=False),
+                                                dict(GATHER_A=True, GATHER_B=False, SPLIT=True), (), gg._WGRAD_CONFIGS),
+    "dW_down (weight_mm, b gathered)": (gg._weight_kernel, _WEIGHT_SIG, dict(GATHER_A=False, GATHER_B=True, SPLIT=False),
                                         (), gg._WGRAD_CONFIGS),
 }
 

@@ -104,33 +104,6 @@ def test_weight_gradients_match_per_expert_matmuls_and_the_idle_expert_gets_zero
     assert not dwg[2].any() and not dwu[2].any() and not dwd[2].any()       # written, and zero
 
 
-@pytest.mark.parametrize("unit_rows", [64, 100])
-def test_experts_longer_than_a_unit_sum_their_units_partials(unit_rows):
-    """Expert 0 takes every token (as a fresh router does), expert 2 none: with units of 64 or 100 rows
-    expert 0's 300 rows are 5 or 3 units whose partial sums the second kernel adds, while expert 1
-    (one unit at 100 rows, two at 64) and the idle expert are written by the first kernel or summed."""
-    N, C, F, E = 300, 128, 64, 4
-    g = torch.Generator().manual_seed(4)
-    second = torch.randint(1, 4, (N,), generator=g)
-    second[second == 2] = 3                                                   # expert 2 idle
-    ids, order = torch.sort(torch.stack([torch.zeros(N, dtype=torch.long), second], 1).reshape(-1), stable=True)
-    offs = torch.searchsorted(ids, torch.arange(E), right=True).to(torch.int32)
-    groups = list(zip([0] + offs.tolist()[:-1], offs.tolist()))
-    assert groups[0] == (0, 300) and groups[2][0] == groups[2][1]
-    src, offs = (order // 2).to(DEV), offs.to(DEV)
-    x = torch.randn(N, C, generator=g).to(DEV, DT)
-    dgu = torch.randn(2 * N, 2 * F, generator=g).to(DEV, DT)
-    xs = x.float()[src]
-    dwg, dwu = torch.full((2, E, C, F), float("nan"), device=DEV, dtype=DT)
-    gg.weight_mm(x, src, dgu, None, offs, dwg, dwu, unit_rows=unit_rows)
-    ref = torch.stack([xs[a:b].t() @ dgu[a:b].float() for a, b in groups])
-    assert _rel(dwg, ref[..., :F]) < TOL and _rel(dwu, ref[..., F:]) < TOL
-    assert _rel(dwg[0], ref[0, :, :F]) < TOL and not dwg[2].any() and not dwu[2].any()
-    out = torch.full((E, C, C), float("nan"), device=DEV, dtype=DT)          # one output, b gathered
-    gg.weight_mm(xs.to(DT), None, x, src, offs, out, unit_rows=unit_rows)
-    assert _rel(out, torch.stack([xs[a:b].t() @ xs[a:b] for a, b in groups])) < TOL
-
-
 def test_rows_whose_depth_is_no_multiple_of_64_are_refused():
     x = torch.zeros(4, 72, device=DEV, dtype=DT)
     with pytest.raises(ValueError, match="multiple of 64"):
