@@ -1,6 +1,6 @@
 """The grouped GEMMs that read their rows in place, on baseline.yaml's experts: check, then time.
 
-    PYTHONPATH=. python3 bench/grouped_gemm.py OUT.json [--tokens 16384]
+    PYTHONPATH=. python3 bench/grouped_gemm.py OUT.json [--tokens 16384] [--sweep SECONDS]
     TRITON_INTERPRET=1 PYTHONPATH=. python3 bench/grouped_gemm.py OUT.json --check-only   (CPU, small)
 
 The expert step's lean path (``compiler.ops.experts``) used to copy the rows it needs into sorted order
@@ -16,12 +16,16 @@ they are, writes the two gradients in place and applies SwiGLU in the first GEMM
    now (``compiler.ops.experts``) against the same steps as they were (written out here), with the
    two's results compared and the autotuned tile of each kernel.
 
+3. With ``--sweep``, instead of 2: every candidate tile of each launch timed alone (``sweep``), on
+   balanced routing and on routing as a fresh router makes it (three experts take every token).
+
 Writes one JSON document; exit 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -181,11 +185,107 @@ def timing(N: int) -> dict:
     return rows
 
 
+def sweep_grids() -> dict[str, list]:
+    """Candidate tiles per launch: those whose operand buffers fit Hopper's shared memory (at most
+    220 KiB: num_stages x the operand tiles in bf16) and whose fp32 accumulators fit the registers
+    (at most 128 a thread)."""
+    import triton
+    rows, swiglu, weight = [], [], []
+    for bm in (64, 128, 256):
+        for bn in (64, 128, 256):
+            for w in (4, 8):
+                if bm * bn > 4096 * w or (w == 8 and bm * bn < 128 * 128):
+                    continue
+                for st in (3, 4, 5):
+                    cfg = triton.Config({"BM": bm, "BN": bn, "BK": gg.ROWS_DEPTH_MULTIPLE}, num_warps=w, num_stages=st)
+                    if st * (bm + bn) * 64 * 2 <= 220 * 1024:
+                        rows.append(cfg)
+                    if st * (bm + 2 * bn) * 64 * 2 <= 220 * 1024 and 2 * bm * bn <= 4096 * w:
+                        swiglu.append(cfg)
+    for bi in (64, 128, 256):
+        for bo in (64, 128, 256):
+            for br in (32, 64, 128):
+                for w in (4, 8):
+                    if bi * bo > 4096 * w or (w == 8 and bi * bo < 128 * 128):
+                        continue
+                    for st in (3, 4):
+                        if st * (bi + bo) * br * 2 <= 220 * 1024:
+                            weight.append(triton.Config({"BI": bi, "BO": bo, "BR": br}, num_warps=w, num_stages=st))
+    return {"rows": rows, "swiglu": swiglu, "weight": weight}
+
+
+def sweep(N: int, deadline: float) -> dict:
+    """Every candidate tile (``sweep_grids``) of each grouped-GEMM launch of the expert step, timed one
+    by one (the autotuner given that tile alone), on balanced routing and on routing as a fresh router
+    makes it (three experts take every token): microseconds per launch, fastest first."""
+    import time
+
+    from triton.testing import do_bench
+
+    from compiler.kernels import moe
+    from compiler.ops import experts
+
+    dev, bf = "cuda", torch.bfloat16
+    C, F, E, K = 1024, 256, 64, 6
+    torch.manual_seed(0)
+    hot = 3
+    rest = torch.rand(N, E - hot, device=dev).topk(K - hot, dim=1).indices + hot
+    routings = {"balanced": torch.rand(N, E, device=dev).topk(K, dim=1).indices,
+                "skewed": torch.cat([torch.arange(hot, device=dev).expand(N, hot), rest], 1)}
+    x, gout = torch.randn(N, C, device=dev, dtype=bf), torch.randn(N, C, device=dev, dtype=bf)
+    wg, wu = (torch.randn(E, C, F, device=dev) * 0.03).to(bf), (torch.randn(E, C, F, device=dev) * 0.03).to(bf)
+    wd = (torch.randn(E, F, C, device=dev) * 0.06).to(bf)
+    cases = {}
+    for name, indices in routings.items():
+        order, offs = experts._lean_route(indices, E)
+        tok, R = order // K, order.numel()
+        gu, _ = gg.rows_mm_swiglu(x, tok, offs, wg, wu)
+        u = gg.rows_mm(gout, tok, offs, wd.transpose(1, 2))
+        dgu, hg, _ = moe.swiglu_bwd(gu, u, torch.rand(R, device=dev, dtype=bf))
+        dwg, dwu, dwd = torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd)
+        cases[name] = {
+            "gate|up + SwiGLU": ("swiglu", gg._swiglu_tuned, functools.partial(gg.rows_mm_swiglu, x, tok, offs, wg, wu)),
+            "u = dy W_down^T": ("rows", gg._rows_tuned, functools.partial(gg.rows_mm, gout, tok, offs, wd.transpose(1, 2))),
+            "dW_gate | dW_up": ("weight", gg._weight_tuned, functools.partial(gg.weight_mm, x, tok, dgu, None, offs, dwg, dwu)),
+            "dW_down": ("weight", gg._weight_tuned, functools.partial(gg.weight_mm, hg, None, gout, tok, offs, dwd)),
+        }
+    grids = sweep_grids()
+    out: dict = {}
+    for n, launch_name in enumerate(cases["balanced"]):
+        grid_name, tuner, _ = cases["balanced"][launch_name]
+        saved = tuner.configs
+        current = [str(c) for c in saved]
+        grid = sorted(grids[grid_name], key=lambda c: str(c) not in current)        # the built-in tiles first
+        until = time.monotonic() + (deadline - time.monotonic()) / (len(cases["balanced"]) - n)   # a fair share
+        results = []
+        for cfg in grid:
+            if time.monotonic() > until:
+                break
+            tuner.configs, tuner.cache = [cfg], {}
+            row = {"tile": str(cfg)}
+            try:
+                for routing, launches in cases.items():
+                    row[routing + "_us"] = round(float(do_bench(launches[launch_name][2], warmup=10, rep=40,
+                                                                return_mode="median")) * 1e3, 1)
+            except Exception as e:                  # noqa: BLE001 - a tile the compiler refuses: reported, skipped
+                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            results.append(row)
+        tuner.configs, tuner.cache = saved, {}
+        results.sort(key=lambda r: r.get("balanced_us", 1e9) + r.get("skewed_us", 1e9))
+        out[launch_name] = {"timed": len(results), "of": len(grids[grid_name]), "fastest": results[:8],
+                            "built_in": [r for r in results if r["tile"] in current]}
+        print(f"{launch_name}: {json.dumps(out[launch_name]['fastest'][:4])}", flush=True)
+        print(f"  built-in tiles: {json.dumps(out[launch_name]['built_in'])}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--sweep", type=float, metavar="SECONDS", default=0.0,
+                    help="instead of the timing: time every candidate tile of each launch for up to SECONDS")
     args = ap.parse_args()
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     dev = "cpu" if interp else "cuda"
@@ -197,7 +297,10 @@ def main() -> int:
     failed = [k for k, v in doc["check"].items() if not v < 1e-2]
     for k, v in doc["check"].items():
         print(f"{'ok  ' if k not in failed else 'FAIL'} {k}: {v:.2e}", flush=True)
-    if not args.check_only and not interp:
+    if args.sweep and not interp:
+        import time
+        doc["sweep"] = sweep(args.tokens, time.monotonic() + args.sweep)
+    elif not args.check_only and not interp:
         doc["timing"] = timing(args.tokens)
     doc["failed"] = failed
     Path(args.out).write_text(json.dumps(doc, indent=1))
