@@ -40,16 +40,19 @@ __all__ = ["rows_mm", "rows_mm_swiglu", "weight_mm", "ROWS_DEPTH_MULTIPLE"]
 
 ROWS_DEPTH_MULTIPLE = 64        # the rows GEMMs' K tile: the depth of their products must be a multiple of it
 
-# autotuned tiles (bench/grouped_gemm.py writes each one's time). 128 x 256 with 3 stages is u = dy W_down^T's
-# best; the SwiGLU GEMM cannot take it (its three operands need 240 KiB of shared memory: bench/kernel_ir.py),
-# and with 2 stages it was 4x slower there (H100). 128 x 256 wins dW_gate | dW_up since the weight-gradient
-# kernel is pipelined num_stages deep
+# autotuned tiles: the fastest of ``bench/grouped_gemm.py --sweep`` on one H100 (bench/RESULTS.md, 2026-12-06),
+# timed on balanced routing and on routing as a fresh router makes it (three experts take every token; the
+# autotuner tunes in the first step, on that routing). Forward tiles: 128 x 128 with 8 warps and 4 stages is
+# the SwiGLU GEMM's best (235 us; its 128 x 256 tiles need more shared memory than there is), 128 x 256 with
+# 4 stages u = dy W_down^T's (125 us). Weight-gradient tiles: 128 x 256 over 64-row chunks is dW_gate | dW_up's
+# best (226 us), 128 x 128 over 128-row chunks dW_down's on the fresh router's routing (145 us against 179 us
+# for the best 64-row tile, which is 124 us on balanced routing)
 _FWD_CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": ROWS_DEPTH_MULTIPLE}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4),
-                                     (128, 256, 8, 3), (64, 64, 4, 4))]
+                for bm, bn, w, s in ((128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 4), (128, 256, 8, 3),
+                                     (128, 128, 4, 4), (64, 128, 4, 4))]
 _WGRAD_CONFIGS = [triton.Config({"BI": bi, "BO": bo, "BR": br}, num_warps=w, num_stages=s)
-                  for bi, bo, br, w, s in ((128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                           (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3))]
+                  for bi, bo, br, w, s in ((128, 256, 64, 8, 3), (128, 128, 128, 4, 3), (128, 128, 128, 8, 3),
+                                           (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4))]
 
 
 @triton.jit

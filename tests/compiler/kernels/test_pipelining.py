@@ -35,16 +35,18 @@ def test_every_tile_keeps_its_operands_num_stages_deep(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["shallow"] == []
     weight = doc["launches"]["dW_gate | dW_up (weight_mm, a gathered)"]
-    # 128 x 128 tiles over 64-row chunks, 4 stages: a^T (128 x 64) and b (64 x 128) bf16, 16 KiB each, 4 deep
-    r = next(r for r in weight if r["num_stages"] == 4)
-    assert r["operand_buffers"] == [4, 4] and r["shared_bytes"] == 4 * 2 * 16384 and r["async_copies"] > 0
+    # 128 x 256 tiles over 64-row chunks, 3 stages: a^T (128 x 64) and b (64 x 256) bf16, 16 + 32 KiB, 3 deep
+    r = weight[0]
+    assert (r["tile"], r["num_stages"]) == ({"BI": 128, "BO": 256, "BR": 64}, 3)
+    assert r["operand_buffers"] == [3, 3] and r["shared_bytes"] == 3 * (16384 + 32768) and r["async_copies"] > 0
     swiglu = doc["launches"]["gate|up + SwiGLU (rows_mm_swiglu)"][0]
-    assert swiglu["operand_buffers"] == [3, 3, 3] and swiglu["mma_waits"][0] == 2    # a, w_gate, w_up; two dots
+    assert swiglu["num_stages"] == 4
+    assert swiglu["operand_buffers"] == [4, 4, 4] and swiglu["mma_waits"][0] == 2    # a, w_gate, w_up; two dots
 
 
 def test_without_the_unit_stride_the_weight_is_not_pipelined(tmp_path):
     # W_down^T's unit stride along k is what lets u's weight loads be vectorized and copied
-    # asynchronously; compiled as if strided, only the rows (a) keep their 3 buffers and no MMA overlaps
+    # asynchronously; compiled as if strided, only the rows (a) keep their 4 buffers and no MMA overlaps
     code = ("import json\n"
             "from compiler.kernels.pipelining import pipelining, GROUPED_GEMM_LAUNCHES as L\n"
             "fn, sig, cx, unit, cfg = L['u = dy W_down^T (rows_mm)']\n"
@@ -53,8 +55,8 @@ def test_without_the_unit_stride_the_weight_is_not_pipelined(tmp_path):
     p = _run(["-c", code], tmp_path)
     assert p.returncode == 0, p.stderr
     with_unit, without = json.loads(p.stdout.splitlines()[-1])
-    assert with_unit["operand_buffers"] == [3, 3] and with_unit["mma_waits"][0] == 1
-    assert without["operand_buffers"] == [3] and without["mma_waits"] == [0]
+    assert with_unit["operand_buffers"] == [4, 4] and with_unit["mma_waits"][0] == 1      # cfg[0]: 4 stages
+    assert without["operand_buffers"] == [4] and without["mma_waits"] == [0]
 
 
 @pytest.mark.parametrize("E, K", [(64, 6), (48, 8), (256, 8)])
