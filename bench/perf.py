@@ -54,9 +54,17 @@ if str(ROOT) not in sys.path:
 PHASES = ("attention", "bench", "train", "accum", "small", "train-small", "check")
 BASELINE, SMALL, TINY = "examples/baseline.yaml", "examples/bench-small.yaml", "examples/tiny.yaml"
 # a training run logs every LOG steps; steady state is the mean over the windows after the first
-# (which holds the compile); seconds a phase may take at most (the budget may cut it shorter)
+# (which holds the compile); seconds a phase may take at least, budget permitting (``phase_limit``)
 PLAN = {"attention": 205, "bench": 170, "train": 80, "accum": 100, "small": 80, "train-small": 90, "check": 75}
 TRAIN_STEPS = {"accum": (10, 1), "train": (200, 20), "train-small": (400, 20)}   # steps, log_every
+
+
+def phase_limit(name: str, left: float, later: set[str]) -> float:
+    """Seconds the phase ``name`` may take: its ``PLAN`` share, or more when the budget left (``left``)
+    exceeds what the ``later`` phases are planned to take, so that time the earlier phases did not use
+    goes to this one (a phase that compiles slowly on this machine is then not cut off while budget
+    remains); never more than ``left``."""
+    return min(max(PLAN[name], left - sum(PLAN[p] for p in later)), left)
 
 
 class Run:
@@ -70,6 +78,7 @@ class Run:
         self.doc = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": sys.argv,
                     "quick": args.quick, "phases": {}, "train": {}}
         self.train_runs: dict = {}
+        self.pending: set[str] = set()           # the phases still to run (main sets them)
         self.env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
                         PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                         NVSHMEM_DISABLE_NVLS="1", GRAPEFX_CACHE=os.environ.get("GRAPEFX_CACHE", str(ROOT / ".dev/grapefx-cache")),
@@ -124,7 +133,8 @@ class Run:
         return p.returncode, "".join(lines)
 
     def phase(self, name: str, fn) -> None:
-        limit = min(PLAN[name], self.left() - 10)
+        self.pending.discard(name)
+        limit = phase_limit(name, self.left() - 10, self.pending)
         rec = self.doc["phases"].setdefault(name, {})
         if limit < 20:
             rec.update(status="skipped", reason=f"budget: {self.left():.0f} s left")
@@ -324,10 +334,11 @@ def main() -> int:
     if args.dry_run:
         for p in PHASES:
             if p in phases:
-                print(f"{p:12s} up to {PLAN[p]} s")
+                print(f"{p:12s} {PLAN[p]} s planned (more if the earlier phases leave time)")
         print(f"budget {args.budget:.0f} s; out {args.out}")
         return 0
     r = Run(args)
+    r.pending = set(phases) - {"attention"}          # the attention phase has its own limits below
     r.say(f"root {ROOT}; {r.gpus} GPU(s); GRAPEFX_CACHE={r.env['GRAPEFX_CACHE']}; budget {args.budget:.0f} s")
     versions = subprocess.run([sys.executable, "-c", "import json, torch; from runtime.bench import environment; "
                                "print(json.dumps(environment(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))))"],
