@@ -52,9 +52,11 @@ def versions() -> dict:
 
 
 def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, seed: int,
-                  compiled: bool = False) -> dict:
+                  compiled: bool = False, masters: bool = False) -> dict:
     """``compiled``: run the op under torch.compile and also report whether Inductor's code launches
-    the lean kernels itself (the traced ``triton_op`` path) or calls an opaque op."""
+    the lean kernels itself (the traced ``triton_op`` path) or calls an opaque op. ``masters``: fp32
+    weights (not bf16 values), as the model passes them; the eager op's output and every gradient must
+    then equal, bit for bit, those of the eager op given the weights cast to bf16 (the gradients cast back)."""
     experts = importlib.import_module("compiler.ops.experts")
     from compiler.ops import expert_ffn as op
 
@@ -63,6 +65,8 @@ def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, see
     t = lambda *s, scale=1.0: (torch.randn(*s, device=dev, generator=g) * scale).to(bf)
     x, gates = t(N, C), torch.rand(N, K, device=dev, generator=g).to(bf)
     wg, wu, wd = t(E, C, F_, scale=C ** -0.5), t(E, C, F_, scale=C ** -0.5), t(E, F_, C, scale=F_ ** -0.5)
+    if masters:                                                   # fp32 values between the bf16 ones
+        wg, wu, wd = (w.float() * (1 + 1e-3 * torch.rand(w.shape, device=dev, generator=g)) for w in (wg, wu, wd))
     scores = torch.rand(N, E, device=dev, generator=g)
     if idle is not None:
         scores[:, idle] = -1.0                                     # no token routes to this expert
@@ -97,6 +101,14 @@ def check_experts(N: int, C: int, F_: int, E: int, K: int, idle: int | None, see
     ok = all(e < BF16_TOL for k, e in errs.items() if k != "idle_expert_grad_max") and \
         errs.get("idle_expert_grad_max", 0.0) == 0.0
     res = {"shape": dict(N=N, C=C, F=F_, E=E, K=K, idle=idle), "errors": errs, "no_host_sync": no_sync, "ok": ok}
+    if masters:
+        cast = [a.detach().clone().requires_grad_(True) for a in (x, gates)] + \
+               [w.bfloat16().requires_grad_(True) for w in (wg, wu, wd)]
+        out_m, out_c = op(leaves[0], idx, *leaves[1:]), op(cast[0], idx, *cast[1:])     # both eager
+        grads_m, grads_c = torch.autograd.grad(out_m, leaves, grad), torch.autograd.grad(out_c, cast, grad)
+        res["bitwise_as_cast_outside"] = bool(torch.equal(out_m, out_c) and all(
+            a.dtype == w.dtype and torch.equal(a, b.to(a.dtype)) for a, b, w in zip(grads_m, grads_c, leaves)))
+        res["ok"] = ok and res["bitwise_as_cast_outside"]
     if compiled:
         code = "\n".join(inductor_code)
         res["inductor_launches_lean_kernels"] = all(k in code for k in ("_rows_kernel", "_weight_kernel",
@@ -173,6 +185,8 @@ def main() -> int:
               dict(N=1003, C=256, F_=512, E=8, K=2, idle=5, seed=6, compiled=True)),
              ("expert_ffn idle expert, odd N", check_experts, dict(N=1003, C=256, F_=512, E=8, K=2, idle=5, seed=2)),
              ("expert_ffn top-1", check_experts, dict(N=777, C=128, F_=256, E=4, K=1, idle=0, seed=3)),
+             ("expert_ffn fp32 masters, compiled", check_experts,
+              dict(N=1003, C=256, F_=512, E=8, K=2, idle=5, seed=9, compiled=True, masters=True)),
              ("linear_cross_entropy 3 chunks", check_lce, dict(N=5000, C=768, V=32768, chunk_rows=2048, seed=4)),
              ("linear_cross_entropy 1 chunk", check_lce, dict(N=300, C=256, V=1000, chunk_rows=4096, seed=5)),
              ("router_topk baseline shape", check_router, dict(N=16384, E=64, K=6, seed=7)),
@@ -191,6 +205,8 @@ def main() -> int:
         doc["checks"].append(res)
         errs = ", ".join(f"{k} {e:.2e}" for k, e in res.get("errors", {}).items())
         sync = "" if "no_host_sync" not in res else f"; no host sync: {res['no_host_sync']}"
+        if "bitwise_as_cast_outside" in res:
+            sync += f"; bitwise as cast outside the op: {res['bitwise_as_cast_outside']}"
         if "inductor_launches_lean_kernels" in res:
             sync += (f"; Inductor launches the lean kernels: {res['inductor_launches_lean_kernels']}, "
                      f"calls an opaque expert op: {res['inductor_calls_opaque_op']}")

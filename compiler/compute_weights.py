@@ -19,8 +19,8 @@ The sum is Σ_m float(g_m), in the order autograd would add them: the same fp32 
 bit (tests/compiler/test_compute_weights.py). Traffic per parameter and micro-batch after the first:
 2 B + 8 B instead of 24 B. Cost: the copies stay allocated (2 B per parameter in bf16).
 
-Only weights whose every use in a graph is that cast are copied (attention, experts, shared
-experts, LM head); the fp32 ones (norm weights, the router, GRAPE-M frequencies) and buffers are
+Only weights whose every use in a graph is that cast are copied (attention, shared experts, LM
+head), and the experts' weights, whose only use is the expert op, which does the same cast inside; the fp32 ones (norm weights, the router, GRAPE-M frequencies) and buffers are
 passed as before. When is a copy stale? Before each forward the model compares every master's
 identity and version counter with those of its last cast (``load_state_dict``, ``assign=True`` or
 not, and ordinary in-place ops change one of them); but the fused AdamW kernel writes the
@@ -40,17 +40,32 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+import compiler.ops  # noqa: F401  (registers torch.ops.grapefx)
+
 
 def cast_weight_inputs(stateless: fx.GraphModule, names: list[str], module: nn.Module,
                        compute: torch.dtype) -> list[int]:
     """Positions among ``stateless``'s first ``len(names)`` inputs (``compiler.pipeline.lift_state``) of
-    the parameters the graph only ever casts to ``compute``: ``w.to(compute)`` at every use."""
+    the parameters the graph only ever uses in ``compute``: ``w.to(compute)``, or a weight of the expert
+    op, which rounds its weights to its input's dtype itself (``compiler.ops.experts``), at every use."""
     params = dict(module.named_parameters())
     inputs = [n for n in stateless.graph.nodes if n.op == "placeholder"][:len(names)]
     return [i for i, (node, name) in enumerate(zip(inputs, names))
             if name in params and params[name].dtype != compute and node.users
-            and all(u.op == "call_method" and u.target == "to" and u.args[1:] == (compute,) and not u.kwargs
-                    for u in node.users)]
+            and all(_casts(u, compute) or _expert_weight(u, node) for u in node.users)]
+
+
+def _casts(use: fx.Node, compute: torch.dtype) -> bool:
+    return use.op == "call_method" and use.target == "to" and use.args[1:] == (compute,) and not use.kwargs
+
+
+def _expert_weight(use: fx.Node, node: fx.Node) -> bool:
+    """``node`` is only a weight (w_gate, w_up, w_down) of this expert op call, not its rows or gates."""
+    return (use.op == "call_function" and use.target in _EXPERT_OPS and node in use.args[3:6]
+            and node not in use.args[:3] and not use.kwargs)
+
+
+_EXPERT_OPS = (torch.ops.grapefx.expert_ffn, torch.ops.grapefx.expert_ffn.default)
 
 
 class ComputeWeights:

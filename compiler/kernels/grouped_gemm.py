@@ -13,15 +13,16 @@ source is already in sorted order.
                                              (E, I, O); with out2, columns < O/2 go to out1 and the
                                              rest to out2 (W_gate | W_up gradients without a split copy)
 
-``w`` may be any strided view (W_down^T is a transposed view). fp32 accumulation, outputs in the
-operands' dtype. A forward program owns one BM x BN tile of one expert; its expert comes from the
-offsets in the kernel (tiles per expert = ceil(rows / BM), scanned with a cumulative sum), so the
-launch grid is an upper bound, cdiv(R, BM) + E tiles, and the surplus programs return at once:
-no host synchronisation. A weight-gradient program owns one BI x BO tile of one expert's gradient and
-runs over that expert's rows BR at a time (an expert without rows writes zeros), reading each
-chunk's source-row indices one chunk ahead so that Triton pipelines its operand loads as deep as
-num_stages (``compiler.kernels.pipelining`` reads that from the compiled IR). Tile shapes are
-autotuned per shape at first use (Triton's autotuner: a few seconds in the first step).
+``w`` may be any strided view (W_down^T is a transposed view). fp32 accumulation, outputs rounded to
+the operands' dtype (``weight_mm`` stores them in its outputs' dtype: fp32 gradients of fp32 masters).
+A forward program owns one BM x BN tile of one expert; its expert comes from the offsets in the kernel
+(tiles per expert = ceil(rows / BM), scanned with a cumulative sum), so the launch grid is an upper
+bound, cdiv(R, BM) + E tiles, and the surplus programs return at once: no host synchronisation. A
+weight-gradient program owns one BI x BO tile of one expert's gradient and runs over that expert's rows
+BR at a time (an expert without rows writes zeros), reading each chunk's source-row indices one chunk
+ahead so that Triton pipelines its operand loads as deep as num_stages (``compiler.kernels.pipelining``
+reads that from the compiled IR). Tile shapes are autotuned per shape at first use (Triton's autotuner:
+a few seconds in the first step).
 
 Why: on baseline.yaml (64 experts of 256, top-6, 16,384 tokens, one H100) the gathered copies, the
 concatenated weights and the split gradient cost as much as the GEMMs beside them; reading in place
@@ -169,7 +170,7 @@ def _weight_kernel(A, ASrc, B, BSrc, Out1, Out2, Offs, I, O, O_SPLIT, stride_a, 
         acc = tl.dot(a_t, b, acc)
     e64 = e.to(tl.int64)
     ok = i_ok[:, None] & o_ok[None, :]
-    val = acc.to(Out1.dtype.element_ty)
+    val = acc.to(A.dtype.element_ty).to(Out1.dtype.element_ty)               # rounded to the operands' dtype
     if SPLIT:                                                                 # columns < O_SPLIT to Out1, the rest to Out2
         first = oo < O_SPLIT
         tl.store(Out1 + e64 * so1e + ii[:, None] * so1i + oo[None, :], val, mask=ok & first[None, :])

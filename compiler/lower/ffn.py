@@ -111,8 +111,10 @@ def lower_moe(b: GraphBuilder, h: fx.Node, moe: MoE, *, C: int, name: str, init:
     mine = slice(group.rank * E // P, (group.rank + 1) * E // P)                          # this rank's experts
 
     def experts(key: str, shape: tuple[int, ...], output: bool = False) -> fx.Node:
-        """This rank's slice of the whole stack's initial values (a copy: the stack is not kept)."""
-        return weight(b, key, init.normal(f"{name}.{key}", shape, output=output)[mine].clone(), cd)
+        """This rank's slice of the whole stack's initial values (a copy: the stack is not kept), as the
+        fp32 master: the expert op rounds its weights to the compute dtype itself, and returns their
+        gradients rounded to it in fp32, with no cast kernel on either side (compiler/ops/experts.py)."""
+        return b.param(key, init.normal(f"{name}.{key}", shape, output=output)[mine].clone())
 
     w_gate = experts("moe.experts.w_gate", (E, C, F_))                                    # (E/P, C, F)
     w_up = experts("moe.experts.w_up", (E, C, F_))

@@ -2,6 +2,12 @@
 
     out_t = sum_k gates[t, k] * (silu(x_t W_gate[e]) * (x_t W_up[e])) W_down[e],   e = indices[t, k]
 
+The weights are used as rounded to x's dtype, and their gradients are rounded to x's dtype and
+returned in the weights' own dtype: fp32 masters with bf16 rows give exactly the numbers of casting
+the weights to bf16 before the op and casting their gradients back after it, without those casts'
+kernels. The weight-gradient kernel rounds its fp32 sums and writes them to the fp32 gradients
+directly; on baseline.yaml at one micro-batch the casts back were 72 launches, 2.4 ms a step (one H100).
+
 The CPU reference groups the N*K (token, slot) assignments by expert with a stable argsort, so
 every expert runs one matmul over its rows (``torch._grouped_mm`` where it has a CPU kernel,
 else one matmul per expert), and scatters the results back; there is no loop over tokens.
@@ -154,10 +160,11 @@ def _reference_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor
     (N, C), (E, _, F_), K = x.shape, w_gate.shape, indices.shape[1]
     cd = compute_dtype(x.dtype, gates.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     order, tok, groups = _route(indices, E, cd, C, F_)
+    wg, wu, wd = (_as_used(w, x, cd) for w in (w_gate, w_up, w_down))
     xs = x.to(cd)[tok]                                                             # (N*K, C) rows by expert
     gs = gates.reshape(-1)[order].to(cd)                                           # (N*K,)
-    h = F.silu(groups.mm(xs, w_gate.to(cd))) * groups.mm(xs, w_up.to(cd))          # (N*K, F)
-    y = groups.mm(h, w_down.to(cd)) * gs[:, None]                                  # (N*K, C) gated
+    h = F.silu(groups.mm(xs, wg)) * groups.mm(xs, wu)                              # (N*K, F)
+    y = groups.mm(h, wd) * gs[:, None]                                             # (N*K, C) gated
     return _unsort(y, order).view(N, K, C).sum(1).to(x.dtype)                      # (N, C)
 
 
@@ -167,7 +174,7 @@ def _reference_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Ten
     (N, C), (E, _, F_), K = x.shape, w_gate.shape, indices.shape[1]
     cd = compute_dtype(x.dtype, gates.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     order, tok, groups = _route(indices, E, cd, C, F_)
-    wg, wu, wd = w_gate.to(cd), w_up.to(cd), w_down.to(cd)
+    wg, wu, wd = (_as_used(w, x, cd) for w in (w_gate, w_up, w_down))
     xs = x.to(cd)[tok]                                                             # (N*K, C)
     gs = gates.reshape(-1)[order].to(cd)[:, None]                                  # (N*K, 1)
     gt = grad_out.to(cd)[tok]                                                      # (N*K, C) dL/dout of each row's token
@@ -184,8 +191,18 @@ def _reference_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Ten
     dw_gate, dw_up = groups.mm_weight(xs, da), groups.mm_weight(xs, db)            # (E, C, F)
     dxs = groups.mm(da, wg.transpose(1, 2)) + groups.mm(db, wu.transpose(1, 2))    # (N*K, C)
     dx = _unsort(dxs, order).view(N, K, C).sum(1)                                  # (N, C)
-    return (dx.to(x.dtype), dgates.to(gates.dtype), dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype),
-            dw_down.to(w_down.dtype))
+    return (dx.to(x.dtype), dgates.to(gates.dtype), _as_returned(dw_gate, x, w_gate), _as_returned(dw_up, x, w_up),
+            _as_returned(dw_down, x, w_down))
+
+
+def _as_used(w: Tensor, x: Tensor, cd: torch.dtype) -> Tensor:
+    """A weight as the op computes with it: rounded to x's dtype, then in the compute dtype ``cd``."""
+    return w.to(x.dtype).to(cd)
+
+
+def _as_returned(dw: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """A weight's gradient as the op returns it: rounded to x's dtype, in the weight's own dtype."""
+    return dw.to(x.dtype).to(w.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +214,10 @@ LEAN_ON_CPU = False     # tests set this to run the lean path on CPU tensors (fp
 def _lean_applies(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
     """Whether ``expert_ffn`` takes the lean path; decided from metadata only (the fake kernel agrees)."""
     dt = x.dtype
+    # the weights in x's dtype, or all fp32 masters (rounded to x's dtype inside: module docstring)
+    same = w_gate.dtype == w_up.dtype == w_down.dtype and w_gate.dtype in (dt, torch.float32)
     # guard_or_false: under expert parallelism the row count is data-dependent (unbacked) when compiling
-    if not (w_gate.dtype == w_up.dtype == w_down.dtype == dt) or guard_or_false(x.shape[0] == 0) \
-            or not hasattr(torch, "_grouped_mm"):
+    if not same or guard_or_false(x.shape[0] == 0) or not hasattr(torch, "_grouped_mm"):
         return False
     if x.is_cuda:
         ok_dtype = dt == torch.bfloat16                      # the fast grouped GEMM (no host sync) is bf16
@@ -292,6 +310,7 @@ def _lean_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_u
                   w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out (N, C), gu (R, 2F), order (R,), offs (E,)) -- formulas in the module docstring."""
     K, E = indices.shape[1], w_gate.shape[0]
+    w_gate, w_up, w_down = (w.to(x.dtype) for w in (w_gate, w_up, w_down))        # as used (module docstring)
     order, offs = _lean_route(indices, E)
     tok = order // K                                                               # (R,) token of each sorted row
     k = _grouped_kernels(x)
@@ -315,11 +334,14 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
     tok, pos = order // K, _inverse(order)
     g = gates.reshape(-1).index_select(0, order)                                   # (R,) gate of each row
     grad_out, x = grad_out.to(x.dtype).contiguous(), x.contiguous()
+    grad_dtype = w_gate.dtype                                                      # the weights' own (all one dtype)
+    w_gate, w_up, w_down = (w.to(x.dtype) for w in (w_gate, w_up, w_down))        # as used
     k = _grouped_kernels(x)
     if k is not None:                                                              # rows of x and grad_out read in place
         u = k.rows_mm(grad_out, tok, offs, w_down.transpose(1, 2))                 # (R, F)
         dgu, hg, dgate = _swiglu_bwd(gu, u, g)                                     # (R, 2F), (R, F), (R,)
-        dw_down, dw_gate, dw_up = (w.new_empty(w.shape) for w in (w_down, w_gate, w_up))   # contiguous
+        # contiguous, in the weights' own dtype: the kernel rounds its fp32 sums to x's dtype and writes them there
+        dw_down, dw_gate, dw_up = (w.new_empty(w.shape, dtype=grad_dtype) for w in (w_down, w_gate, w_up))
         k.weight_mm(hg, None, grad_out, tok, offs, dw_down)                        # (E, F, C)
         k.weight_mm(x, tok, dgu, None, offs, dw_gate, dw_up)                       # (E, C, F) each, one pass
     else:
@@ -327,8 +349,8 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
         dy = grad_out.index_select(0, tok)                                         # (R, C)
         u = torch._grouped_mm(dy, w_down.transpose(1, 2), offs=offs)               # (R, F)
         dgu, hg, dgate = _swiglu_bwd(gu, u, g)
-        dw_down = torch._grouped_mm(hg.t(), dy, offs=offs)                         # (E, F, C)
-        dw_gu = torch._grouped_mm(xs.t(), dgu, offs=offs)                          # (E, C, 2F): one GEMM, N = 2F
+        dw_down = torch._grouped_mm(hg.t(), dy, offs=offs).to(grad_dtype)          # (E, F, C)
+        dw_gu = torch._grouped_mm(xs.t(), dgu, offs=offs).to(grad_dtype)           # (E, C, 2F): one GEMM, N = 2F
         dw_gate, dw_up = dw_gu[..., :F_].contiguous(), dw_gu[..., F_:].contiguous()
     w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
     dxs = torch._grouped_mm(dgu, w_gu.transpose(1, 2), offs=offs)                  # (R, C)

@@ -104,6 +104,21 @@ def test_weight_gradients_match_per_expert_matmuls_and_the_idle_expert_gets_zero
     assert not dwg[2].any() and not dwu[2].any() and not dwd[2].any()       # written, and zero
 
 
+def test_fp32_gradients_hold_the_sums_rounded_to_the_operands_dtype():
+    """An fp32 output (the gradient of an fp32 master) gets each fp32 sum rounded to the operands' 16-bit
+    dtype, as a 16-bit gradient cast to fp32 would hold. fp16 on the interpreter (its dot mishandles bf16)."""
+    dt = torch.bfloat16 if ON_GPU else torch.float16
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(40, 64, generator=g).to(DEV, dt), torch.randn(40, 64, generator=g).to(DEV, dt)
+    offs = torch.tensor([15, 15, 40], dtype=torch.int32, device=DEV)             # expert 1 gets no row
+    out = torch.full((3, 64, 64), float("nan"), device=DEV)
+    gg.weight_mm(a, None, b, None, offs, out)
+    ref = torch.stack([a[:15].float().t() @ b[:15].float(), torch.zeros(64, 64, device=DEV),
+                       a[15:].float().t() @ b[15:].float()])
+    assert out.dtype == torch.float32 and torch.equal(out, out.to(dt).float())
+    assert _rel(out, ref) < 1e-2 and (out - ref).abs().max() > 0                   # rounded, not the fp32 sums
+
+
 def test_rows_whose_depth_is_no_multiple_of_64_are_refused():
     x = torch.zeros(4, 72, device=DEV, dtype=DT)
     with pytest.raises(ValueError, match="multiple of 64"):

@@ -46,6 +46,9 @@ def test_lean_applies_only_where_it_should(lean, monkeypatch):
     assert not experts._lean_applies(x.double(), wg.double(), wu.double(), wd.double())   # fp64: reference
     x6, _, _, wg6, wu6, wd6 = make(C=6, F_=10)
     assert not experts._lean_applies(x6, wg6, wu6, wd6)                                      # unaligned strides
+    xb = x.bfloat16()
+    assert experts._lean_applies(xb, wg, wu, wd)                                              # fp32 masters
+    assert not experts._lean_applies(xb, wg, wu.bfloat16(), wd)                               # mixed weights
     monkeypatch.setattr(experts, "LEAN_ON_CPU", False)
     assert not experts._lean_applies(x, wg, wu, wd)                                           # CPU default
 
@@ -91,6 +94,28 @@ def test_bf16(lean):
     out = expert_ffn(*args)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, per_token_loop(*(a.detach().double() for a in args))) < 2e-2
+
+
+@pytest.mark.parametrize("lean_path", [True, False])
+def test_fp32_master_weights_give_the_numbers_of_casting_outside_the_op(monkeypatch, lean_path):
+    """bf16 rows with the fp32 masters: the output and every gradient equal, bit for bit, those of the
+    weights cast to bf16 before the op and their gradients cast back after it; the weights' gradients
+    come back in fp32, rounded to bf16 values."""
+    monkeypatch.setattr(experts, "LEAN_ON_CPU", lean_path)
+    x, idx, gates, wg, wu, wd = make(N=32, C=16, F_=32)
+    x, gates = (t.detach().bfloat16().requires_grad_(True) for t in (x, gates))
+    masters = [w.detach().clone().requires_grad_(True) for w in (wg, wu, wd)]               # fp32
+    cast = [w.detach().clone().requires_grad_(True) for w in (wg, wu, wd)]
+    assert experts._lean_applies(x, *masters) == lean_path
+    out_m = expert_ffn(x, idx, gates, *masters)
+    out_c = expert_ffn(x, idx, gates, *(w.bfloat16() for w in cast))
+    assert torch.equal(out_m, out_c)
+    g = torch.randn(out_m.shape).bfloat16()
+    got = torch.autograd.grad(out_m, [x, gates, *masters], g)
+    want = torch.autograd.grad(out_c, [x, gates, *cast], g)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+    assert all(d.dtype == torch.float32 and torch.equal(d, d.bfloat16().float()) for d in got[2:])
+    assert all(d.abs().sum() > 0 for d in got)
 
 
 def test_opcheck(lean):
