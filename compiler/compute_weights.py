@@ -20,14 +20,15 @@ bit (tests/compiler/test_compute_weights.py). Traffic per parameter and micro-ba
 2 B + 8 B instead of 24 B. Cost: the copies stay allocated (2 B per parameter in bf16).
 
 Only weights whose every use in a graph is that cast are copied (attention, shared experts, LM
-head), and the experts' weights, whose only use is the expert op, which does the same cast inside; the fp32 ones (norm weights, the router, GRAPE-M frequencies) and buffers are
-passed as before. When is a copy stale? Before each forward the model compares every master's
-identity and version counter with those of its last cast (``load_state_dict``, ``assign=True`` or
-not, and ordinary in-place ops change one of them); but the fused AdamW kernel writes the
-parameters without bumping their version counters, so an optimizer must be ``watch``-ed: each of
-its steps marks every copy stale. The copies keep one address for the whole run, so Inductor's
-CUDA graphs take them as static inputs, and the gradients they produce are consumed inside the
-backward, before any replay can overwrite them.
+head), and the experts' weights, whose only use is the expert op, which does the same cast inside;
+the fp32 ones (norm weights, the router, GRAPE-M frequencies) and buffers are passed as before.
+When is a copy stale? Before each forward the model compares every master's identity and version
+counter with those of its last cast (``load_state_dict``, ``assign=True`` or not, and ordinary
+in-place ops change one of them); but the fused AdamW kernel writes the parameters without bumping
+their version counters, so an optimizer must be ``watch``-ed: each of its steps marks every copy
+stale. The copies keep one address for the whole run, so Inductor's CUDA graphs take them as static
+inputs, and the gradients they produce are consumed inside the backward, before any replay can
+overwrite them.
 
 One process only: under DDP / FSDP2 the masters receive no gradient through autograd, which their
 reducers wait for; ``runtime`` turns this on only there (and only with several micro-batches).

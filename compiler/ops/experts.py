@@ -351,8 +351,8 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
         u = torch._grouped_mm(dy, w_down.transpose(1, 2), offs=offs)               # (R, F)
         dgu, hg, dgate = _swiglu_bwd(gu, u, g)
         dw_down = torch._grouped_mm(hg.t(), dy, offs=offs).to(grad_dtype)          # (E, F, C)
-        dw_gu = torch._grouped_mm(xs.t(), dgu, offs=offs).to(grad_dtype)           # (E, C, 2F): one GEMM, N = 2F
-        dw_gate, dw_up = dw_gu[..., :F_].contiguous(), dw_gu[..., F_:].contiguous()
+        dw_gu = torch._grouped_mm(xs.t(), dgu, offs=offs)                          # (E, C, 2F): one GEMM, N = 2F
+        dw_gate, dw_up = (half.to(grad_dtype).contiguous() for half in (dw_gu[..., :F_], dw_gu[..., F_:]))
     w_gu = torch.cat([w_gate, w_up], dim=2)                                        # (E, C, 2F)
     dxs = torch._grouped_mm(dgu, w_gu.transpose(1, 2), offs=offs)                  # (R, C)
     dx = _gather_sum(dxs, pos, None, K)                                            # (N, C)
