@@ -119,6 +119,30 @@ def test_fp32_gradients_hold_the_sums_rounded_to_the_operands_dtype():
     assert _rel(out, ref) < 1e-2 and (out - ref).abs().max() > 0                   # rounded, not the fp32 sums
 
 
+def test_the_lean_expert_path_takes_fp32_masters_with_the_numbers_of_a_cast_on_each_side(monkeypatch):
+    """The expert op's lean forward and backward through these kernels, given the fp32 masters, equal
+    bit for bit the same steps given the weights cast to the rows' dtype (the gradients cast back), and
+    return the weights' gradients in fp32 (fp16 rows on the interpreter, whose dot mishandles bf16)."""
+    from compiler.kernels import moe
+    from compiler.ops import experts
+    monkeypatch.setattr(experts, "_cuda_kernels", moe)
+    monkeypatch.setattr(experts, "_grouped_kernels", lambda x: moe)
+    dt = torch.bfloat16 if ON_GPU else torch.float16
+    g = torch.Generator().manual_seed(6)
+    N, C, F, E, K = 48, 64, 64, 4, 2
+    x, gates, grad = (torch.randn(*s, generator=g).to(DEV, dt) for s in ((N, C), (N, K), (N, C)))
+    idx = torch.rand(N, E, generator=g).topk(K).indices.to(DEV)
+    masters = [(torch.randn(*s, generator=g) * 0.1).to(DEV) for s in ((E, C, F), (E, C, F), (E, F, C))]
+    cast = [w.to(dt) for w in masters]
+    out_m, gu_m, order, offs = experts._lean_forward(x, idx, gates, *masters)
+    out_c, gu_c, _, _ = experts._lean_forward(x, idx, gates, *cast)
+    assert torch.equal(out_m, out_c) and torch.equal(gu_m, gu_c)
+    got = experts._lean_backward(grad, x, idx, gates, *masters, gu_m, order, offs)
+    want = experts._lean_backward(grad, x, idx, gates, *cast, gu_c, order, offs)
+    assert [t.dtype for t in got] == [dt, dt, torch.float32, torch.float32, torch.float32]
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(got, want))
+
+
 def test_rows_whose_depth_is_no_multiple_of_64_are_refused():
     x = torch.zeros(4, 72, device=DEV, dtype=DT)
     with pytest.raises(ValueError, match="multiple of 64"):
