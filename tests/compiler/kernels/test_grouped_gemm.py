@@ -3,7 +3,7 @@ matmuls written here, and on a case computed by hand.
 
 Runs on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported) when
 triton is installed, on the GPU when there is one; skipped where triton is missing (CI). fp32 on the
-interpreter (its dot mishandles bf16), bf16 on a GPU. Groups are uneven, one expert gets no row, and
+interpreter (its dot mishandles bf16; fp16 where a test needs 16-bit operands), bf16 on a GPU. Groups are uneven, one expert gets no row, and
 the row count is no multiple of any tile.
 """
 
