@@ -161,7 +161,7 @@ def _reference_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor
     (N, C), (E, _, F_), K = x.shape, w_gate.shape, indices.shape[1]
     cd = compute_dtype(x.dtype, gates.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     order, tok, groups = _route(indices, E, cd, C, F_)
-    wg, wu, wd = (_as_used(w, x, cd) for w in (w_gate, w_up, w_down))
+    wg, wu, wd = (_as_used(w, x).to(cd) for w in (w_gate, w_up, w_down))
     xs = x.to(cd)[tok]                                                             # (N*K, C) rows by expert
     gs = gates.reshape(-1)[order].to(cd)                                           # (N*K,)
     h = F.silu(groups.mm(xs, wg)) * groups.mm(xs, wu)                              # (N*K, F)
@@ -175,7 +175,7 @@ def _reference_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Ten
     (N, C), (E, _, F_), K = x.shape, w_gate.shape, indices.shape[1]
     cd = compute_dtype(x.dtype, gates.dtype, w_gate.dtype, w_up.dtype, w_down.dtype)
     order, tok, groups = _route(indices, E, cd, C, F_)
-    wg, wu, wd = (_as_used(w, x, cd) for w in (w_gate, w_up, w_down))
+    wg, wu, wd = (_as_used(w, x).to(cd) for w in (w_gate, w_up, w_down))
     xs = x.to(cd)[tok]                                                             # (N*K, C)
     gs = gates.reshape(-1)[order].to(cd)[:, None]                                  # (N*K, 1)
     gt = grad_out.to(cd)[tok]                                                      # (N*K, C) dL/dout of each row's token
@@ -196,9 +196,9 @@ def _reference_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Ten
             _as_returned(dw_down, x, w_down))
 
 
-def _as_used(w: Tensor, x: Tensor, cd: torch.dtype) -> Tensor:
-    """A weight as the op computes with it: rounded to x's dtype, then in the compute dtype ``cd``."""
-    return w.to(x.dtype).to(cd)
+def _as_used(w: Tensor, x: Tensor) -> Tensor:
+    """A weight as the op computes with it: rounded to x's dtype (module docstring)."""
+    return w.to(x.dtype)
 
 
 def _as_returned(dw: Tensor, x: Tensor, w: Tensor) -> Tensor:
@@ -311,7 +311,7 @@ def _lean_forward(x: Tensor, indices: Tensor, gates: Tensor, w_gate: Tensor, w_u
                   w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out (N, C), gu (R, 2F), order (R,), offs (E,)) -- formulas in the module docstring."""
     K, E = indices.shape[1], w_gate.shape[0]
-    w_gate, w_up, w_down = (w.to(x.dtype) for w in (w_gate, w_up, w_down))        # as used (module docstring)
+    w_gate, w_up, w_down = (_as_used(w, x) for w in (w_gate, w_up, w_down))
     order, offs = _lean_route(indices, E)
     tok = order // K                                                               # (R,) token of each sorted row
     k = _grouped_kernels(x)
@@ -336,7 +336,7 @@ def _lean_backward(grad_out: Tensor, x: Tensor, indices: Tensor, gates: Tensor, 
     g = gates.reshape(-1).index_select(0, order)                                   # (R,) gate of each row
     grad_out, x = grad_out.to(x.dtype).contiguous(), x.contiguous()
     grad_dtype = w_gate.dtype                                                      # the weights' own (all one dtype)
-    w_gate, w_up, w_down = (w.to(x.dtype) for w in (w_gate, w_up, w_down))        # as used
+    w_gate, w_up, w_down = (_as_used(w, x) for w in (w_gate, w_up, w_down))
     k = _grouped_kernels(x)
     if k is not None:                                                              # rows of x and grad_out read in place
         u = k.rows_mm(grad_out, tok, offs, w_down.transpose(1, 2))                 # (R, F)
