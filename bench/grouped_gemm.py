@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +97,19 @@ def check(dev: str, dt: torch.dtype) -> dict:
     return res
 
 
+C, F, E, K = 1024, 256, 64, 6            # baseline.yaml's experts: d 1024, 64 experts of 256, top-6
+
+
+def _operands(N: int) -> tuple[torch.Tensor, ...]:
+    """x (N, C), W_gate, W_up (E, C, F), W_down (E, F, C) and an output gradient (N, C), bf16 on the GPU,
+    at baseline.yaml's shapes."""
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(N, C, device=dev, dtype=bf)
+    wg, wu = (torch.randn(E, C, F, device=dev) * 0.03).to(bf), (torch.randn(E, C, F, device=dev) * 0.03).to(bf)
+    wd = (torch.randn(E, F, C, device=dev) * 0.06).to(bf)
+    return x, wg, wu, wd, torch.randn(N, C, device=dev, dtype=bf)
+
+
 def timing(N: int) -> dict:
     from triton.testing import do_bench
 
@@ -105,19 +119,14 @@ def timing(N: int) -> dict:
     def t(fn) -> float:
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
-    dev, bf = "cuda", torch.bfloat16
-    C, F, E, K = 1024, 256, 64, 6
     torch.manual_seed(0)
-    scores = torch.rand(N, E, device=dev)
+    scores = torch.rand(N, E, device="cuda")
     top = scores.topk(K, dim=1)
-    indices, gates = top.indices, top.values.to(bf)
+    indices, gates = top.indices, top.values.to(torch.bfloat16)
     order, offs = experts._lean_route(indices, E)
     tok, pos = order // K, experts._inverse(order)
     R = order.numel()
-    x = torch.randn(N, C, device=dev, dtype=bf)
-    wg, wu = (torch.randn(E, C, F, device=dev) * 0.03).to(bf), (torch.randn(E, C, F, device=dev) * 0.03).to(bf)
-    wd = (torch.randn(E, F, C, device=dev) * 0.06).to(bf)
-    gout = torch.randn(N, C, device=dev, dtype=bf)
+    x, wg, wu, wd, gout = _operands(N)
     gmm = torch._grouped_mm
     g = gates.reshape(-1).index_select(0, order)
     rows = {}
@@ -218,30 +227,25 @@ def sweep(N: int, deadline: float) -> dict:
     """Every candidate tile (``sweep_grids``) of each grouped-GEMM launch of the expert step, timed one
     by one (the autotuner given that tile alone), on balanced routing and on routing as a fresh router
     makes it (three experts take every token): microseconds per launch, fastest first."""
-    import time
-
     from triton.testing import do_bench
 
     from compiler.kernels import moe
     from compiler.ops import experts
 
-    dev, bf = "cuda", torch.bfloat16
-    C, F, E, K = 1024, 256, 64, 6
+    dev = "cuda"
     torch.manual_seed(0)
     hot = 3
     rest = torch.rand(N, E - hot, device=dev).topk(K - hot, dim=1).indices + hot
     routings = {"balanced": torch.rand(N, E, device=dev).topk(K, dim=1).indices,
                 "skewed": torch.cat([torch.arange(hot, device=dev).expand(N, hot), rest], 1)}
-    x, gout = torch.randn(N, C, device=dev, dtype=bf), torch.randn(N, C, device=dev, dtype=bf)
-    wg, wu = (torch.randn(E, C, F, device=dev) * 0.03).to(bf), (torch.randn(E, C, F, device=dev) * 0.03).to(bf)
-    wd = (torch.randn(E, F, C, device=dev) * 0.06).to(bf)
+    x, wg, wu, wd, gout = _operands(N)
     cases = {}
     for name, indices in routings.items():
         order, offs = experts._lean_route(indices, E)
         tok, R = order // K, order.numel()
         gu, _ = gg.rows_mm_swiglu(x, tok, offs, wg, wu)
         u = gg.rows_mm(gout, tok, offs, wd.transpose(1, 2))
-        dgu, hg, _ = moe.swiglu_bwd(gu, u, torch.rand(R, device=dev, dtype=bf))
+        dgu, hg, _ = moe.swiglu_bwd(gu, u, torch.rand(R, device=dev, dtype=torch.bfloat16))
         dwg, dwu, dwd = torch.empty_like(wg), torch.empty_like(wu), torch.empty_like(wd)
         cases[name] = {
             "gate|up + SwiGLU": ("swiglu", gg._swiglu_tuned, functools.partial(gg.rows_mm_swiglu, x, tok, offs, wg, wu)),
@@ -298,7 +302,6 @@ def main() -> int:
     for k, v in doc["check"].items():
         print(f"{'ok  ' if k not in failed else 'FAIL'} {k}: {v:.2e}", flush=True)
     if args.sweep and not interp:
-        import time
         doc["sweep"] = sweep(args.tokens, time.monotonic() + args.sweep)
     elif not args.check_only and not interp:
         doc["timing"] = timing(args.tokens)
